@@ -1,0 +1,32 @@
+"""optax-selective: selective parameter-efficient fine-tuning as optax transformations.
+
+Only a fixed budget of scalar parameters may ever change; the rest stay bit-identical, and
+the changed entries ship as a small :class:`SparseSummary`.
+"""
+
+from optax_selective._version import __version__
+from optax_selective.inspect import budget_used, find_selective_state, selected_mask
+from optax_selective.transform import (
+    SelectiveState,
+    selective,
+    selective_bitfit,
+    selective_fft,
+    selective_id3,
+    selective_pafi,
+)
+from optax_selective.verify import VerificationError, verify
+
+__all__ = [
+    "__version__",
+    "SelectiveState",
+    "selective",
+    "selective_id3",
+    "selective_pafi",
+    "selective_bitfit",
+    "selective_fft",
+    "selected_mask",
+    "budget_used",
+    "find_selective_state",
+    "verify",
+    "VerificationError",
+]

@@ -1,0 +1,49 @@
+"""Find the selective state inside any nested optax (or flax.nnx-wrapped) state."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from optax_selective.transform import SelectiveState
+
+
+def _unwrap_nnx(state: Any) -> Any:
+    # nnx.Optimizer stores its state with every array wrapped in an OptState Variable.
+    nnx_mod = sys.modules.get("flax.nnx")
+    if nnx_mod is None:
+        return state
+    return nnx_mod.as_pure(state)
+
+
+def find_selective_state(opt_state: Any) -> SelectiveState:
+    """The one :class:`SelectiveState` inside ``opt_state`` (chain, MultiSteps, nnx, ...).
+
+    Raises:
+      ValueError: if there is none, or more than one.
+    """
+    opt_state = _unwrap_nnx(opt_state)
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SelectiveState))
+        if isinstance(s, SelectiveState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one SelectiveState in the optimizer state, found {len(found)}; "
+            "build the optimizer with one optax_selective transformation."
+        )
+    return found[0]
+
+
+def selected_mask(opt_state: Any) -> Any:
+    """The bool mask pytree (shaped like params): true where an entry may change."""
+    return find_selective_state(opt_state).mask
+
+
+def budget_used(opt_state: Any) -> int:
+    """Number of entries selected so far, as a Python int."""
+    return int(sum(int(np.sum(np.asarray(m))) for m in jax.tree.leaves(selected_mask(opt_state))))

@@ -1,0 +1,92 @@
+"""What every selection method provides, and the budget rules they share.
+
+A method works on flat lists of leaves (leaf order), so the optax transform and the torch
+bridge drive it the same way. ``init`` returns the first mask and the method's own state;
+``update`` returns the mask after one step (the identity for fixed-mask methods).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_selective._tree import LeafLayout
+
+Leaves = list[jax.Array]
+MAX_BUDGET = 2**31 - 1
+
+
+class Method(Protocol):
+    name: str
+    needs_params: bool  # whether ``update`` reads the current parameters
+
+    def init(self, params: Sequence[jax.Array], layout: LeafLayout) -> tuple[Leaves, Any]: ...
+
+    def update(
+        self,
+        mask: Leaves,
+        state: Any,
+        count: jax.Array,
+        grads: Sequence[jax.Array | None],
+        params: Sequence[jax.Array] | None,
+        selectable: Sequence[bool],
+    ) -> tuple[Leaves, Any]: ...
+
+
+def check_budget(budget: Any) -> int:
+    """Validates a budget argument at construction and returns it as an int."""
+    if isinstance(budget, bool) or not hasattr(budget, "__index__"):
+        raise TypeError(
+            f"budget must be a positive int, got {budget!r} of type {type(budget).__name__}. "
+            "(With optax.inject_hyperparams, pass static_args=('budget', 'max_steps').)"
+        )
+    budget = operator.index(budget)
+    if budget <= 0 or budget > MAX_BUDGET:
+        raise ValueError(f"budget must be in [1, {MAX_BUDGET}], got {budget}.")
+    return budget
+
+
+def effective_budget(method: str, budget: int, layout: LeafLayout, *, at_least: int) -> int:
+    """``B_eff = budget - |choose_all|``, checked against the parameters (DESIGN.md section 2)."""
+    total = layout.num_choose_all + layout.num_selectable
+    if total == 0:
+        raise ValueError(
+            f"{method}: params has no floating-point leaves, so there is nothing to select."
+        )
+    b_eff = budget - layout.num_choose_all
+    if b_eff < at_least:
+        raise ValueError(
+            f"{method}: the choose_all leaves hold {layout.num_choose_all} entries but budget is "
+            f"{budget}, leaving {b_eff} for selection (needs >= {at_least}). Raise the budget "
+            "or choose fewer leaves with choose_all."
+        )
+    return b_eff
+
+
+def check_not_full(method: str, budget: int, layout: LeafLayout) -> None:
+    """Refuses a budget above the eligible entries (that would be full fine-tuning)."""
+    total = layout.num_choose_all + layout.num_selectable
+    if budget > total:
+        raise ValueError(
+            f"{method}: budget {budget} is larger than the {total} eligible (floating-point) "
+            "entries of params; that is full fine-tuning, use selective_fft() instead."
+        )
+
+
+def choose_all_mask(layout: LeafLayout) -> Leaves:
+    """The starting mask: choose_all leaves fully selected, every other leaf empty."""
+    return [jnp.full(shape, c, dtype=bool) for shape, c in zip(layout.shapes, layout.choose_all)]
+
+
+def frozen_update(mask, state, count, grads, params, selectable):
+    """``update`` for fixed-mask methods: nothing changes after init."""
+    del count, grads, params, selectable
+    return mask, state
+
+
+EMPTY = optax.EmptyState()

@@ -1,0 +1,236 @@
+"""Turns a selection method into an optax ``GradientTransformationExtraArgs``.
+
+Two forms (DESIGN.md section 4):
+
+* chain form, ``inner=None``: zero the gradient outside the mask and pass it on, for use in
+  ``optax.chain(selective_id3(...), optax.adam(...))``. Exact only for optimizers whose update
+  is zero where the gradient has always been zero; **not** for decoupled weight decay
+  (``optax.adamw``), which moves every entry.
+* wrapper form, ``inner=tx``: score the raw gradient, run ``tx`` on the masked gradient, then
+  zero ``tx``'s updates outside the mask, so unselected entries never move, whatever ``tx``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_selective import methods as _methods
+from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
+from optax_selective.methods._base import check_budget
+
+
+class SelectiveState(NamedTuple):
+    """State of every selective transformation.
+
+    Attributes:
+      count: int32 number of updates applied so far (saturating).
+      mask: bool pytree shaped like params; true where an entry may change.
+      method_state: the method's own state (e.g. ``ID3State``), ``optax.EmptyState()`` if none.
+      inner_state: the wrapped optimizer's state in the wrapper form, else ``EmptyState()``.
+    """
+
+    count: jax.Array
+    mask: optax.Params
+    method_state: Any
+    inner_state: Any
+
+
+def selective(
+    method: _methods.Method,
+    *,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds the transformation for any :class:`~optax_selective.methods.Method`.
+
+    Prefer the named factories (:func:`selective_id3`, ...); this is the extension point for
+    new methods.
+    """
+    if inner is not None and not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
+    inner_tx = None if inner is None else optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        layout = make_layout(params, choose_all)
+        leaves, treedef = jax.tree.flatten(params)
+        mask, method_state = method.init(leaves, layout)
+        return SelectiveState(
+            count=jnp.zeros([], jnp.int32),
+            mask=jax.tree.unflatten(treedef, mask),
+            method_state=method_state,
+            inner_state=optax.EmptyState() if inner_tx is None else inner_tx.init(params),
+        )
+
+    def update_fn(updates, state: SelectiveState, params=None, **extra_args):
+        if method.needs_params and params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        grads, treedef = jax.tree.flatten(updates)
+        mask = treedef.flatten_up_to(state.mask)
+        param_leaves = None if params is None else treedef.flatten_up_to(params)
+        selectable = [is_float(g) and g.dtype != jax.dtypes.float0 for g in grads]
+        mask, method_state = method.update(
+            mask, state.method_state, state.count, grads, param_leaves, selectable
+        )
+        masked = [zero_outside(m, g) for m, g in zip(mask, grads)]
+        inner_state = state.inner_state
+        if inner_tx is not None:
+            inner_updates, inner_state = inner_tx.update(
+                treedef.unflatten(masked), inner_state, params, **extra_args
+            )
+            masked = [
+                zero_outside(m, u) for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
+            ]
+        new_state = SelectiveState(
+            count=optax.safe_int32_increment(state.count),
+            mask=treedef.unflatten(mask),
+            method_state=method_state,
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(masked), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_max_steps(max_steps: Any) -> int:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+        if not hasattr(max_steps, "__index__"):
+            raise TypeError(f"max_steps must be an int, got {max_steps!r}.")
+    max_steps = int(max_steps)
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    return max_steps
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and value < 0:  # traced values (inject_hyperparams) pass
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+def selective_id3(
+    budget: int,
+    max_steps: int,
+    *,
+    exp: float = 1.0,
+    eps: float = 1e-8,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """ID3: unmask the entries with the highest D3 score, a few each step.
+
+    At update ``t < max_steps`` the ``k_t`` not-yet-selected entries with the highest score
+    ``|g| / (|θ| + eps) ** exp`` over all leaves together join the mask, with
+    ``k_t = B // T + (t < B % T)`` and ``B = budget - |choose_all|``, so exactly ``budget``
+    entries are selected after ``max_steps`` updates; then the mask is frozen. Ties go to the
+    lower global index; non-finite scores are never chosen.
+
+    Args:
+      budget: the most entries that may ever change, choose_all leaves included.
+      max_steps: number of updates ``T`` over which the budget is spent.
+      exp: exponent of the parameter magnitude in the score.
+      eps: added to ``|θ|`` in the score.
+      choose_all: leaves trainable from step 0 (bool pytree prefix of params or a callable
+        returning one), e.g. a new classifier head. They count toward ``budget``.
+      inner: optional optimizer to wrap. With it, unselected entries are guaranteed never to
+        move (use this form for ``optax.adamw``); without it, chain with an optimizer.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`.
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> params = {"w": jnp.array([1.0, 2.0, 3.0, 4.0]), "b": jnp.zeros(2)}
+      >>> tx = optax.chain(osel.selective_id3(budget=2, max_steps=2), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.array([4.0, 1.0, 3.0, 0.0]), "b": jnp.array([0.5, 0.0])}
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> osel.budget_used(state)
+      2
+
+    References:
+      Agarwal et al., "Step-by-Step Unmasking for Parameter-Efficient Fine-tuning of Large
+      Language Models", 2024. https://arxiv.org/abs/2408.14470
+    """
+    budget = check_budget(budget)
+    max_steps = _check_max_steps(max_steps)
+    _check_nonnegative("exp", exp)
+    _check_nonnegative("eps", eps)
+    method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    return selective(method, choose_all=choose_all, inner=inner)
+
+
+def selective_pafi(
+    budget: int,
+    *,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """PaFI: the ``budget`` entries with the smallest ``|θ|`` at init, fixed afterwards.
+
+    Args:
+      budget: entries that may change, choose_all leaves included.
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> params = {"w": jnp.array([0.5, -0.1, 2.0, 0.0])}
+      >>> state = osel.selective_pafi(budget=2).init(params)
+      >>> osel.selected_mask(state)["w"].tolist()
+      [False, True, False, True]
+
+    References:
+      Liao et al., "Parameter-Efficient Fine-Tuning without Introducing New Latency", ACL 2023.
+    """
+    return selective(_methods.PaFI(budget=check_budget(budget)), choose_all=choose_all, inner=inner)
+
+
+def selective_bitfit(
+    budget: int,
+    *,
+    is_bias: Callable[[str, tuple[int, ...]], bool] = _methods.default_is_bias,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """BitFit: entries of bias leaves, in leaf order, until ``budget`` is met; fixed.
+
+    Args:
+      budget: entries that may change, choose_all leaves included. If the bias leaves hold
+        fewer entries, all of them are selected; the last leaf may be taken partly.
+      is_bias: ``(path, shape) -> bool`` deciding which leaves are biases; by default 1-D and
+        0-D leaves (as in the reference, so LayerNorm scales count too).
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"b": jnp.zeros(3), "w": jnp.ones((2, 3))}
+      >>> osel.budget_used(osel.selective_bitfit(budget=10).init(params))
+      3
+
+    References:
+      Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+      Masked Language-models", ACL 2022.
+    """
+    method = _methods.BitFit(budget=check_budget(budget), is_bias=is_bias)
+    return selective(method, choose_all=choose_all, inner=inner)
+
+
+def selective_fft(
+    *, inner: optax.GradientTransformation | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """Full fine-tuning baseline: every floating-point entry is selected.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> osel.budget_used(osel.selective_fft().init({"w": jnp.ones((2, 2))}))
+      4
+    """
+    return selective(_methods.FFT(), inner=inner)
