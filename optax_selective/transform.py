@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_selective import methods as _methods
-from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
+from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
 from optax_selective.methods._base import check_budget
 
 
@@ -59,6 +59,7 @@ def selective(
         layout = make_layout(params, choose_all)
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
+        mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
         return SelectiveState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
@@ -76,6 +77,7 @@ def selective(
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
+        mask = [place_like(m, g) for m, g in zip(mask, grads)]  # keeps the state's type stable
         masked = [zero_outside(m, g) for m, g in zip(mask, grads)]
         inner_state = state.inner_state
         if inner_tx is not None:
