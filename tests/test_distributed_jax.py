@@ -1,0 +1,103 @@
+"""Two JAX processes on localhost (gloo CPU collectives) select what one device selects.
+
+Each process holds 2 simulated CPU devices; the mesh spans all 4. Both processes must hold
+identical global masks at every step, equal bit for bit to a single-process run, and together
+write one orbax checkpoint that restores to the same params and mask.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import optax_selective as osel
+from tests._dist_workers import common
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out_dir: Path) -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests._dist_workers.jax_multiprocess",
+             str(i), str(NUM_PROCESSES), str(port), str(out_dir)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(NUM_PROCESSES)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-6000:]}"
+
+
+def _reference() -> dict:
+    """The same training on this process's single device, keyed like the workers' files."""
+    params, targets = common.make_params()
+    tx = common.optimizers()["id3_wrapper_adam"]
+    state = tx.init(params)
+    step = jax.jit(common.make_step(tx))
+    out = {}
+
+    def record(t, tree):
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            out[f"{t}{jax.tree_util.keystr(path)}"] = np.asarray(x)
+
+    record("mask0", osel.selected_mask(state))
+    for t in range(common.STEPS):
+        params, state = step(params, state, targets)
+        record(f"mask{t + 1}", osel.selected_mask(state))
+    record("params", params)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_select_identically_and_checkpoint_once(tmp_path):
+    _launch(tmp_path)
+    ranks = [dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(NUM_PROCESSES)]
+    want = _reference()
+    for i, got in enumerate(ranks):
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            assert got[key].tobytes() == want[key].tobytes(), f"process {i}: {key} differs"
+    final_mask = {k: v for k, v in want.items() if k.startswith(f"mask{common.STEPS}")}
+    assert sum(int(v.sum()) for v in final_mask.values()) == common.BUDGET
+
+    import orbax.checkpoint as ocp
+
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = common.make_params()[0]
+    target = {"params": params, "mask": jax.tree.map(lambda x: np.zeros(x.shape, bool), params)}
+    restored = ocp.StandardCheckpointer().restore(
+        tmp_path / "ckpt",
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), target),
+    )
+    for part in ("params", "mask"):
+        step = "params" if part == "params" else f"mask{common.STEPS}"
+        for path, x in jax.tree_util.tree_leaves_with_path(restored[part]):
+            key = f"{step}{jax.tree_util.keystr(path)}"
+            assert np.asarray(x).tobytes() == want[key].tobytes(), f"checkpoint {part}: {key}"
