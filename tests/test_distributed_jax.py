@@ -30,15 +30,28 @@ def _free_port() -> int:
 
 def _launch(out_dir: Path) -> None:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests._dist_workers.jax_multiprocess",
-             str(i), str(NUM_PROCESSES), str(port), str(out_dir)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests._dist_workers.jax_multiprocess",
+                str(i),
+                str(NUM_PROCESSES),
+                str(port),
+                str(out_dir),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(NUM_PROCESSES)
     ]

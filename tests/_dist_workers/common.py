@@ -106,7 +106,9 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
         m = _COLLECTIVE.search(line)
         if not m:
             continue
-        sizes = [int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                 for dims in _ARRAY.findall(m.group("shape"))]
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dims in _ARRAY.findall(m.group("shape"))
+        ]
         out.append((m.group("op"), max(sizes, default=0)))
     return out

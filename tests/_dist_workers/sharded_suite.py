@@ -61,7 +61,9 @@ def reference():
 
 
 def _shard(tree, mesh):
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, common.specs())
+    return jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, common.specs()
+    )
 
 
 def _check_against_reference(name, params, states, reference, check_placement):
@@ -143,7 +145,9 @@ def test_selection_never_gathers_scores_or_params(name):
 def test_collective_parser_sees_a_gather():
     """The check above can fail: a program that does gather a leaf is caught."""
     mesh = _mesh(AxisType.Auto)
-    x = jax.device_put(np.ones((8, common.WIDTH), np.float32), NamedSharding(mesh, P("data", "model")))
+    x = jax.device_put(
+        np.ones((8, common.WIDTH), np.float32), NamedSharding(mesh, P("data", "model"))
+    )
     gathered = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, P()))
     found = common.collectives(gathered.lower(x).compile().as_text())
     assert any(n >= common.WIDTH for _, n in found), found
