@@ -23,6 +23,11 @@ from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
 from optax_selective.methods._base import check_budget
 
+NO_PARAMS_MSG = (
+    "This selective transformation needs the current parameters: call "
+    "`tx.update(updates, state, params)` with params (optax.apply_updates does not)."
+)
+
 
 class SelectiveState(NamedTuple):
     """State of every selective transformation.
@@ -68,7 +73,7 @@ def selective(
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
         if method.needs_params and params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(NO_PARAMS_MSG)
         grads, treedef = jax.tree.flatten(updates)
         mask = treedef.flatten_up_to(state.mask)
         param_leaves = None if params is None else treedef.flatten_up_to(params)

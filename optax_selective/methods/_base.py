@@ -71,6 +71,8 @@ def effective_budget(method: str, budget: int, layout: LeafLayout, *, at_least: 
 def check_not_full(method: str, budget: int, layout: LeafLayout) -> None:
     """Refuses a budget above the eligible entries (that would be full fine-tuning)."""
     total = layout.num_choose_all + layout.num_selectable
+    if total == 0:
+        raise ValueError(f"{method}: params has no floating-point leaves, so there is nothing to select.")
     if budget > total:
         raise ValueError(
             f"{method}: budget {budget} is larger than the {total} eligible (floating-point) "
