@@ -16,11 +16,16 @@ from jax.sharding import PartitionSpec as P
 import optax_selective as osel
 from tests._dist_workers import common
 
-if jax.device_count() != 8:
-    raise RuntimeError(
-        f"this suite needs 8 devices, found {jax.device_count()}: run it through "
-        "tests/test_sharding.py (it sets XLA_FLAGS before jax is imported)"
-    )
+
+@pytest.fixture(autouse=True, scope="module")
+def _eight_devices():
+    # Checked here, not at import: --doctest-modules imports this file in the main run.
+    if jax.device_count() != 8:
+        raise RuntimeError(
+            f"this suite needs 8 devices, found {jax.device_count()}: run it through "
+            "tests/test_sharding.py (it sets XLA_FLAGS before jax is imported)"
+        )
+
 
 NAMES = list(common.optimizers())
 # Until the exact threshold select (branch `perf`) replaces the per-leaf lax.top_k in
