@@ -15,24 +15,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_sharded_suite_on_8_cpu_devices():
+def _run_with_8_devices(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    flag = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        str(ROOT / "tests" / "_dist_workers" / "sharded_suite.py"),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_sharded_suite_on_8_cpu_devices():
+    suite = ROOT / "tests" / "_dist_workers" / "sharded_suite.py"
+    proc = _run_with_8_devices("-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite))
     assert proc.returncode == 0, (
         f"sharded suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
     )
+
+
+@pytest.mark.slow
+def test_sharded_nnx_example_trains_within_budget():
+    proc = _run_with_8_devices(
+        str(ROOT / "examples" / "sharded_id3.py"), "--steps", "8", "--budget", "100"
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "devices: 8" in proc.stdout and "P(None, 'model')" in proc.stdout, proc.stdout
+    assert "entries trained: 100 of budget 100" in proc.stdout, proc.stdout
