@@ -5,6 +5,7 @@ interpreter because the device count is fixed when jax is first imported, and th
 the test suite shares this process with one device.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,14 @@ def test_sharded_nnx_example_trains_within_budget():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "devices: 8" in proc.stdout and "P(None, 'model')" in proc.stdout, proc.stdout
     assert "entries trained: 100 of budget 100" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_reports_1_2_4_8_devices(tmp_path):
+    out = tmp_path / "scaling.json"
+    bench = str(ROOT / "benchmarks" / "scaling.py")
+    proc = _run_with_8_devices(bench, "--entries", "8192", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 2, 4, 8]
+    assert all(r["median_ms"] > 0 and r["entries"] == 8192 for r in rows)
