@@ -1,0 +1,66 @@
+"""One rank of a 2-process FSDP2 run (gloo, CPU) selecting with ``ShardedMethodRunner``.
+
+Usage: python -m tests._dist_workers.torch_fsdp RANK WORLD_SIZE PORT OUT_DIR
+
+For each method in ``torch_common.METHODS`` it shards a fresh model with ``fully_shard``,
+trains ``STEPS`` steps and writes ``OUT_DIR/<method>_rank<RANK>.npz``: the full masks after
+init and after every step and the final params (gathered with ``full_tensor()`` for the check
+only; the selection itself never gathers), and the largest exchange the runner made.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from tests._dist_workers import torch_common as tc
+from torch_bridge.distributed import ShardedMethodRunner
+
+
+def main(rank: int, world: int, port: int, out_dir: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    for name, make in tc.METHODS.items():
+        model = tc.make_model()
+        layout = tc.layout_of(model)
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = list(model.parameters())
+        assert all(isinstance(p, DTensor) for p in params)
+        batch = tc.batches(world)[rank]
+
+        def grads_of(model=model, batch=batch):
+            model.zero_grad()
+            tc.loss_fn(model, batch).backward()
+
+        record = {}
+
+        def on_step(t, masks, params=params, record=record, layout=layout):
+            for n, m, p in zip(layout.paths, masks, params):
+                assert isinstance(m, DTensor) and m.placements == p.placements, (n, m)
+                assert m.to_local().shape == p.to_local().shape, n
+                record[f"mask{t}/{n}"] = m.full_tensor().numpy()
+
+        runner = ShardedMethodRunner(make(), layout, params)
+        params, _ = tc.train(model, runner, grads_of, on_step)
+        for n, p in zip(layout.paths, params):
+            record[f"params/{n}"] = p.full_tensor().detach().numpy()
+        record["max_all_gather_numel"] = np.int64(max(runner.exchanged, default=0))
+        np.savez(out_dir / f"{name}_rank{rank}.npz", **record)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

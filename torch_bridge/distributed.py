@@ -1,0 +1,300 @@
+"""Global selection over parameters sharded across ``torch.distributed`` ranks (FSDP2, DTensor).
+
+With FSDP2 (``torch.distributed.fsdp.fully_shard``) every parameter is a ``DTensor`` whose
+rows are split over the ranks (``Shard(0)`` on a 1-D mesh). :class:`ShardedMethodRunner`
+selects exactly what one process holding the whole model would select, without ever
+gathering a parameter, a gradient or a score:
+
+1. each rank scores its own shards with the shared ``optax_selective.selection`` code (the
+   same JAX functions the single-process path runs, through DLPack) and keeps its local
+   top-``k_max`` entries: the global top-``k`` is always among the union of these;
+2. the ranks exchange only these candidates, ``k_max`` (score, global index) pairs each, with
+   one ``all_gather``;
+3. every rank orders the candidates by global index and runs the same
+   ``selection.top_k_masks`` over them (ties go to the lower global index), so all ranks
+   agree, and each marks the chosen entries that fall in its own shards.
+
+Communication per ID3 step: ``world_size * k_max`` floats and int64 indices, with
+``k_max = ceil(budget / max_steps)``; PaFI exchanges its ``budget`` candidates once at init.
+Masks are ``DTensor`` s placed like their parameters. Leaf order and global indices are
+those of the unsharded parameters (DESIGN.md section 2).
+
+Supported layouts: each parameter is a ``DTensor`` on a 1-D mesh with placement
+``Shard(0)`` (FSDP2's layout, uneven splits included) or ``Replicate()``, or a plain tensor
+(treated as replicated). Everything else raises ``NotImplementedError``. Every rank must call
+``init`` and ``update`` together, with the same ``active`` leaves.
+
+Example (each rank, after ``fully_shard(model)``)::
+
+    runner = ShardedMethodRunner(ID3(budget=1000, max_steps=100), layout, params)
+    masks = runner.init(params)
+    ...
+    new = runner.update(step, active, masks, [p.grad for p in params], params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from optax_selective import selection
+from optax_selective._tree import LeafLayout
+from optax_selective.methods import _base
+
+_PAD_INDEX = torch.iinfo(torch.int64).max  # sorts after every real global index
+
+
+def is_sharded(params: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``params`` is a ``DTensor`` (then use :class:`ShardedMethodRunner`)."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of ``t`` (the tensor itself if it is not a ``DTensor``)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """Where this rank's part of one parameter sits in the global index space."""
+
+    global_start: int  # global index of this rank's first entry (leaf offset + flat offset)
+    numel: int  # entries held here
+    owner: bool  # whether this rank speaks for these entries (False: a replica elsewhere does)
+
+
+def _placement_kind(p: torch.Tensor) -> str:
+    if not isinstance(p, DTensor):
+        return "replicate"
+    if p.device_mesh.ndim != 1 or len(p.placements) != 1:
+        raise NotImplementedError(
+            f"selection over a {p.device_mesh.ndim}-D device mesh is not supported "
+            f"(placements {p.placements}); shard parameters over a 1-D mesh (as FSDP2 does)."
+        )
+    (pl,) = p.placements
+    if isinstance(pl, Shard) and pl.dim == 0:
+        return "shard0"
+    if isinstance(pl, Replicate):
+        return "replicate"
+    raise NotImplementedError(
+        f"placement {pl} is not supported; use Shard(0) (FSDP2's default) or Replicate()."
+    )
+
+
+class ShardedMethodRunner:
+    """Runs a method on sharded parameters; same interface as the bridge's ``MethodRunner``.
+
+    Args:
+      method: an ``optax_selective.methods`` object (``ID3``, ``PaFI``, ``BitFit``, ``FFT``).
+      layout: the static layout of the *global* (unsharded) parameters, in leaf order.
+      params: the parameters (``DTensor`` s or plain tensors), in leaf order.
+      group: the process group to exchange candidates over; by default the group of the
+        parameters' mesh (or the default group for plain tensors).
+    """
+
+    def __init__(
+        self,
+        method,
+        layout: LeafLayout,
+        params: Sequence[torch.Tensor],
+        group: dist.ProcessGroup | None = None,
+    ):
+        if method.name not in ("id3", "pafi", "bitfit", "fft"):
+            raise NotImplementedError(f"no distributed selection for method {method.name!r}.")
+        self.method = method
+        self.layout = layout
+        self.method_state = None
+        self.traces = 0
+        self.exchanged: list[int] = []  # elements received by each all_gather (monitoring)
+        kinds = [_placement_kind(p) for p in params]
+        meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
+        if len(meshes) > 1:
+            raise NotImplementedError("all sharded parameters must share one device mesh.")
+        if group is None and meshes:
+            group = next(iter(meshes.values())).get_group(0)
+        self.group = group
+        initialized = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if initialized else 0
+        self.world = dist.get_world_size(group) if initialized else 1
+        self._shards = self._locate(params, kinds)
+        self._b_eff = 0
+
+    # -- where the entries are ---------------------------------------------------------------
+    def _locate(self, params, kinds) -> list[_Shard]:
+        rows = torch.tensor(
+            [local(p).shape[0] if p.ndim and k == "shard0" else 0 for p, k in zip(params, kinds)],
+            dtype=torch.int64,
+        )
+        all_rows = self._all_gather(rows)  # (world, n_params): one small exchange, at set-up
+        shards, offset = [], 0
+        for i, (p, kind) in enumerate(zip(params, kinds)):
+            numel = p.numel()
+            if kind == "shard0" and p.ndim:
+                row = numel // p.shape[0] if p.shape[0] else 0
+                if int(all_rows[:, i].sum()) != p.shape[0]:
+                    raise NotImplementedError(f"parameter {i}: shards do not tile dim 0.")
+                start = int(all_rows[: self.rank, i].sum()) * row
+                shards.append(_Shard(offset + start, local(p).numel(), True))
+            else:
+                shards.append(_Shard(offset, numel, self.rank == 0))
+            offset += numel
+        return shards
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        self.exchanged.append(t.numel() * self.world)
+        return torch.stack(out)
+
+    @staticmethod
+    def _like(mask_local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if not isinstance(p, DTensor):
+            return mask_local
+        return DTensor.from_local(
+            mask_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        )
+
+    # -- the global top-k ----------------------------------------------------------------------
+    def _select(
+        self, scores: list[jax.Array | None], k: int, k_max: int
+    ) -> list[torch.Tensor | None]:
+        """Local masks of the global top-``k`` of ``scores`` (local JAX arrays, leaf order)."""
+        # Replicated leaves: only one rank (the owner) offers their candidates.
+        owned = [s if self._shards[i].owner else None for i, s in enumerate(scores)]
+        top = jax.block_until_ready(selection.top_k_masks(owned, k_max, k_max))
+        vals, gidx = [torch.full((k_max,), -torch.inf)], [torch.full((k_max,), _PAD_INDEX)]
+        for i, (s, t) in enumerate(zip(owned, top)):
+            if t is None:
+                continue
+            idx = torch.nonzero(torch.from_dlpack(t).reshape(-1)).reshape(-1).cpu()
+            vals.insert(-1, torch.from_dlpack(s).reshape(-1).cpu()[idx])
+            gidx.insert(-1, idx + self._shards[i].global_start)
+        vals, gidx = torch.cat(vals)[:k_max], torch.cat(gidx)[:k_max]  # <= k_max real ones
+        all_vals = self._all_gather(vals).reshape(-1)
+        all_gidx = self._all_gather(gidx).reshape(-1)
+        order = torch.argsort(all_gidx, stable=True)  # candidates in global index order
+        all_vals, all_gidx = all_vals[order], all_gidx[order]
+        (chosen,) = selection.top_k_masks([jnp.asarray(all_vals.numpy())], k, k_max)
+        picked = all_gidx[torch.from_numpy(np.asarray(chosen))]
+        out: list[torch.Tensor | None] = []
+        for sh, s in zip(self._shards, scores):
+            if s is None:
+                out.append(None)
+                continue
+            mine = picked[(picked >= sh.global_start) & (picked < sh.global_start + sh.numel)]
+            m = torch.zeros(sh.numel, dtype=torch.bool)
+            m[mine - sh.global_start] = True
+            out.append(m)
+        return out
+
+    # -- the method ----------------------------------------------------------------------------
+    def init(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The method's first masks, placed like ``params``."""
+        m, lay = self.method, self.layout
+        if m.name == "fft":
+            flags = [s or c for s, c in zip(lay.selectable, lay.choose_all)]
+            if not any(flags):
+                raise ValueError(
+                    "fft: params has no floating-point leaves, so there is nothing to train."
+                )
+            return [self._full(p, f) for p, f in zip(params, flags)]
+        masks = [self._full(p, c) for p, c in zip(params, lay.choose_all)]
+        if m.name == "id3":
+            _base.check_not_full(m.name, m.budget, lay)
+            self._b_eff = _base.effective_budget(m.name, m.budget, lay, at_least=1)
+        elif m.name == "pafi":
+            _base.check_not_full(m.name, m.budget, lay)
+            b_eff = _base.effective_budget(m.name, m.budget, lay, at_least=0)
+            scores = [
+                selection.smallest_magnitude_score(self._to_jax(p)) if ok else None
+                for p, ok in zip(params, lay.selectable)
+            ]
+            masks = self._merge(masks, params, self._select(scores, b_eff, b_eff))
+        elif m.name == "bitfit":
+            masks = self._merge(masks, params, self._bitfit(params))
+        return masks
+
+    def update(
+        self,
+        count: int,
+        active: Sequence[int],
+        masks: Sequence[torch.Tensor | None],
+        grads: Sequence[torch.Tensor | None],
+        params: Sequence[torch.Tensor],
+    ) -> dict[int, torch.Tensor]:
+        """One ID3 step over the leaves in ``active`` (fixed-mask methods: no change)."""
+        m = self.method
+        if m.name != "id3" or count >= m.max_steps:
+            return {i: masks[i] for i in active}
+        k = int(selection.id3_increment(jnp.int32(count), jnp.int32(self._b_eff), m.max_steps))
+        k_max = selection.max_increment(m.budget, m.max_steps)
+        active_set = set(active)
+        scores = []
+        for i in range(len(params)):
+            if i not in active_set:
+                scores.append(None)
+                continue
+            g, p, mk = (self._to_jax(t) for t in (grads[i], params[i], masks[i]))
+            scores.append(selection.exclude(selection.d3_score(g, p, m.exp, m.eps), mk))
+        self.traces += 1
+        new = self._select(scores, k, k_max)
+        return {
+            i: self._like(
+                local(masks[i]) | new[i].reshape(local(masks[i]).shape).to(local(masks[i]).device),
+                params[i],
+            )
+            for i in active
+        }
+
+    def forget_masks(self) -> None:
+        """Nothing is cached on the JAX side (kept for the ``MethodRunner`` interface)."""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _full(self, p: torch.Tensor, value: bool) -> torch.Tensor:
+        lp = local(p)
+        return self._like(torch.full(lp.shape, value, dtype=torch.bool, device=lp.device), p)
+
+    @staticmethod
+    def _to_jax(t: torch.Tensor) -> jax.Array:
+        t = local(t).detach()
+        return jax.dlpack.from_dlpack(
+            t.contiguous().cpu() if t.device.type != "cpu" else t.contiguous()
+        )
+
+    def _merge(self, masks, params, new):
+        out = []
+        for mk, p, n in zip(masks, params, new):
+            if n is None:
+                out.append(mk)
+            else:
+                lm = local(mk)
+                out.append(self._like(lm | n.reshape(lm.shape).to(lm.device), p))
+        return out
+
+    def _bitfit(self, params) -> list[torch.Tensor | None]:
+        """BitFit's rule on global indices: bias leaves in leaf order, each taken from its
+        first entry, until ``B_eff`` entries are chosen."""
+        m, lay = self.method, self.layout
+        left = _base.effective_budget(m.name, m.budget, lay, at_least=0)
+        out: list[torch.Tensor | None] = []
+        offset = 0
+        for sh, path, shape, ok in zip(self._shards, lay.paths, lay.shapes, lay.selectable):
+            size = int(np.prod(shape, dtype=np.int64))
+            if not ok or left == 0 or not m.is_bias(path, shape):
+                out.append(None)
+            else:
+                take = min(size, left)
+                first = sh.global_start - offset  # flat index in the leaf of my first entry
+                out.append(torch.arange(first, first + sh.numel) < take)
+                left -= take
+            offset += size
+        return out
