@@ -84,6 +84,7 @@ class SingleProcessRunner:
 
 
 def reference(name: str, world: int = WORLD) -> dict:
+    """The FSDP worker's training in one process, selecting with the JAX method."""
     model = tc.make_model()
     layout = tc.layout_of(model)
     params = list(model.parameters())
@@ -134,3 +135,46 @@ def test_fsdp2_sharded_selection_equals_single_process(tmp_path):
             k_max = make().budget if name != "id3" else -(-make().budget // make().max_steps)
             n_params = len(tc.layout_of(tc.make_model()).paths)  # the set-up exchanges row counts
             assert exchanged <= WORLD * max(k_max, n_params), (name, exchanged)
+
+
+def averaged_grads(model, world: int = WORLD) -> None:
+    """Sets ``p.grad`` to the mean over the ranks' batches, as DDP's all-reduce does."""
+    per_rank = []
+    for batch in tc.batches(world):
+        model.zero_grad()
+        tc.loss_fn(model, batch).backward()
+        per_rank.append([p.grad.clone() for p in model.parameters()])
+    for i, p in enumerate(model.parameters()):
+        p.grad = sum(g[i] for g in per_rank) / world
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_masks_and_rank0_summary_equals_single_process(tmp_path):
+    import torch_bridge
+
+    launch("tests._dist_workers.torch_ddp", tmp_path)
+    model = tc.make_model()
+    opt = tc.selective_adamw(model.parameters())
+    want = {}
+    for t in range(tc.STEPS):
+        averaged_grads(model)
+        opt.step()
+        for (name, _), m in zip(model.named_parameters(), opt.get_masks()):
+            want[f"mask{t + 1}/{name}"] = m.numpy().copy()
+    for r in range(WORLD):
+        assert_same(dict(np.load(tmp_path / f"ddp_rank{r}.npz")), want, f"DDP rank {r}")
+
+    got = torch_bridge.load_summary_from_disk(tmp_path / "summary.pt")
+    ref = opt.get_summary(model)
+    assert got["budget_used"] == ref["budget_used"] == 60
+    assert {k: v for k, v in got.items() if k != "params"} == {
+        k: v for k, v in ref.items() if k != "params"
+    }
+    assert sorted(got["params"]) == sorted(ref["params"])
+    for name, entry in ref["params"].items():
+        for key, value in entry.items():
+            other = got["params"][name][key]
+            if isinstance(value, torch.Tensor):
+                assert other.dtype == value.dtype and torch.equal(other, value), (name, key)
+            else:
+                assert other == value, (name, key)

@@ -87,3 +87,12 @@ def train(model, runner, grads_of: Callable[[], None], on_step: Callable[[int, l
         sgd_on_masked(params, masks)
         on_step(t + 1, masks)
     return params, masks
+
+
+def selective_adamw(params):
+    """The bridge's selective AdamW used by the DDP run and its reference (weight decay on:
+    the bridge must keep unselected entries fixed anyway)."""
+    import torch_bridge
+
+    cls = torch_bridge.get_selective_optimizer(torch.optim.AdamW, "id3")
+    return cls(params, lr=0.05, weight_decay=0.1, budget=60, max_steps=4)
