@@ -122,7 +122,18 @@ def assert_same(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_sharded_selection_equals_single_process(tmp_path):
+    import torch_bridge
+
     launch("tests._dist_workers.torch_fsdp", tmp_path)
+    # The bridge's optimizer on FSDP2 parameters: same masks and summary as one process.
+    want, ref_summary = adamw_reference()
+    for r in range(WORLD):
+        got = dict(np.load(tmp_path / f"fsdp_adamw_rank{r}.npz"))
+        assert int(got.pop("budget_used")) == 60
+        assert_same(got, want, f"FSDP2 selective AdamW rank {r}")
+        summary = torch_bridge.load_summary_from_disk(tmp_path / f"fsdp_summary_rank{r}.pt")
+        assert_same_summary(summary, ref_summary)
+    # The runner itself, for every method, against the JAX method on whole tensors.
     for name, make in tc.METHODS.items():
         want = reference(name)
         used = sum(int(v.sum()) for k, v in want.items() if k.startswith(f"mask{tc.STEPS}/"))
@@ -148,24 +159,20 @@ def averaged_grads(model, world: int = WORLD) -> None:
         p.grad = sum(g[i] for g in per_rank) / world
 
 
-@pytest.mark.slow
-def test_ddp_ranks_hold_identical_masks_and_rank0_summary_equals_single_process(tmp_path):
-    import torch_bridge
-
-    launch("tests._dist_workers.torch_ddp", tmp_path)
+def adamw_reference() -> tuple[dict, dict]:
+    """The bridge's selective AdamW in one process: masks after every step, and the summary."""
     model = tc.make_model()
     opt = tc.selective_adamw(model.parameters())
-    want = {}
+    masks = {}
     for t in range(tc.STEPS):
         averaged_grads(model)
         opt.step()
         for (name, _), m in zip(model.named_parameters(), opt.get_masks()):
-            want[f"mask{t + 1}/{name}"] = m.numpy().copy()
-    for r in range(WORLD):
-        assert_same(dict(np.load(tmp_path / f"ddp_rank{r}.npz")), want, f"DDP rank {r}")
+            masks[f"mask{t + 1}/{name}"] = m.numpy().copy()
+    return masks, opt.get_summary(model)
 
-    got = torch_bridge.load_summary_from_disk(tmp_path / "summary.pt")
-    ref = opt.get_summary(model)
+
+def assert_same_summary(got: dict, ref: dict) -> None:
     assert got["budget_used"] == ref["budget_used"] == 60
     assert {k: v for k, v in got.items() if k != "params"} == {
         k: v for k, v in ref.items() if k != "params"
@@ -178,3 +185,15 @@ def test_ddp_ranks_hold_identical_masks_and_rank0_summary_equals_single_process(
                 assert other.dtype == value.dtype and torch.equal(other, value), (name, key)
             else:
                 assert other == value, (name, key)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_masks_and_rank0_summary_equals_single_process(tmp_path):
+    import torch_bridge
+
+    launch("tests._dist_workers.torch_ddp", tmp_path)
+    want, ref_summary = adamw_reference()
+    for r in range(WORLD):
+        assert_same(dict(np.load(tmp_path / f"ddp_rank{r}.npz")), want, f"DDP rank {r}")
+    got = torch_bridge.load_summary_from_disk(tmp_path / "summary.pt")
+    assert_same_summary(got, ref_summary)

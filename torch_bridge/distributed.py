@@ -49,6 +49,14 @@ from optax_selective._tree import LeafLayout
 from optax_selective.methods import _base
 
 _PAD_INDEX = torch.iinfo(torch.int64).max  # sorts after every real global index
+# Compiled once per shape; the rules themselves are the shared ones of ``selection``.
+_top_k_masks = jax.jit(selection.top_k_masks, static_argnames="k_max")
+_pafi_score = jax.jit(selection.smallest_magnitude_score)
+
+
+@jax.jit
+def _id3_score(grad, param, mask, exp, eps):
+    return selection.exclude(selection.d3_score(grad, param, exp, eps), mask)
 
 
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:
@@ -170,7 +178,7 @@ class ShardedMethodRunner:
         """Local masks of the global top-``k`` of ``scores`` (local JAX arrays, leaf order)."""
         # Replicated leaves: only one rank (the owner) offers their candidates.
         owned = [s if self._shards[i].owner else None for i, s in enumerate(scores)]
-        top = jax.block_until_ready(selection.top_k_masks(owned, k_max, k_max))
+        top = jax.block_until_ready(_top_k_masks(owned, k_max, k_max=k_max))
         vals, gidx = [torch.full((k_max,), -torch.inf)], [torch.full((k_max,), _PAD_INDEX)]
         for i, (s, t) in enumerate(zip(owned, top)):
             if t is None:
@@ -183,8 +191,8 @@ class ShardedMethodRunner:
         all_gidx = self._all_gather(gidx).reshape(-1)
         order = torch.argsort(all_gidx, stable=True)  # candidates in global index order
         all_vals, all_gidx = all_vals[order], all_gidx[order]
-        (chosen,) = selection.top_k_masks([jnp.asarray(all_vals.numpy())], k, k_max)
-        picked = all_gidx[torch.from_numpy(np.asarray(chosen))]
+        (chosen,) = _top_k_masks([jnp.asarray(all_vals.numpy())], k, k_max=k_max)
+        picked = all_gidx[torch.from_numpy(np.array(chosen))]
         out: list[torch.Tensor | None] = []
         for sh, s in zip(self._shards, scores):
             if s is None:
@@ -215,7 +223,7 @@ class ShardedMethodRunner:
             _base.check_not_full(m.name, m.budget, lay)
             b_eff = _base.effective_budget(m.name, m.budget, lay, at_least=0)
             scores = [
-                selection.smallest_magnitude_score(self._to_jax(p)) if ok else None
+                _pafi_score(self._to_jax(p)) if ok else None
                 for p, ok in zip(params, lay.selectable)
             ]
             masks = self._merge(masks, params, self._select(scores, b_eff, b_eff))
@@ -244,7 +252,7 @@ class ShardedMethodRunner:
                 scores.append(None)
                 continue
             g, p, mk = (self._to_jax(t) for t in (grads[i], params[i], masks[i]))
-            scores.append(selection.exclude(selection.d3_score(g, p, m.exp, m.eps), mk))
+            scores.append(_id3_score(g, p, mk, m.exp, m.eps))
         self.traces += 1
         new = self._select(scores, k, k_max)
         return {
@@ -298,3 +306,79 @@ class ShardedMethodRunner:
                 left -= take
             offset += size
         return out
+
+
+# -- masks as whole tensors, for the optimizer's bookkeeping ------------------------------------
+# Each function below takes plain tensors too (then it is the obvious one-liner), so the
+# optimizer calls them unconditionally. On a sharded mask they exchange counts or the selected
+# entries only (O(budget)), never a whole mask or parameter. Every rank must call them together.
+
+
+def _group(t: DTensor) -> dist.ProcessGroup:
+    return t.device_mesh.get_group(0)
+
+
+def count_true(mask: torch.Tensor) -> int:
+    """Number of true entries of the whole ``mask``."""
+    if not isinstance(mask, DTensor):
+        return int(mask.sum())
+    n = mask.to_local().sum(dtype=torch.int64).reshape(1).cpu()
+    if _placement_kind(mask) == "shard0":
+        dist.all_reduce(n, group=_group(mask))
+    return int(n)
+
+
+def any_true(mask: torch.Tensor) -> bool:
+    """Whether any entry of the whole ``mask`` is true."""
+    return count_true(mask) > 0
+
+
+def all_true(mask: torch.Tensor) -> bool:
+    """Whether every entry of the whole ``mask`` is true."""
+    return count_true(mask) == mask.numel()
+
+
+def full_mask(param: torch.Tensor, value: bool) -> torch.Tensor:
+    """An all-``value`` bool mask shaped and placed like ``param``."""
+    lp = local(param)
+    m = torch.full(lp.shape, value, dtype=torch.bool, device=lp.device)
+    return ShardedMethodRunner._like(m, param)
+
+
+def _flat_offset(t: DTensor) -> int:
+    """Flat index, in the whole tensor, of this rank's first entry (Shard(0) on a 1-D mesh)."""
+    rows = [None] * dist.get_world_size(_group(t))
+    dist.all_gather_object(rows, t.to_local().shape[0] if t.ndim else 0, group=_group(t))
+    me = dist.get_rank(_group(t))
+    row = t.numel() // t.shape[0] if t.ndim and t.shape[0] else 0
+    return sum(rows[:me]) * row
+
+
+def selected_entries(param: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat indices, values)`` of ``param`` where ``mask`` is true, over the whole tensor, in
+    increasing index order, on the CPU (the same on every rank)."""
+    lm, lp = local(mask), local(param).detach()
+    flat = lm.reshape(-1).nonzero().reshape(-1)
+    values = lp.reshape(-1)[flat].cpu()
+    flat = flat.cpu()
+    if not isinstance(mask, DTensor) or _placement_kind(mask) == "replicate":
+        return flat, values
+    offset = _flat_offset(mask)
+    parts = [None] * dist.get_world_size(_group(mask))
+    dist.all_gather_object(parts, (flat + offset, values), group=_group(mask))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def mask_from_indices(param: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A bool mask like ``param``, true at ``indices`` (flat, over the whole tensor)."""
+    lp = local(param)
+    offset = (
+        _flat_offset(param)
+        if isinstance(param, DTensor) and _placement_kind(param) == "shard0"
+        else 0
+    )
+    idx = indices.to(torch.int64).reshape(-1) - offset
+    idx = idx[(idx >= 0) & (idx < lp.numel())]
+    m = torch.zeros(lp.numel(), dtype=torch.bool, device=lp.device)
+    m[idx.to(lp.device)] = True
+    return ShardedMethodRunner._like(m.reshape(lp.shape), param)

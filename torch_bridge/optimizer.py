@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from optax_selective._tree import LeafLayout
+from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
+from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.methods import build_method, check_method_name
 from torch_bridge.safety import restore_scope
@@ -150,7 +152,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             choose_all=tuple(choose_all),
         )
         self._layout = layout
-        self._runner = MethodRunner(method, layout, params)
+        runner = ShardedMethodRunner if is_sharded(params) else MethodRunner  # FSDP2/DTensor
+        self._runner = runner(method, layout, params)
         try:
             masks = self._runner.init(params)
         except ValueError as e:
@@ -183,9 +186,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for i, m in enumerate(self._masks):
             if self._status[i] != PARTIAL:
                 continue
-            if not bool(m.any()):
+            if not _dist.any_true(m):
                 self._status[i], self._masks[i] = EMPTY, None
-            elif bool(m.all()):
+            elif _dist.all_true(m):
                 self._status[i], self._masks[i] = FULL, None
 
     # -- masks -------------------------------------------------------------------------------
@@ -206,14 +209,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             if st == PARTIAL:
                 out.append(m)
             else:
-                out.append(torch.full(p.shape, st == FULL, dtype=torch.bool, device=p.device))
+                out.append(_dist.full_mask(p, st == FULL))
         return out
 
     def get_budget_used(self) -> int:
         """Entries selected so far, choose_all params included."""
         used = 0
         for p, st, m in zip(self._params, self._status, self._masks):
-            used += p.numel() if st == FULL else int(m.sum()) if st == PARTIAL else 0
+            used += p.numel() if st == FULL else _dist.count_true(m) if st == PARTIAL else 0
         return used
 
     # -- the step ----------------------------------------------------------------------------
@@ -322,7 +325,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         masks: list[Any] = []
         for st, m in zip(self._status, self._masks):
-            masks.append(st if st != PARTIAL else m.reshape(-1).nonzero().reshape(-1).cpu())
+            masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
         sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks}
         return sd
 
@@ -355,10 +358,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             idx = torch.as_tensor(entry, dtype=torch.int64).reshape(-1)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
                 raise ValueError(f"mask indices out of range for {self._paths[i]} {tuple(p.shape)}.")
-            m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            m[idx.to(p.device)] = True
             status.append(PARTIAL)
-            tensors.append(m.reshape(p.shape))
+            tensors.append(_dist.mask_from_indices(p, idx))
         super().load_state_dict(state_dict)
         self._status, self._masks = status, tensors
         self._count = int(sel["count"])

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from optax_selective._version import __version__
+from torch_bridge.distributed import selected_entries
 
 FORMAT = "optax_selective.torch_summary"
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ def make_summary(
     entries: dict[str, Any] = {}
     used = 0
     for i, (p, m) in enumerate(zip(params, masks)):
-        flat = m.reshape(-1).nonzero().reshape(-1)
+        flat, values = selected_entries(p, m)  # whole-tensor indices, also for DTensor shards
         if flat.numel() == 0:
             continue
         if id(p) not in where:
@@ -89,8 +90,8 @@ def make_summary(
             "position": pos,
             "shape": list(p.shape),
             "dtype": _dtype_name(p.dtype),
-            "indices": flat.to(index_dtype).cpu(),
-            "values": p.detach().reshape(-1)[flat].cpu(),
+            "indices": flat.to(index_dtype),
+            "values": values,
         }
         used += flat.numel()
     return {

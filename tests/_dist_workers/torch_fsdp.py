@@ -5,7 +5,9 @@ Usage: python -m tests._dist_workers.torch_fsdp RANK WORLD_SIZE PORT OUT_DIR
 For each method in ``torch_common.METHODS`` it shards a fresh model with ``fully_shard``,
 trains ``STEPS`` steps and writes ``OUT_DIR/<method>_rank<RANK>.npz``: the full masks after
 init and after every step and the final params (gathered with ``full_tensor()`` for the check
-only; the selection itself never gathers), and the largest exchange the runner made.
+only; the selection itself never gathers), and the largest exchange the runner made. Then
+it trains the same sharded model with the bridge's selective AdamW (``fsdp_adamw_rank*.npz``,
+``fsdp_summary_rank*.pt``).
 """
 
 from __future__ import annotations
@@ -57,8 +59,37 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             record[f"params/{n}"] = p.full_tensor().detach().numpy()
         record["max_all_gather_numel"] = np.int64(max(runner.exchanged, default=0))
         np.savez(out_dir / f"{name}_rank{rank}.npz", **record)
+    optimizer_run(rank, world, mesh, out_dir)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def optimizer_run(rank: int, world: int, mesh, out_dir: Path) -> None:
+    """The bridge's selective AdamW on the FSDP2 model (it picks ShardedMethodRunner)."""
+    import torch_bridge
+
+    model = tc.make_model()
+    names = [n for n, _ in model.named_parameters()]
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = tc.selective_adamw(model.parameters())
+    batch = tc.batches(world)[rank]
+    record = {}
+    for t in range(tc.STEPS):
+        opt.zero_grad()
+        tc.loss_fn(model, batch).backward()
+        opt.step()
+        for n, m in zip(names, opt.get_masks()):
+            record[f"mask{t + 1}/{n}"] = m.full_tensor().numpy()
+    record["budget_used"] = np.int64(opt.get_budget_used())
+    summary = opt.get_summary(model)
+    state = opt.state_dict()
+    opt.load_state_dict(state)  # masks rebuilt from whole-tensor indices, as shards
+    for n, m in zip(names, opt.get_masks()):
+        assert np.array_equal(m.full_tensor().numpy(), record[f"mask{tc.STEPS}/{n}"]), n
+    np.savez(out_dir / f"fsdp_adamw_rank{rank}.npz", **record)
+    torch_bridge.write_summary_to_disk(out_dir / f"fsdp_summary_rank{rank}.pt", summary)
 
 
 if __name__ == "__main__":
