@@ -169,7 +169,7 @@ def top_k_masks(
         return top_k_masks_reference(scores, k, k_max)
     if path == "rows":
         leaf, local, valid = _top_k_rows(scores, k, k_max)
-        return _indices_to_masks(scores, leaf, local, valid)
+        return indices_to_masks(scores, leaf, local, valid)
     if path == "radix":
         return _top_k_threshold(scores, k, _radix_threshold, _cumsum_cutoff)
     if path == "counting":
@@ -232,7 +232,10 @@ def _pad_slots(leaf, local, valid, k_max):
     )
 
 
-def _indices_to_masks(scores, leaf, local, valid):
+def indices_to_masks(
+    scores: Sequence[jax.Array | None], leaf: jax.Array, local: jax.Array, valid: jax.Array
+) -> list[jax.Array | None]:
+    """Bool masks shaped like ``scores`` that are true at the valid ``(leaf, index)`` slots."""
     out = _empty_masks(scores)
     for i, s in _live(scores):
         target = jnp.where(valid & (leaf == i), local, s.size)  # s.size: dropped
@@ -246,7 +249,7 @@ def top_k_masks_reference(
     """The simple exact version: per-leaf ``lax.top_k(k_max)`` then one merge (for tests)."""
     if not _live(scores) or k_max == 0:
         return _empty_masks(scores)
-    return _indices_to_masks(scores, *_top_k_reference_indices(scores, k, k_max))
+    return indices_to_masks(scores, *_top_k_reference_indices(scores, k, k_max))
 
 
 # ------------------------------------------------------------------------------ rows path
