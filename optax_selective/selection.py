@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NEG_INF = -jnp.inf
@@ -24,7 +25,16 @@ def d3_score(grad: jax.Array, param: jax.Array, exp: float | jax.Array, eps: flo
     """The D3 score ``|g| / (|θ| + eps) ** exp`` in float32 (non-finite scores become -inf)."""
     g = jnp.abs(grad.astype(jnp.float32))
     p = jnp.abs(param.astype(jnp.float32))
-    score = g / (p + jnp.float32(eps)) ** jnp.float32(exp)
+    denom = p + jnp.float32(eps)
+    # pow is a transcendental (exp/log) on XLA: avoid it for the common static exponents;
+    # x**1 == x and x*x is the correctly rounded square, as torch computes them.
+    if isinstance(exp, (int, float)) and exp == 1:
+        pass
+    elif isinstance(exp, (int, float)) and exp == 2:
+        denom = denom * denom
+    else:
+        denom = denom ** jnp.float32(exp)
+    score = g / denom
     return jnp.where(jnp.isfinite(score), score, NEG_INF)
 
 
@@ -51,7 +61,90 @@ def exclude(score: jax.Array, exclusion_mask: jax.Array) -> jax.Array:
     return jnp.where(exclusion_mask, NEG_INF, score)
 
 
-def top_k_masks(scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int) -> list[jax.Array | None]:
+# ---------------------------------------------------------------------------- global top-k
+#
+# Semantics shared by every path below (and checked against each other by the tests): the
+# chosen entries are the k highest finite scores over all leaves together; -0.0 equals 0.0;
+# ties go to the lower global index (leaf position in the list, then row-major index); if
+# fewer than k scores are finite, all finite ones are chosen.
+#
+# Paths, picked statically from the shapes (all exact, all O(N) or better in N):
+#   reference  per-leaf lax.top_k(k_max) then one merge; used for small inputs.
+#   rows       small k: one fused pass computes the maximum of each row of c entries; the k
+#              rows with the largest maxima (ties: lower row) hold every chosen entry, so an
+#              exact top-k runs on k_max * c candidates only.  Gives indices directly.
+#   radix      large k (PaFI's init): two histogram passes (top and bottom 16 bits) over the
+#              order-preserving uint32 view of the scores find the exact k-th value T; then an
+#              elementwise pass picks key > T, plus ties with index <= a per-leaf cutoff.
+#   counting   explicitly sharded inputs: the same threshold found with reductions only
+#              (binary search on the uint32 key with count(key >= t)), because lax.top_k,
+#              reshape, gather, scatter and cumsum along a sharded axis are refused there.
+
+_SMALL = 1 << 14  # total entries at or below which the reference path is used
+_ALL_BITS = 0xFFFFFFFF
+
+
+def order_key(score: jax.Array) -> jax.Array:
+    """Order-preserving uint32 view of a float score; non-finite scores map to 0.
+
+    ``a < b`` (as floats, with ``-0.0 == 0.0``) iff ``order_key(a) < order_key(b)``, and every
+    finite score has a key ``>= 0x00800000``, so ``key > 0`` means "eligible".
+    """
+    s = score.astype(jnp.float32)
+    s = jnp.where(s == 0, jnp.float32(0), s)  # -0.0 -> +0.0
+    b = lax.bitcast_convert_type(s, jnp.uint32)
+    key = jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+    return jnp.where(jnp.isfinite(s), key, jnp.uint32(0))
+
+
+def _clean(score: jax.Array) -> jax.Array:
+    """Float32 scores with non-finite -> -inf and -0.0 -> 0.0 (so lax.top_k ties agree)."""
+    s = score.astype(jnp.float32)
+    s = jnp.where(jnp.isfinite(s), s, NEG_INF)
+    return jnp.where(s == 0, jnp.float32(0), s)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except Exception:  # noqa: BLE001 - older jax or non-array: treat as unsharded
+        return False
+    return any(p is not None for p in spec)
+
+
+def _live(scores):
+    return [(i, s) for i, s in enumerate(scores) if s is not None and s.size > 0]
+
+
+def _empty_masks(scores):
+    return [None if s is None else jnp.zeros(s.shape, bool) for s in scores]
+
+
+def _row_width(total: int, k_max: int) -> int:
+    """Row length c for the rows path: about sqrt(N / k_max), a power of two in [8, 4096]."""
+    target = max(1.0, (total / max(k_max, 1)) ** 0.5)
+    return int(min(4096, max(8, 1 << int(round(np.log2(target))))))
+
+
+def choose_path(scores: Sequence[jax.Array | None], k_max: int) -> str:
+    """Which exact top-k path :func:`top_k_masks` takes for these (static) shapes."""
+    live = _live(scores)
+    if any(_explicitly_sharded(s) for _, s in live):
+        return "counting"
+    if any(jnp.dtype(s.dtype).itemsize > 4 for _, s in live):
+        return "reference"  # float64 scores: the uint32 key would round them
+    total = sum(int(s.size) for _, s in live)
+    if total <= _SMALL or k_max == 0:
+        return "reference"
+    c = _row_width(total, k_max)
+    if k_max * c * 4 <= total:
+        return "rows"
+    return "radix"
+
+
+def top_k_masks(
+    scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int, *, path: str | None = None
+) -> list[jax.Array | None]:
     """Boolean masks of the ``k`` highest scores over all arrays together.
 
     Args:
@@ -59,29 +152,64 @@ def top_k_masks(scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: i
         Entries with a non-finite score are never chosen (use :func:`exclude`).
       k: how many to choose; may be traced, must be ``<= k_max``.
       k_max: static bound on ``k`` that fixes the shapes under ``jax.jit``.
+      path: force one implementation ("reference", "rows", "radix", "counting"); by default
+        :func:`choose_path` picks the fastest exact one. All give the same masks.
 
     Returns:
       One bool array per leaf, shaped like its score (``None`` where the score was ``None``),
       true at the chosen entries. If fewer than ``k`` entries have a finite score, all of them
-      are chosen. Ties go to the lower global index (leaf offset in leaf order plus row-major
-      index), which is what makes the choice reproducible across frameworks.
+      are chosen. Ties (``-0.0 == 0.0``) go to the lower global index (leaf offset in leaf
+      order plus row-major index), which makes the choice reproducible across frameworks.
+      No path sorts all N scores: the cost is O(N) passes plus work on O(k_max) candidates.
     """
-    # Per-leaf top-k_max candidates, then one merge over the candidates: the global top-k is
-    # always among them, and no array of all N scores is ever built.
+    path = path or choose_path(scores, k_max)
+    if not _live(scores) or k_max == 0:
+        return _empty_masks(scores)
+    if path == "reference":
+        return top_k_masks_reference(scores, k, k_max)
+    if path == "rows":
+        leaf, local, valid = _top_k_rows(scores, k, k_max)
+        return indices_to_masks(scores, leaf, local, valid)
+    if path == "radix":
+        return _top_k_threshold(scores, k, _radix_threshold, _cumsum_cutoff)
+    if path == "counting":
+        return _top_k_threshold(scores, k, _counting_threshold, _counting_cutoff)
+    raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
+
+
+def top_k_indices(
+    scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The entries :func:`top_k_masks` chooses, as ``k_max`` slots ``(leaf, index, valid)``.
+
+    ``leaf`` is the position in ``scores``, ``index`` the row-major index in that leaf, and
+    ``valid`` marks the slots in use (the first ``min(k, eligible)``; the rest are padding).
+    Not for explicitly sharded scores (it gathers).
+    """
+    live = _live(scores)
+    if not live or k_max == 0:
+        z = jnp.zeros((k_max,), jnp.int32)
+        return z, z, jnp.zeros((k_max,), bool)
+    path = choose_path(scores, k_max)
+    if path == "counting":
+        raise ValueError("top_k_indices does not support explicitly sharded scores; use top_k_masks.")
+    if path == "rows":
+        return _top_k_rows(scores, k, k_max)
+    return _top_k_reference_indices(scores, k, k_max)
+
+
+# ------------------------------------------------------------------------- reference path
+
+
+def _top_k_reference_indices(scores, k, k_max):
     cand_vals, cand_leaf, cand_idx = [], [], []
-    for i, s in enumerate(scores):
-        if s is None or s.size == 0:
-            continue
-        flat = s.reshape(-1)
-        flat = jnp.where(jnp.isfinite(flat), flat, NEG_INF)  # NaN would sort first in top_k
+    for i, s in _live(scores):
+        flat = _clean(s).reshape(-1)
         kk = min(k_max, flat.size)
         vals, idx = lax.top_k(flat, kk)  # ties: lower index first
         cand_vals.append(vals)
         cand_idx.append(idx.astype(jnp.int32))
         cand_leaf.append(jnp.full((kk,), i, jnp.int32))
-    out: list[jax.Array | None] = [None if s is None else jnp.zeros(s.shape, bool) for s in scores]
-    if not cand_vals or k_max == 0:
-        return out
     vals = jnp.concatenate(cand_vals)
     leaf = jnp.concatenate(cand_leaf)
     idx = jnp.concatenate(cand_idx)
@@ -89,11 +217,213 @@ def top_k_masks(scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: i
     # lax.top_k's "lower position first" tie rule is exactly "lower global index first".
     kk = min(k_max, vals.size)
     top_vals, pos = lax.top_k(vals, kk)
-    chosen = (jnp.arange(kk) < k) & (top_vals > NEG_INF)
-    top_leaf, top_idx = leaf[pos], idx[pos]
-    for i, s in enumerate(scores):
-        if s is None or s.size == 0:
-            continue
-        target = jnp.where(chosen & (top_leaf == i), top_idx, s.size)  # s.size: dropped
+    valid = (jnp.arange(kk) < k) & (top_vals > NEG_INF)
+    return _pad_slots(leaf[pos], idx[pos], valid, k_max)
+
+
+def _pad_slots(leaf, local, valid, k_max):
+    pad = k_max - leaf.shape[0]
+    if pad <= 0:
+        return leaf, local, valid
+    return (
+        jnp.concatenate([leaf, jnp.zeros((pad,), jnp.int32)]),
+        jnp.concatenate([local, jnp.zeros((pad,), jnp.int32)]),
+        jnp.concatenate([valid, jnp.zeros((pad,), bool)]),
+    )
+
+
+def indices_to_masks(
+    scores: Sequence[jax.Array | None], leaf: jax.Array, local: jax.Array, valid: jax.Array
+) -> list[jax.Array | None]:
+    """Bool masks shaped like ``scores`` that are true at the valid ``(leaf, index)`` slots."""
+    out = _empty_masks(scores)
+    for i, s in _live(scores):
+        target = jnp.where(valid & (leaf == i), local, s.size)  # s.size: dropped
         out[i] = jnp.zeros(s.size, bool).at[target].set(True, mode="drop").reshape(s.shape)
     return out
+
+
+def top_k_masks_reference(
+    scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int
+) -> list[jax.Array | None]:
+    """The simple exact version: per-leaf ``lax.top_k(k_max)`` then one merge (for tests)."""
+    if not _live(scores) or k_max == 0:
+        return _empty_masks(scores)
+    return indices_to_masks(scores, *_top_k_reference_indices(scores, k, k_max))
+
+
+# ------------------------------------------------------------------------------ rows path
+
+
+def _top_k_rows(scores, k, k_max):
+    live = _live(scores)
+    total = sum(int(s.size) for _, s in live)
+    c = _row_width(total, k_max)
+    views, row_leaf, row_local, rowmax = [], [], [], []
+    for i, s in live:
+        flat = _clean(s).reshape(-1)
+        n_rows = -(-flat.size // c)
+        if n_rows * c != flat.size:
+            flat = jnp.pad(flat, (0, n_rows * c - flat.size), constant_values=NEG_INF)
+        view = flat.reshape(n_rows, c)
+        views.append((i, view))
+        rowmax.append(jnp.max(view, axis=1))
+        row_leaf.append(np.full(n_rows, i, np.int32))
+        row_local.append(np.arange(n_rows, dtype=np.int32))
+    rowmax = jnp.concatenate(rowmax)
+    row_leaf = jnp.asarray(np.concatenate(row_leaf))
+    row_local = jnp.asarray(np.concatenate(row_local))
+    # The kr rows with the largest maxima (ties: lower row) contain the exact top-k: they
+    # hold >= kr entries >= the kr-th largest row maximum M, so the k-th value T >= M; any
+    # entry > T lies in a row with maximum > M, and the first ties with T (by index) lie in
+    # the lowest rows whose maximum equals T, which are taken before higher ones.
+    kr = min(k_max, rowmax.shape[0])
+    _, top_rows = lax.top_k(rowmax, kr)
+    top_rows = jnp.sort(top_rows)  # ascending global row, so candidates are in index order
+    cand_leaf, cand_row = row_leaf[top_rows], row_local[top_rows]
+    cand = jnp.full((kr, c), NEG_INF, jnp.float32)
+    for i, view in views:
+        rows = view[jnp.clip(cand_row, 0, view.shape[0] - 1)]
+        cand = jnp.where((cand_leaf == i)[:, None], rows, cand)
+    kk = min(k_max, kr * c)
+    vals, pos = lax.top_k(cand.reshape(-1), kk)
+    valid = (jnp.arange(kk) < k) & (vals > NEG_INF)
+    r, col = pos // c, pos % c
+    return _pad_slots(cand_leaf[r], cand_row[r] * c + col, valid, k_max)
+
+
+# ---------------------------------------------------------------- threshold paths (radix)
+
+
+def _top_k_threshold(scores, k, find_threshold, find_cutoff):
+    """Masks ``key > T`` plus ties ``key == T`` up to a per-leaf index cutoff."""
+    live = _live(scores)
+    keys = [(i, order_key(s)) for i, s in live]
+    n_eligible = sum(jnp.sum(key > 0, dtype=jnp.int32) for _, key in keys)
+    kk = jnp.minimum(jnp.asarray(k, jnp.int32), n_eligible)
+    thr, n_gt, n_eq = find_threshold([key for _, key in keys], kk)
+    r = kk - n_gt  # ties with T still to take, 1 <= r <= n_eq when kk > 0
+    sizes = [int(key.size) for _, key in keys]
+    cut = lax.cond(
+        n_eq > r,
+        lambda: find_cutoff([key for _, key in keys], thr, r),
+        lambda: jnp.asarray(sizes, jnp.int32),
+    )
+    out = _empty_masks(scores)
+    for j, (i, key) in enumerate(keys):
+        index = _flat_iota(key.shape)
+        chosen = (key > thr) | ((key == thr) & (index < cut[j]))
+        out[i] = chosen & (key > 0) & (kk > 0)
+    return out
+
+
+def _flat_iota(shape) -> jax.Array:
+    """Row-major flat index of every entry, built from per-axis iotas (no reshape)."""
+    index = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.int32, shape, d) * stride
+        stride *= shape[d]
+    return index
+
+
+def _hist16(keys, digit_fn, weight_fn):
+    h = jnp.zeros((1 << 16,), jnp.int32)
+    for key in keys:
+        flat = key.reshape(-1)
+        h = h + jax.ops.segment_sum(
+            weight_fn(flat), digit_fn(flat).astype(jnp.int32), num_segments=1 << 16
+        )
+    return h
+
+
+def _digit_at_rank(hist, need):
+    """Largest digit d with count(digit >= d) >= need, and count(digit > d)."""
+    at_or_above = jnp.cumsum(hist[::-1])[::-1]
+    d = jnp.sum(at_or_above >= need, dtype=jnp.int32) - 1
+    d = jnp.maximum(d, 0)
+    return d, at_or_above[d] - hist[d]
+
+
+def _radix_threshold(keys, kk):
+    """Exact kk-th largest key in two 16-bit histogram passes; returns (T, n_gt, n_eq)."""
+    one = lambda flat: jnp.ones(flat.shape, jnp.int32)  # noqa: E731
+    hi = _hist16(keys, lambda f: f >> 16, one)
+    hi = hi.at[0].set(0)  # bin 0 holds only key 0 (non-finite); finite keys start at 0x0080..
+    d_hi, above_hi = _digit_at_rank(hi, kk)
+    lo = _hist16(
+        keys,
+        lambda f: f & jnp.uint32(0xFFFF),
+        lambda f: ((f >> 16) == d_hi.astype(jnp.uint32)).astype(jnp.int32),
+    )
+    d_lo, above_lo = _digit_at_rank(lo, kk - above_hi)
+    thr = (d_hi.astype(jnp.uint32) << 16) | d_lo.astype(jnp.uint32)
+    return thr, above_hi + above_lo, lo[d_lo]
+
+
+def _cumsum_cutoff(keys, thr, r):
+    """Per-leaf exclusive index cutoffs so that exactly the first r ties (global order) pass."""
+    per_leaf = jnp.stack([jnp.sum(key == thr, dtype=jnp.int32) for key in keys])
+    before = jnp.cumsum(per_leaf) - per_leaf
+    star = jnp.sum(before + per_leaf < r, dtype=jnp.int32)  # leaf holding the r-th tie
+    need = r - before[jnp.minimum(star, len(keys) - 1)]
+
+    def branch(key):
+        def f():
+            ranks = jnp.cumsum((key.reshape(-1) == thr).astype(jnp.int32))
+            return jnp.sum(ranks < need, dtype=jnp.int32) + 1  # index of the r-th tie, + 1
+        return f
+
+    pos = lax.switch(jnp.minimum(star, len(keys) - 1), [branch(key) for key in keys])
+    return _cutoffs_from(keys, star, pos)
+
+
+def _cutoffs_from(keys, star, pos):
+    j = jnp.arange(len(keys))
+    sizes = jnp.asarray([int(key.size) for key in keys], jnp.int32)
+    return jnp.where(j < star, sizes, jnp.where(j == star, pos, 0))
+
+
+# ------------------------------------------------------------ threshold paths (counting)
+
+
+def _count(keys, pred):
+    return sum(jnp.sum(pred(key), dtype=jnp.int32) for key in keys)
+
+
+def _counting_threshold(keys, kk):
+    """Largest t with count(key >= t) >= kk, by binary search with reductions only."""
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi  # invariant: count(key >= lo) >= kk; answer in [lo, hi]
+        gap = hi - lo
+        mid = lo + gap // 2 + (gap & 1)  # ceil; hi - lo + 1 could wrap at 2**32
+        ok = _count(keys, lambda key: key >= mid) >= kk
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(_ALL_BITS)))
+    n_gt = _count(keys, lambda key: key > lo)
+    n_eq = _count(keys, lambda key: key == lo)
+    return lo, n_gt, n_eq
+
+
+def _counting_cutoff(keys, thr, r):
+    per_leaf = jnp.stack([jnp.sum(key == thr, dtype=jnp.int32) for key in keys])
+    before = jnp.cumsum(per_leaf) - per_leaf
+    star = jnp.sum(before + per_leaf < r, dtype=jnp.int32)
+    need = r - before[jnp.minimum(star, len(keys) - 1)]
+    index = [_flat_iota(key.shape) for key in keys]
+
+    def ties_below(bound):  # ties in leaf `star` with index < bound
+        per = [jnp.sum((key == thr) & (ix < bound), dtype=jnp.int32) for key, ix in zip(keys, index)]
+        return jnp.stack(per)[jnp.minimum(star, len(keys) - 1)]
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi  # smallest bound with ties_below(bound) >= need lies in [lo, hi]
+        mid = (lo + hi) // 2
+        ok = ties_below(mid) >= need
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    biggest = max(int(key.size) for key in keys)
+    pos, _ = lax.fori_loop(0, max(1, biggest.bit_length() + 1), body, (jnp.int32(0), jnp.int32(biggest)))
+    return _cutoffs_from(keys, star, pos)

@@ -21,7 +21,8 @@ import optax
 
 from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
-from optax_selective.methods._base import check_budget, check_int
+from optax_selective.compact import CompactInner, check_compact_inner
+from optax_selective.methods._base import check_budget, check_int, frozen_update
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
@@ -50,26 +51,36 @@ def selective(
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the transformation for any :class:`~optax_selective.methods.Method`.
 
     Prefer the named factories (:func:`selective_id3`, ...); this is the extension point for
-    new methods.
+    new methods. With ``inner`` and ``compact=True`` (and a method with a ``budget``), the
+    inner state covers the selected entries only (see :mod:`optax_selective.compact`).
     """
     if inner is not None and not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
+    compact_tx = None
+    if inner_tx is not None and compact and isinstance(getattr(method, "budget", None), int):
+        check_compact_inner(inner)
+        compact_tx = CompactInner(inner_tx, method.budget)
 
     def init_fn(params):
         layout = make_layout(params, choose_all)
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
+        if compact_tx is not None:
+            inner_state = compact_tx.init(leaves, mask)
+        else:
+            inner_state = optax.EmptyState() if inner_tx is None else inner_tx.init(params)
         return SelectiveState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
-            inner_state=optax.EmptyState() if inner_tx is None else inner_tx.init(params),
+            inner_state=inner_state,
         )
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
@@ -79,6 +90,17 @@ def selective(
         mask = treedef.flatten_up_to(state.mask)
         param_leaves = None if params is None else treedef.flatten_up_to(params)
         selectable = [is_float(g) and g.dtype != jax.dtypes.float0 for g in grads]
+        if compact_tx is not None:
+            masked, mask, method_state, inner_state = _compact_update(
+                compact_tx, method, state, grads, mask, param_leaves, selectable, extra_args
+            )
+            mask = [place_like(m, g) for m, g in zip(mask, grads)]
+            return treedef.unflatten(masked), SelectiveState(
+                count=optax.safe_int32_increment(state.count),
+                mask=treedef.unflatten(mask),
+                method_state=method_state,
+                inner_state=inner_state,
+            )
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
@@ -103,6 +125,21 @@ def selective(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _compact_update(compact_tx, method, state, grads, old_mask, params, selectable, extra_args):
+    """The wrapper form's update with compact inner state (optax_selective.compact)."""
+    args = (old_mask, state.method_state, state.count, grads, params, selectable)
+    inner_state = state.inner_state
+    if hasattr(method, "update_with_indices"):  # ID3: the new entries come with the mask
+        mask, method_state, added = method.update_with_indices(*args)
+        inner_state = compact_tx.add_entries(inner_state, grads, new_entries=added)
+    else:
+        mask, method_state = method.update(*args)
+        if getattr(method, "frozen_after", None) != 0 and method.update is not frozen_update:
+            inner_state = compact_tx.add_entries(inner_state, grads, old_mask=old_mask, new_mask=mask)
+    updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
+    return updates, mask, method_state, inner_state
+
+
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and value < 0:  # traced values (inject_hyperparams) pass
         raise ValueError(f"{name} must be >= 0, got {value}.")
@@ -116,6 +153,7 @@ def selective_id3(
     eps: float = 1e-8,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """ID3: unmask the entries with the highest D3 score, a few each step.
 
@@ -134,6 +172,10 @@ def selective_id3(
         returning one), e.g. a new classifier head. They count toward ``budget``.
       inner: optional optimizer to wrap. With it, unselected entries are guaranteed never to
         move (use this form for ``optax.adamw``); without it, chain with an optimizer.
+      compact: with ``inner``, keep ``inner``'s state for the selected entries only
+        (O(budget) memory, same results; see :mod:`optax_selective.compact`). Elementwise
+        optimizers only (sgd, momentum, adam, adamw, adagrad, rmsprop, lion, ...); others are
+        refused with an error. ``compact=False`` keeps a full-size (dense) inner state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`.
@@ -160,7 +202,7 @@ def selective_id3(
     _check_nonnegative("exp", exp)
     _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
-    return selective(method, choose_all=choose_all, inner=inner)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_pafi(
@@ -168,6 +210,7 @@ def selective_pafi(
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """PaFI: the ``budget`` entries with the smallest ``|θ|`` at init, fixed afterwards.
 
@@ -175,6 +218,7 @@ def selective_pafi(
       budget: entries that may change, choose_all leaves included.
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`.
 
     Example:
       >>> import jax.numpy as jnp, optax, optax_selective as osel
@@ -186,7 +230,9 @@ def selective_pafi(
     References:
       Liao et al., "Parameter-Efficient Fine-Tuning without Introducing New Latency", ACL 2023.
     """
-    return selective(_methods.PaFI(budget=check_budget(budget)), choose_all=choose_all, inner=inner)
+    return selective(
+        _methods.PaFI(budget=check_budget(budget)), choose_all=choose_all, inner=inner, compact=compact
+    )
 
 
 def selective_bitfit(
@@ -195,6 +241,7 @@ def selective_bitfit(
     is_bias: Callable[[str, tuple[int, ...]], bool] = _methods.default_is_bias,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """BitFit: entries of bias leaves, in leaf order, until ``budget`` is met; fixed.
 
@@ -205,6 +252,7 @@ def selective_bitfit(
         0-D leaves (as in the reference, so LayerNorm scales count too).
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`.
 
     Example:
       >>> import jax.numpy as jnp, optax_selective as osel
@@ -217,7 +265,7 @@ def selective_bitfit(
       Masked Language-models", ACL 2022.
     """
     method = _methods.BitFit(budget=check_budget(budget), is_bias=is_bias)
-    return selective(method, choose_all=choose_all, inner=inner)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_fft(

@@ -53,3 +53,26 @@ class ID3:
         # After max_steps the mask is frozen: skip the scoring work entirely.
         mask = lax.cond(count < self.max_steps, grow, lambda m: list(m), list(mask))
         return mask, state
+
+    def update_with_indices(self, mask, state: ID3State, count, grads, params, selectable):
+        """``update`` that also returns the entries added, as ``(leaf, index, valid)`` slots
+        (what the compact inner state needs), without a pass to find them in the mask."""
+        k = selection.id3_increment(count, state.effective_budget, self.max_steps)
+        k_max = selection.max_increment(self.budget, self.max_steps)
+
+        def grow(mask):
+            scores = [
+                selection.exclude(selection.d3_score(g, p, self.exp, self.eps), m) if ok else None
+                for g, p, m, ok in zip(grads, params, mask, selectable)
+            ]
+            leaf, local, valid = selection.top_k_indices(scores, k, k_max)
+            new = selection.indices_to_masks(scores, leaf, local, valid)
+            return [m if n is None else m | n for m, n in zip(mask, new)], (leaf, local, valid)
+
+        def keep(mask):
+            z = jax.numpy.zeros((k_max,), jax.numpy.int32)
+            return list(mask), (z, z, jax.numpy.zeros((k_max,), bool))
+
+        # After max_steps the mask is frozen: skip the scoring work entirely.
+        mask, added = lax.cond(count < self.max_steps, grow, keep, list(mask))
+        return mask, state, added

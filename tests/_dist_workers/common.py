@@ -52,13 +52,23 @@ def loss(params: dict, targets: dict) -> jax.Array:
     return total
 
 
-def optimizers() -> dict:
-    """The transformations the checks run, by name."""
+def optimizers(compact: bool = True) -> dict:
+    """The transformations the checks run, by name.
+
+    ``compact`` is passed to the wrapper forms (compact inner state, the default, keeps the
+    inner optimizer's state for the selected entries only); ``id3_wrapper_adam_dense`` is
+    always dense, so its Adam moments are shaped, and sharded, like the params.
+    """
     return {
-        "id3_wrapper_adam": osel.selective_id3(BUDGET, MAX_STEPS, inner=optax.adam(0.1)),
+        "id3_wrapper_adam": osel.selective_id3(
+            BUDGET, MAX_STEPS, inner=optax.adam(0.1), compact=compact
+        ),
+        "id3_wrapper_adam_dense": osel.selective_id3(
+            BUDGET, MAX_STEPS, inner=optax.adam(0.1), compact=False
+        ),
         "id3_chain_sgd": optax.chain(osel.selective_id3(BUDGET, MAX_STEPS), optax.sgd(0.1)),
-        "pafi": osel.selective_pafi(BUDGET, inner=optax.adamw(0.1)),
-        "bitfit": osel.selective_bitfit(BUDGET, inner=optax.adam(0.1)),
+        "pafi": osel.selective_pafi(BUDGET, inner=optax.adamw(0.1), compact=compact),
+        "bitfit": osel.selective_bitfit(BUDGET, inner=optax.adam(0.1), compact=compact),
         "fft": osel.selective_fft(inner=optax.sgd(0.1)),
     }
 

@@ -1,0 +1,366 @@
+"""Compact inner state for the wrapper form: the inner optimizer keeps state for selected
+entries only, O(budget) instead of O(N).
+
+How it works (DESIGN.md section 4 is the contract):
+
+* Per floating-point dtype of the parameters there is one *slot buffer* of static size
+  ``cap = min(budget, entries of that dtype)``: an int32 vector of flat indices (over that
+  dtype's leaves concatenated in leaf order), ``-1`` where a slot is still empty. Entries
+  take a slot when they join the mask (at init for PaFI / BitFit / choose_all, at the step
+  they are unmasked for ID3) and keep it for good.
+* Each step the raw gradient and the parameters are gathered at the slots into one vector
+  per dtype; empty slots get zeros. ``inner`` runs on that tuple of vectors; its updates are
+  scattered back into zero pytrees, so every unselected entry gets an exact zero update.
+* An empty slot sees a zero gradient from step 0, exactly as an unselected entry does in the
+  dense form, so when an entry takes a slot the slot's state (e.g. Adam's moments, zero) is
+  the state the dense form would hold for it, and the inner step count is global: late
+  entries get Adam's bias correction for the global count, as in the dense form.
+
+This is exact only for *elementwise* inner transformations: an entry's update depends on
+its own gradient, parameter and state and on shared scalars (count, hyperparameters).
+:func:`compact_refusal` decides that with an allow-list of optax building blocks found by
+walking the closures of ``inner`` (chains, ``with_extra_args_support`` and
+``inject_hyperparams`` are looked through) and then a numeric probe (the same entries must
+get the same updates alone and embedded among others). Everything else (``masked``,
+``multi_transform``, ``clip_by_global_norm``, factored or shape-aware optimizers such as
+Adafactor, Muon or Shampoo, and any user-defined transformation) is refused with an error
+that points to ``compact=False``. :func:`register_elementwise` extends the allow-list.
+
+Memory: the mask (1 byte per parameter) plus 4 bytes per slot plus the inner state of the
+slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_selective._tree import is_float
+
+_COMBINATORS = {"chain", "named_chain", "with_extra_args_support"}
+_ELEMENTWISE = {
+    # optax building blocks whose update is elementwise in the gradient / params / state,
+    # with state that stays the same function of the step count while the gradient is zero.
+    "identity",
+    "init_empty_state",
+    "scale",
+    "scale_by_schedule",
+    "scale_by_learning_rate",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_amsgrad",
+    "scale_by_lion",
+    "scale_by_rms",
+    "scale_by_stddev",
+    "scale_by_rss",
+    "trace",
+    "add_decayed_weights",
+    "clip",
+}
+# inject_hyperparams(factory): the factory is rebuilt with the injected values and checked.
+_INJECT = "inject_hyperparams"
+
+
+def register_elementwise(name: str) -> None:
+    """Allows compact state for transformations built by the factory called ``name``.
+
+    ``name`` is the factory's ``__qualname__`` (e.g. ``"scale_by_my_rule"`` for functions
+    ``scale_by_my_rule.<locals>.update_fn``). Only do this for transformations whose update
+    of each entry depends on that entry's gradient, parameter and state alone. The numeric
+    probe still runs.
+    """
+    _ELEMENTWISE.add(name)
+
+
+def _head(fn) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__).split(".<locals>")[0]
+
+
+def _cells(fn):
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, optax.GradientTransformation):
+                yield v.init
+                yield v.update
+            elif callable(v) and not isinstance(v, type):
+                yield v
+
+
+def _walk(fn, seen) -> str | None:
+    """Reason the transformation behind ``fn`` is not known to be elementwise, else None."""
+    if id(fn) in seen:
+        return None
+    seen.add(id(fn))
+    module = getattr(fn, "__module__", "") or ""
+    head = _head(fn)
+    if head in _ELEMENTWISE and module.startswith("optax"):
+        return None
+    if head in _ELEMENTWISE and not module.startswith("optax"):
+        return None  # registered by the user
+    if module.startswith("optax") and head in _COMBINATORS:
+        for sub in _cells(fn):
+            reason = _walk(sub, seen)
+            if reason:
+                return reason
+        return None
+    if module.startswith("optax") and head == _INJECT:
+        return _walk_inject(fn, seen)
+    return f"{module}.{head}"
+
+
+def _walk_inject(fn, seen) -> str | None:
+    cells = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            cells[name] = cell.cell_contents
+        except ValueError:
+            pass
+    factory = cells.get("inner_factory")
+    if factory is None:
+        return "optax.inject_hyperparams (unrecognised closure)"
+    if "numeric_hps" not in cells:
+        return None  # update_fn: the values live in init_fn's closure, which is checked too
+    kwargs = dict(cells.get("other_hps", {}))
+    kwargs.update(cells.get("numeric_hps", {}))
+    kwargs.update({k: 1e-3 for k in cells.get("sched_hps", {})})
+    try:
+        tx = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 - report, do not crash the check
+        return f"inject_hyperparams({_head(factory)}) could not be rebuilt: {e}"
+    return _walk(tx.init, seen) or _walk(tx.update, seen)
+
+
+def _probe(inner: optax.GradientTransformation) -> str | None:
+    """Same entries alone and embedded among others must get the same updates (3 steps)."""
+    tx = optax.with_extra_args_support(inner)
+    rng = np.random.default_rng(0)
+    n, extra = 5, 4
+    place = np.array([1, 2, 4, 6, 7])
+    with jax.ensure_compile_time_eval():
+        p_small = jnp.asarray(rng.normal(size=n), jnp.float32)
+        p_big = jnp.asarray(rng.normal(size=n + extra), jnp.float32).at[place].set(p_small)
+        s_small, s_big = tx.init((p_small,)), tx.init((p_big,))
+        for _ in range(3):
+            g_small = jnp.asarray(rng.normal(size=n), jnp.float32)
+            g_big = jnp.asarray(rng.normal(size=n + extra), jnp.float32).at[place].set(g_small)
+            (u_small,), s_small = tx.update((g_small,), s_small, (p_small,))
+            (u_big,), s_big = tx.update((g_big,), s_big, (p_big,))
+            if not np.allclose(np.asarray(u_small), np.asarray(u_big)[place], rtol=1e-5, atol=1e-7):
+                return "numeric probe: an entry's update depends on other entries"
+    return None
+
+
+def compact_refusal(inner: optax.GradientTransformation) -> str | None:
+    """Why ``inner`` cannot run on compact state exactly, or None if it can."""
+    seen: set[int] = set()
+    reason = _walk(inner.init, seen) or _walk(inner.update, seen)
+    if reason:
+        return f"{reason} is not on the allow-list of elementwise transformations"
+    try:
+        return _probe(inner)
+    except Exception as e:  # noqa: BLE001
+        return f"numeric probe failed: {type(e).__name__}: {e}"
+
+
+def check_compact_inner(inner: optax.GradientTransformation) -> None:
+    """Raises ``ValueError`` if ``inner`` cannot run on compact state exactly."""
+    reason = compact_refusal(inner)
+    if reason:
+        raise ValueError(
+            f"compact=True (the default of the wrapper form) needs an elementwise inner "
+            f"optimizer, but {reason}. Pass compact=False to keep the inner optimizer's state "
+            "dense (full size, exact for any optimizer), or use an elementwise optimizer "
+            "(sgd, momentum, adam, adamw without mask, adagrad, rmsprop, lion, adamax, "
+            "amsgrad, optionally inside chain / inject_hyperparams)."
+        )
+
+
+# ------------------------------------------------------------------------------ the state
+
+
+class CompactState(NamedTuple):
+    """The wrapper form's inner state when compact.
+
+    Attributes:
+      slots: one int32 vector per parameter dtype (static size ``min(budget, entries of that
+        dtype)``): flat indices over that dtype's leaves in leaf order, ``-1`` if empty.
+      filled: one int32 scalar per dtype, the number of slots in use.
+      inner_state: the inner optimizer's state over the tuple of slot vectors.
+    """
+
+    slots: tuple[jax.Array, ...]
+    filled: tuple[jax.Array, ...]
+    inner_state: Any
+
+
+class _Group(NamedTuple):
+    dtype: Any
+    leaves: tuple[int, ...]  # leaf positions in leaf order
+    offsets: tuple[int, ...]  # flat offset of each leaf inside the group
+    sizes: tuple[int, ...]
+    cap: int
+
+
+def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0:
+            by_dtype.setdefault(jnp.dtype(jnp.result_type(x)), []).append(i)
+    groups = []
+    for dtype, idx in by_dtype.items():
+        sizes = tuple(int(np.prod(np.shape(leaves[i]), dtype=np.int64)) for i in idx)
+        offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        total = sum(sizes)
+        if total >= 2**31:
+            raise ValueError(
+                f"compact state indexes each dtype's entries with int32, but the {dtype} leaves "
+                f"hold {total} entries (>= 2**31). Pass compact=False."
+            )
+        groups.append(_Group(dtype, tuple(idx), offsets, sizes, min(budget, total)))
+    return groups
+
+
+def _check_not_explicitly_sharded(leaves) -> None:
+    for x in leaves:
+        spec = getattr(getattr(x, "sharding", None), "spec", None)
+        mesh = getattr(getattr(x, "sharding", None), "mesh", None)
+        explicit = any("Explicit" in str(t) for t in getattr(mesh, "axis_types", ()) or ())
+        if spec is not None and explicit and any(p is not None for p in spec):
+            raise ValueError(
+                "compact=True gathers selected entries into small vectors, which is not "
+                "supported for explicitly sharded parameters yet. Pass compact=False."
+            )
+
+
+def _gather(group: _Group, leaves, slots, dtype):
+    out = jnp.zeros(slots.shape, dtype)
+    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
+        local = slots - off
+        ok = (local >= 0) & (local < size)
+        flat = jnp.reshape(leaves[i], (-1,))
+        out = jnp.where(ok, flat[jnp.clip(local, 0, size - 1)].astype(dtype), out)
+    return out
+
+
+def _scatter(group: _Group, values, slots, shapes):
+    out = {}
+    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
+        local = slots - off
+        target = jnp.where((local >= 0) & (local < size), local, size)  # size: dropped
+        dense = jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop")
+        out[i] = dense.reshape(shapes[i])
+    return out
+
+
+def _assign(slots, filled, gidx, valid):
+    """Appends the valid global indices ``gidx`` after the ``filled`` slots."""
+    rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
+    pos = jnp.where(valid, filled + rank, slots.shape[0])
+    return slots.at[pos].set(gidx, mode="drop"), filled + jnp.sum(valid, dtype=jnp.int32)
+
+
+def _slots_from_masks(group: _Group, masks):
+    """Slots holding every true entry of ``masks`` (group leaves), in global order."""
+    concrete = not any(isinstance(masks[i], jax.core.Tracer) for i in group.leaves)
+    if concrete:  # the usual eager init: a host pass is far cheaper than a device cumsum
+        found = np.concatenate(
+            [np.flatnonzero(np.asarray(masks[i])) + off for i, off in zip(group.leaves, group.offsets)]
+        ).astype(np.int32)
+        if found.size > group.cap:
+            raise ValueError(
+                f"the initial mask selects {found.size} {group.dtype} entries but compact "
+                f"state has room for {group.cap} (the budget); this is a bug in the method."
+            )
+        slots = np.full(group.cap, -1, np.int32)
+        slots[: found.size] = found
+        return jnp.asarray(slots), jnp.asarray(found.size, jnp.int32)
+    slots = jnp.full((group.cap,), -1, jnp.int32)
+    filled = jnp.zeros([], jnp.int32)
+    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
+        (idx,) = jnp.nonzero(jnp.reshape(masks[i], (-1,)), size=min(group.cap, size), fill_value=0)
+        valid = jnp.arange(idx.shape[0]) < jnp.sum(masks[i], dtype=jnp.int32)
+        slots, filled = _assign(slots, filled, idx.astype(jnp.int32) + off, valid)
+    return slots, filled
+
+
+class CompactInner:
+    """Runs ``inner`` on the selected entries only; used by ``transform.selective``."""
+
+    def __init__(self, inner: optax.GradientTransformationExtraArgs, budget: int):
+        self.inner = inner
+        self.budget = budget
+
+    def init(self, param_leaves, mask_leaves) -> CompactState:
+        _check_not_explicitly_sharded(param_leaves)
+        groups = _groups(param_leaves, self.budget)
+        slots, filled = zip(*[_slots_from_masks(g, mask_leaves) for g in groups]) if groups else ((), ())
+        compact_params = tuple(_gather(g, param_leaves, s, g.dtype) for g, s in zip(groups, slots))
+        return CompactState(tuple(slots), tuple(filled), self.inner.init(compact_params))
+
+    def add_entries(self, state: CompactState, leaves, new_entries=None, old_mask=None, new_mask=None):
+        """Gives slots to entries that joined the mask this step.
+
+        ``new_entries`` is ``(leaf, index, valid)`` as from ``selection.top_k_indices``; without
+        it, the new entries are found by comparing ``old_mask`` and ``new_mask`` (slower).
+        """
+        groups = _groups(leaves, self.budget)
+        self._check_groups(groups, state)
+        slots, filled = list(state.slots), list(state.filled)
+        for j, g in enumerate(groups):
+            if new_entries is not None:
+                leaf, local, valid = new_entries
+                offset_of = np.full(len(leaves), 0, np.int64)
+                member = np.zeros(len(leaves), bool)
+                for i, off in zip(g.leaves, g.offsets):
+                    offset_of[i], member[i] = off, True
+                in_group = valid & jnp.asarray(member)[leaf]
+                gidx = jnp.asarray(offset_of, jnp.int32)[leaf] + local
+                slots[j], filled[j] = _assign(slots[j], filled[j], gidx, in_group)
+            else:
+                for i, off, size in zip(g.leaves, g.offsets, g.sizes):
+                    fresh = jnp.reshape(new_mask[i] & ~old_mask[i], (-1,))
+                    (idx,) = jnp.nonzero(fresh, size=min(g.cap, size), fill_value=0)
+                    valid = jnp.arange(idx.shape[0]) < jnp.sum(fresh, dtype=jnp.int32)
+                    slots[j], filled[j] = _assign(slots[j], filled[j], idx.astype(jnp.int32) + off, valid)
+        return state._replace(slots=tuple(slots), filled=tuple(filled))
+
+    def update(self, grad_leaves, mask_leaves, state: CompactState, param_leaves, **extra_args):
+        groups = _groups(grad_leaves, self.budget)
+        self._check_groups(groups, state)
+        shapes = [np.shape(g) for g in grad_leaves]
+        c_grads = tuple(_gather(g, grad_leaves, s, g.dtype) for g, s in zip(groups, state.slots))
+        c_params = None
+        if param_leaves is not None:
+            c_params = tuple(
+                _gather(g, param_leaves, s, jnp.result_type(param_leaves[g.leaves[0]]))
+                for g, s in zip(groups, state.slots)
+            )
+        c_updates, inner_state = self.inner.update(c_grads, state.inner_state, c_params, **extra_args)
+        out: list[Any] = [None] * len(grad_leaves)
+        for g, s, u in zip(groups, state.slots, c_updates):
+            out_g = _scatter(g, u, s, shapes)
+            for i in g.leaves:
+                out[i] = out_g[i]
+        for i, x in enumerate(grad_leaves):
+            if out[i] is None:  # non-float leaves: zeros (float0 passes through)
+                out[i] = x if x.dtype == jax.dtypes.float0 else jnp.zeros_like(x)
+        return out, state._replace(inner_state=inner_state)
+
+    @staticmethod
+    def _check_groups(groups, state):
+        caps = tuple(g.cap for g in groups)
+        have = tuple(int(s.shape[0]) for s in state.slots)
+        if caps != have:
+            raise ValueError(
+                f"compact state was built for parameter dtypes with slot sizes {have}, but these "
+                f"gradients give {caps}; gradients must have the dtypes of the parameters."
+            )

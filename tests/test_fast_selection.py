@@ -1,0 +1,167 @@
+"""Every exact top-k path of selection.top_k_masks picks what the simple reference picks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from optax_selective import selection
+
+PATHS = ["reference", "rows", "radix", "counting"]
+
+
+def numpy_top_k(scores, k):
+    """Sort all finite scores by (score desc, global index asc), take k (-0.0 == 0.0)."""
+    live = [s for s in scores if s is not None]
+    flat = np.concatenate([s.reshape(-1) for s in live]) if live else np.zeros(0, np.float32)
+    finite = np.isfinite(flat)
+    order = np.lexsort((np.arange(flat.size), -np.where(finite, flat, -np.inf)))
+    chosen = np.zeros(flat.size, bool)
+    chosen[[i for i in order if finite[i]][:k]] = True
+    out, off = [], 0
+    for s in scores:
+        if s is None:
+            out.append(None)
+            continue
+        out.append(chosen[off : off + s.size].reshape(s.shape))
+        off += s.size
+    return out
+
+
+def make_scores(seed, shapes, kind):
+    rng = np.random.default_rng(seed)
+    scores = []
+    for shape in shapes:
+        if shape is None:
+            scores.append(None)
+            continue
+        if kind == "ties":
+            x = rng.integers(-2, 3, size=shape).astype(np.float32)
+            x[(x == 0) & (rng.random(size=shape) < 0.5)] = -0.0
+        elif kind == "zeros":
+            x = np.zeros(shape, np.float32)
+        else:
+            x = rng.normal(size=shape).astype(np.float32)
+        x[rng.random(size=shape) < 0.1] = np.nan
+        x[rng.random(size=shape) < 0.05] = -np.inf
+        x[rng.random(size=shape) < 0.03] = np.inf
+        scores.append(x)
+    return scores
+
+
+shape_st = st.one_of(st.none(), st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple))
+
+
+@given(
+    shapes=st.lists(shape_st, min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    k=st.integers(0, 40),
+    slack=st.integers(0, 3),
+    kind=st.sampled_from(["normal", "ties", "zeros"]),
+)
+@settings(max_examples=25)
+def test_every_path_matches_the_reference(shapes, seed, k, slack, kind):
+    scores = make_scores(seed, shapes, kind)
+    want = numpy_top_k(scores, k)
+    args = [None if s is None else jnp.asarray(s) for s in scores]
+    ref = selection.top_k_masks_reference(args, k, k + slack)
+    for path in PATHS:
+        got = selection.top_k_masks(args, k, k + slack, path=path)
+        for g, r, w in zip(got, ref, want):
+            if w is None:
+                assert g is None and r is None
+                continue
+            assert g.shape == w.shape and g.dtype == jnp.bool_
+            np.testing.assert_array_equal(np.asarray(r), w)
+            np.testing.assert_array_equal(np.asarray(g), w, err_msg=f"path {path}")
+
+
+@given(seed=st.integers(0, 2**16), k=st.integers(0, 12), kind=st.sampled_from(["normal", "ties"]))
+def test_top_k_indices_agree_with_masks(seed, k, kind):
+    scores = [jnp.asarray(s) for s in make_scores(seed, [(40, 30), (3,), (), (50,)], kind)]
+    leaf, local, valid = selection.top_k_indices(scores, k, 12)
+    assert leaf.shape == local.shape == valid.shape == (12,)
+    masks = selection.indices_to_masks(scores, leaf, local, valid)
+    for m, w in zip(masks, numpy_top_k([np.asarray(s) for s in scores], k)):
+        np.testing.assert_array_equal(np.asarray(m), w)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_under_jit_with_traced_k_and_large_ties(path):
+    rng = np.random.default_rng(0)
+    a = np.round(rng.normal(size=(300, 70)), 1).astype(np.float32)  # many ties
+    b = np.zeros(500, np.float32)
+    scores = [jnp.asarray(a), jnp.asarray(b)]
+    f = jax.jit(lambda s, k: selection.top_k_masks(s, k, 3000, path=path))
+    for k in (0, 1, 777, 3000):
+        got = f(scores, jnp.int32(k))
+        for g, w in zip(got, numpy_top_k([a, b], k)):
+            np.testing.assert_array_equal(np.asarray(g), w)
+    assert f._cache_size() == 1
+
+
+def test_default_paths_for_large_inputs():
+    big = [jnp.zeros((512, 256)), jnp.zeros(64)]
+    assert selection.choose_path(big, 16) == "rows"
+    assert selection.choose_path(big, 60_000) == "radix"
+    assert selection.choose_path([jnp.zeros(100)], 5) == "reference"
+
+
+def test_order_key_is_monotone_and_marks_non_finite():
+    x = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, np.inf, np.nan], np.float32)
+    key = np.asarray(selection.order_key(jnp.asarray(x))).astype(np.int64)
+    finite = key[1:-2]
+    assert key[0] == 0 and key[-1] == 0 and key[-2] == 0
+    assert (np.diff(finite) >= 0).all() and finite[3] == finite[4]  # -0.0 == 0.0
+    assert (finite >= 0x00800000).all()
+
+
+def test_counting_path_runs_on_explicitly_sharded_scores():
+    # lax.top_k, reshape, gather and cumsum are refused along a sharded axis under explicit
+    # sharding; the counting path uses only elementwise ops and reductions.
+    code = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        from optax_selective import selection
+        mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+        rng = np.random.default_rng(1)
+        a = np.round(rng.normal(size=(16, 6)), 1).astype(np.float32)
+        b = rng.normal(size=(8,)).astype(np.float32)
+        with jax.set_mesh(mesh):
+            sa = jax.device_put(a, NamedSharding(mesh, P("x", None)))
+            sb = jax.device_put(b, NamedSharding(mesh, P("x")))
+            assert selection.choose_path([sa, sb], 5) == "counting"
+            got = jax.jit(lambda s, k: selection.top_k_masks(s, k, 20))([sa, sb], 13)
+        want = selection.top_k_masks_reference([jnp.asarray(a), jnp.asarray(b)], 13, 20)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        print("OK")
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_pafi_init_uses_the_radix_path_and_matches_numpy():
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(300, 200)), jnp.float32), "b": jnp.zeros(200)}
+    from optax_selective import methods
+    from optax_selective._tree import make_layout
+
+    scores = [selection.smallest_magnitude_score(p) for p in jax.tree.leaves(params)]
+    assert selection.choose_path(scores, 30_000) == "radix"
+    mask, _ = methods.PaFI(30_000).init(jax.tree.leaves(params), make_layout(params))
+    want = numpy_top_k([np.asarray(s) for s in scores], 30_000)
+    for m, w in zip(mask, want):
+        np.testing.assert_array_equal(np.asarray(m), w)
