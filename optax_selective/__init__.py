@@ -14,6 +14,15 @@ from optax_selective.transform import (
     selective_id3,
     selective_pafi,
 )
+from optax_selective.summary import (
+    SparseSummary,
+    SummaryFormatError,
+    SummaryLeaf,
+    apply_summary,
+    load_summary,
+    make_summary,
+    save_summary,
+)
 from optax_selective.verify import VerificationError, verify
 
 __all__ = [
@@ -29,4 +38,11 @@ __all__ = [
     "find_selective_state",
     "verify",
     "VerificationError",
+    "SparseSummary",
+    "SummaryLeaf",
+    "SummaryFormatError",
+    "make_summary",
+    "apply_summary",
+    "save_summary",
+    "load_summary",
 ]
