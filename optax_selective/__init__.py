@@ -6,14 +6,6 @@ the changed entries ship as a small :class:`SparseSummary`.
 
 from optax_selective._version import __version__
 from optax_selective.inspect import budget_used, find_selective_state, selected_mask
-from optax_selective.transform import (
-    SelectiveState,
-    selective,
-    selective_bitfit,
-    selective_fft,
-    selective_id3,
-    selective_pafi,
-)
 from optax_selective.summary import (
     SparseSummary,
     SummaryFormatError,
@@ -22,6 +14,14 @@ from optax_selective.summary import (
     load_summary,
     make_summary,
     save_summary,
+)
+from optax_selective.transform import (
+    SelectiveState,
+    selective,
+    selective_bitfit,
+    selective_fft,
+    selective_id3,
+    selective_pafi,
 )
 from optax_selective.verify import VerificationError, verify
 

@@ -114,7 +114,9 @@ def test_method_name_defaults():
 
 def test_apply_is_pure_and_keeps_numpy_leaves():
     params = {"w": np.zeros(4, np.float32)}
-    leaf = osel.SummaryLeaf("['w']", (4,), np.float32, np.array([2], np.int32), np.ones(1, np.float32))
+    leaf = osel.SummaryLeaf(
+        "['w']", (4,), np.float32, np.array([2], np.int32), np.ones(1, np.float32)
+    )
     out = osel.apply_summary(params, osel.SparseSummary((leaf,), 1, "pafi"))
     assert isinstance(out["w"], np.ndarray)
     assert out["w"].tolist() == [0, 0, 1, 0]
@@ -157,10 +159,12 @@ def test_leaves_without_selected_entries_are_left_out(tmp_path):
 
 
 def test_empty_leaves_and_empty_summary_round_trip(tmp_path):
-    empty = osel.SummaryLeaf("['e']", (3,), ml_dtypes.bfloat16, np.zeros(0, np.int32),
-                             np.zeros(0, ml_dtypes.bfloat16))
-    full = osel.SummaryLeaf("['f']", (2,), np.float32, np.array([1], np.int32),
-                            np.array([4.0], np.float32))
+    empty = osel.SummaryLeaf(
+        "['e']", (3,), ml_dtypes.bfloat16, np.zeros(0, np.int32), np.zeros(0, ml_dtypes.bfloat16)
+    )
+    full = osel.SummaryLeaf(
+        "['f']", (2,), np.float32, np.array([1], np.int32), np.array([4.0], np.float32)
+    )
     summary = osel.SparseSummary((empty, full), 1, "custom")
     osel.save_summary(tmp_path / "s", summary)
     loaded = osel.load_summary(tmp_path / "s")
@@ -220,7 +224,9 @@ def test_nnx_state_round_trip(tmp_path):
 
     fresh = MLP(nnx.Rngs(0))
     _assert_trees_equal(nnx.state(fresh, nnx.Param), pre)
-    nnx.update(fresh, osel.apply_summary(nnx.state(fresh, nnx.Param), osel.load_summary(tmp_path / "s")))
+    nnx.update(
+        fresh, osel.apply_summary(nnx.state(fresh, nnx.Param), osel.load_summary(tmp_path / "s"))
+    )
     np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
 
 
@@ -235,8 +241,14 @@ def _summary_of(params, budget=3):
     "mutate, message",
     [
         (lambda p: {"other": p["w"], "b": p["b"]}, r"\['w'\]: no such leaf in params"),
-        (lambda p: {"w": jnp.zeros((4, 3)), "b": p["b"]}, r"\['w'\]: summary shape \(3, 4\), params shape \(4, 3\)"),
-        (lambda p: {"w": p["w"].astype(jnp.bfloat16), "b": p["b"]}, r"\['w'\]: summary dtype float32, params dtype bfloat16"),
+        (
+            lambda p: {"w": jnp.zeros((4, 3)), "b": p["b"]},
+            r"\['w'\]: summary shape \(3, 4\), params shape \(4, 3\)",
+        ),
+        (
+            lambda p: {"w": p["w"].astype(jnp.bfloat16), "b": p["b"]},
+            r"\['w'\]: summary dtype float32, params dtype bfloat16",
+        ),
     ],
     ids=["structure", "shape", "dtype"],
 )
@@ -281,16 +293,22 @@ def test_make_summary_rejects_params_not_matching_state():
     ],
 )
 def test_summary_leaf_validates(kwargs, message):
-    args = dict(key="['w']", shape=(4,), dtype=np.float32, indices=np.array([1], np.int32),
-                values=np.array([1.0], np.float32))
+    args = dict(
+        key="['w']",
+        shape=(4,),
+        dtype=np.float32,
+        indices=np.array([1], np.int32),
+        values=np.array([1.0], np.float32),
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         osel.SummaryLeaf(**args)
 
 
 def test_summary_validates():
-    leaf = osel.SummaryLeaf("['w']", (4,), np.float32, np.array([1, 2], np.int32),
-                            np.array([1.0, 2.0], np.float32))
+    leaf = osel.SummaryLeaf(
+        "['w']", (4,), np.float32, np.array([1, 2], np.int32), np.array([1.0, 2.0], np.float32)
+    )
     with pytest.raises(ValueError, match="budget_used is 3 but its leaves hold 2"):
         osel.SparseSummary((leaf,), 3, "pafi")
     with pytest.raises(ValueError, match="duplicate leaf keys"):
@@ -302,12 +320,18 @@ def test_summary_validates():
 def test_index_dtype_switches_to_int64_at_2_31():
     assert index_dtype(2**31 - 1) == np.int32
     assert index_dtype(2**31) == np.int64
-    big = osel.SummaryLeaf("['w']", (2**16, 2**15), np.float32, np.array([2**31 - 1], np.int64),
-                           np.array([1.0], np.float32))
+    big = osel.SummaryLeaf(
+        "['w']",
+        (2**16, 2**15),
+        np.float32,
+        np.array([2**31 - 1], np.int64),
+        np.array([1.0], np.float32),
+    )
     assert big.indices.dtype == np.int64
     with pytest.raises(ValueError, match="1-D int64 array"):
-        osel.SummaryLeaf("['w']", (2**31,), np.float32, np.array([0], np.int32),
-                         np.array([1.0], np.float32))
+        osel.SummaryLeaf(
+            "['w']", (2**31,), np.float32, np.array([0], np.int32), np.array([1.0], np.float32)
+        )
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -386,8 +410,14 @@ def _future_version(meta):
         (_truncate_data, "could not read its arrays"),
         (_flip_data_byte, "could not read its arrays|does not match the recorded SHA-256"),
         (lambda p: __import__("shutil").rmtree(p / "arrays"), "could not read its arrays"),
-        (lambda p: os.remove(p / "arrays" / "leaf_0001.values" / ".zarray"), "could not read its arrays"),
-        (lambda p: os.remove(p / "arrays" / "leaf_0001.values" / "0"), "could not read its arrays|SHA-256"),
+        (
+            lambda p: os.remove(p / "arrays" / "leaf_0001.values" / ".zarray"),
+            "could not read its arrays",
+        ),
+        (
+            lambda p: os.remove(p / "arrays" / "leaf_0001.values" / "0"),
+            "could not read its arrays|SHA-256",
+        ),
         (lambda p: (p / "metadata" / "metadata").write_text("{not json"), "not valid JSON"),
         (lambda p: os.remove(p / "metadata" / "metadata"), "could not read its metadata"),
         (lambda p: (p / "metadata" / "metadata").write_text("[1, 2]"), "does not say format"),
@@ -398,8 +428,19 @@ def _future_version(meta):
         (lambda p: _edit_meta(p, lambda m: m.pop("method")), "'method' is missing"),
     ],
     ids=[
-        "truncated-data", "flipped-byte", "no-arrays", "no-zarray", "no-chunk", "bad-json", "no-metadata",
-        "not-a-summary", "digest", "count", "dtype", "version", "field",
+        "truncated-data",
+        "flipped-byte",
+        "no-arrays",
+        "no-zarray",
+        "no-chunk",
+        "bad-json",
+        "no-metadata",
+        "not-a-summary",
+        "digest",
+        "count",
+        "dtype",
+        "version",
+        "field",
     ],
 )
 def test_corrupt_folder_raises_clear_error(saved, corrupt, message):
