@@ -202,8 +202,8 @@ def finetune(
     model = nnx.clone(pretrained)
     tx = make_tx(method, budget, steps, lr, weight_decay)
     opt, ms = train(model, tx, tasks["ft_train"], steps, f"fine-tune {method}", progress)
-    before = nnx.as_pure(nnx.state(pretrained, nnx.Param))  # plain arrays, as in opt_state
-    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    before = nnx.state(pretrained, nnx.Param)
+    after = nnx.state(model, nnx.Param)
     total = sum(x.size for x in jax.tree.leaves(before))
     osel.verify(before, after, opt.opt_state, budget if method != "fft" else total)
     summary = osel.make_summary(after, opt.opt_state, method=method)
