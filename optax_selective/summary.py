@@ -567,6 +567,9 @@ def load_summary(path: str | os.PathLike) -> SparseSummary:
             if m["count"] > 0
         }
         arrays: dict = {}
+        for name in expected:  # clearer than orbax's error for a folder with arrays missing
+            if not os.path.isdir(os.path.join(path, "arrays", f"{name}.values")):
+                raise _bad(path, f"array {name!r} is missing from {os.path.join(path, 'arrays')}")
         if expected:
             try:
                 arrays = ckptr.restore(

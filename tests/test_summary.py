@@ -409,7 +409,7 @@ def _future_version(meta):
     [
         (_truncate_data, "could not read its arrays"),
         (_flip_data_byte, "could not read its arrays|does not match the recorded SHA-256"),
-        (lambda p: __import__("shutil").rmtree(p / "arrays"), "could not read its arrays"),
+        (lambda p: __import__("shutil").rmtree(p / "arrays"), "array 'leaf_0000' is missing"),
         (
             lambda p: os.remove(p / "arrays" / "leaf_0001.values" / ".zarray"),
             "could not read its arrays",
@@ -443,6 +443,9 @@ def _future_version(meta):
         "field",
     ],
 )
+# When tensorstore fails to read a broken chunk, orbax's closed event loop later receives a
+# stray callback ("Event loop is closed"); harmless, and not ours to fix.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_folder_raises_clear_error(saved, corrupt, message):
     path, _ = saved
     corrupt(path)
