@@ -2,16 +2,17 @@
 
 Each device count runs in its own interpreter (the count is fixed when jax is imported) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. The parameters (four leaves, sharded
-over a 1-D "model" mesh) and the gradients are fixed; one step is ``tx.update`` of
-``selective_id3(..., inner=optax.adam)`` plus ``optax.apply_updates``, jitted, with the
-mask still growing (step < max_steps). Reported: median and min wall time per step after a
+over a 1-D "model" mesh, in auto and in explicit sharding mode) and the gradients are fixed;
+one step is ``tx.update`` of ``selective_id3(..., inner=optax.adam, compact=False)`` plus
+``optax.apply_updates``, jitted, with the mask still growing (step < max_steps). Reported: median and min wall time per step after a
 warm-up, and the largest array a collective moves in the compiled step (a leaf-sized number
 means the selection gathers scores).
 
 Simulated devices share this machine's cores, so the table shows partitioning overhead, not
 the speed-up of real devices.
 
-    python benchmarks/scaling.py [--entries 1048576] [--steps 20] [--out bench_out/scaling.json]
+    python benchmarks/scaling.py [--entries 1048576] [--steps 20] [--modes auto,explicit]
+                                 [--out bench_out/scaling.json]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(entries: int, steps: int) -> dict:
+def measure(entries: int, steps: int, mode: str) -> dict:
     """Runs in a worker interpreter whose device count is already fixed."""
     import jax
     import numpy as np
@@ -40,7 +41,9 @@ def measure(entries: int, steps: int) -> dict:
     import optax_selective as osel
 
     n = jax.device_count()
-    mesh = jax.make_mesh((n,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    axis_type = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+    mesh = jax.make_mesh((n,), ("model",), axis_types=(axis_type[mode],))
+    jax.set_mesh(mesh)
     width = entries // (4 * 64)  # four (64, width) leaves
     width -= width % 8
     rng = np.random.default_rng(0)
@@ -54,7 +57,8 @@ def measure(entries: int, steps: int) -> dict:
         for k, v in params.items()
     }
     budget = max(steps, entries // 100)
-    tx = osel.selective_id3(budget, max_steps=10 * steps, inner=optax.adam(1e-3))
+    # Compact inner state refuses explicitly sharded params for now: dense in both modes.
+    tx = osel.selective_id3(budget, max_steps=10 * steps, inner=optax.adam(1e-3), compact=False)
     state = tx.init(params)
 
     @jax.jit
@@ -73,6 +77,7 @@ def measure(entries: int, steps: int) -> dict:
         jax.block_until_ready((params, state))
         times.append(time.perf_counter() - t0)
     return {
+        "mode": mode,
         "devices": n,
         "entries": 4 * 64 * width,
         "budget": budget,
@@ -98,42 +103,38 @@ def _largest_collective(hlo: str) -> int:
     return largest
 
 
-def run_all(entries: int, steps: int) -> list[dict]:
+def run_all(entries: int, steps: int, modes: list[str]) -> list[dict]:
     rows = []
-    for n in DEVICE_COUNTS:
+    for mode, n in [(m, n) for m in modes for n in DEVICE_COUNTS]:
         env = dict(os.environ)
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--entries",
-            str(entries),
-            "--steps",
-            str(steps),
-        ]
+        cmd = [sys.executable, __file__, "--worker", "--entries", str(entries)]
+        cmd += ["--steps", str(steps), "--modes", mode]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"{n} devices failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{mode} mode, {n} devices failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    r0 = rows[0]
     print(
-        f"ID3 step (adam inner), {rows[0]['entries']:,} entries, budget {rows[0]['budget']:,}, "
-        f"jax {rows[0]['jax']}, simulated CPU devices"
+        f"ID3 step (dense Adam inner), {r0['entries']:,} entries, budget {r0['budget']:,}, "
+        f"jax {r0['jax']}, simulated CPU devices"
     )
     print(
-        f"{'devices':>7} {'median ms':>10} {'min ms':>8} {'vs 1 dev':>8} {'largest collective':>19}"
+        f"{'mode':>8} {'devices':>7} {'median ms':>10} {'min ms':>8} {'vs 1 dev':>8} "
+        f"{'largest collective':>19}"
     )
-    base = rows[0]["median_ms"]
+    base = {}
     for r in rows:
+        b = base.setdefault(r["mode"], r["median_ms"])
         print(
-            f"{r['devices']:>7} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} "
-            f"{r['median_ms'] / base:>7.2f}x {r['largest_collective']:>19,}"
+            f"{r['mode']:>8} {r['devices']:>7} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} "
+            f"{r['median_ms'] / b:>7.2f}x {r['largest_collective']:>19,}"
         )
 
 
@@ -142,12 +143,13 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=2**20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "scaling.json")
+    parser.add_argument("--modes", default="auto,explicit", help="sharding modes, comma-separated")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.entries, args.steps)))
+        print(json.dumps(measure(args.entries, args.steps, args.modes)))
         return
-    rows = run_all(args.entries, args.steps)
+    rows = run_all(args.entries, args.steps, args.modes.split(","))
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "scaling", "rows": rows}, indent=2) + "\n")
