@@ -213,10 +213,21 @@ def _method_name(state: Any) -> str:
 def _in_host_memory(x: Any) -> bool:
     if isinstance(x, np.ndarray | np.generic):
         return True
+    if not getattr(x, "is_fully_addressable", True):  # spans other processes: gather on device
+        return False
     try:
         return all(d.platform == "cpu" for d in x.devices())
     except AttributeError:  # tracers and other array-likes
         return False
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """``x`` (O(budget) entries) as NumPy, also when its shards sit in other processes."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @jax.jit
@@ -308,7 +319,7 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
         elif n == 0:
             continue
         else:
-            idx, vals = (np.asarray(x) for x in next(gathered))
+            idx, vals = (_to_host(x) for x in next(gathered))
         if idx.size == 0:
             continue
         leaves.append(SummaryLeaf(key, np.shape(p), np.dtype(vals.dtype), idx, vals))

@@ -2,7 +2,8 @@
 
 Each process holds 2 simulated CPU devices; the mesh spans all 4. Both processes must hold
 identical global masks at every step, equal bit for bit to a single-process run, and together
-write one orbax checkpoint that restores to the same params and mask.
+write one orbax checkpoint (params and optimizer state) and one summary, both equal to the
+single-process ones.
 """
 
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import optax_selective as osel
-from tests._dist_workers import common
+from tests._dist_workers import common, jax_multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -67,10 +68,10 @@ def _launch(out_dir: Path) -> None:
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-6000:]}"
 
 
-def _reference() -> dict:
+def _reference() -> tuple[dict, dict, object]:
     """The same training on this process's single device, keyed like the workers' files."""
     params, targets = common.make_params()
-    tx = common.optimizers()["id3_wrapper_adam"]
+    tx = common.optimizers()[jax_multiprocess.OPTIMIZER]
     state = tx.init(params)
     step = jax.jit(common.make_step(tx))
     out = {}
@@ -84,14 +85,14 @@ def _reference() -> dict:
         params, state = step(params, state, targets)
         record(f"mask{t + 1}", osel.selected_mask(state))
     record("params", params)
-    return out
+    return out, params, state
 
 
 @pytest.mark.slow
 def test_two_processes_select_identically_and_checkpoint_once(tmp_path):
     _launch(tmp_path)
     ranks = [dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(NUM_PROCESSES)]
-    want = _reference()
+    want, params, state = _reference()
     for i, got in enumerate(ranks):
         assert sorted(got) == sorted(want)
         for key in want:
@@ -103,14 +104,19 @@ def test_two_processes_select_identically_and_checkpoint_once(tmp_path):
     import orbax.checkpoint as ocp
 
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = common.make_params()[0]
-    target = {"params": params, "mask": jax.tree.map(lambda x: np.zeros(x.shape, bool), params)}
+    target = {"params": params, "opt_state": state}
     restored = ocp.StandardCheckpointer().restore(
         tmp_path / "ckpt",
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), target),
     )
-    for part in ("params", "mask"):
-        step = "params" if part == "params" else f"mask{common.STEPS}"
-        for path, x in jax.tree_util.tree_leaves_with_path(restored[part]):
-            key = f"{step}{jax.tree_util.keystr(path)}"
-            assert np.asarray(x).tobytes() == want[key].tobytes(), f"checkpoint {part}: {key}"
+    common.assert_trees_identical(restored, target, "checkpoint")
+
+    summary = osel.load_summary(tmp_path / "summary")
+    expected = osel.make_summary(params, state)
+    assert summary.budget_used == expected.budget_used == common.BUDGET
+    assert summary.method == expected.method
+    assert [leaf.key for leaf in summary.leaves] == [leaf.key for leaf in expected.leaves]
+    for got, ref in zip(summary.leaves, expected.leaves):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, got.key
+        assert got.indices.tobytes() == ref.indices.tobytes(), got.key
+        assert got.values.tobytes() == ref.values.tobytes(), got.key

@@ -5,7 +5,8 @@ Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES P
 Started by tests/test_distributed_jax.py with 2 CPU devices per process (XLA_FLAGS). Each
 process writes ``rank{PROCESS_ID}.npz`` (the global mask after every step and the final
 params, gathered to every process) and all processes together write one orbax checkpoint
-``OUT_DIR/ckpt`` of the final params and mask.
+``OUT_DIR/ckpt`` of the final params and optimizer state, and one summary ``OUT_DIR/summary``
+(``optax_selective.save_summary``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import jax
+
+OPTIMIZER = "id3_wrapper_adam_dense"
 
 
 def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
@@ -45,7 +48,9 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
     params = jax.tree.map(global_array, host_params, shardings)
     targets = jax.tree.map(global_array, host_targets, shardings)
 
-    tx = common.optimizers()["id3_wrapper_adam"]
+    # Dense inner state: the compact one's eager init reads the masks on the host, which a
+    # multi-process (not fully addressable) array does not allow.
+    tx = common.optimizers()[OPTIMIZER]
     state = tx.init(params)
     step = jax.jit(common.make_step(tx))
     gathered = {}
@@ -67,8 +72,10 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
     np.savez(out_dir / f"rank{process_id}.npz", **gathered)
 
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(out_dir / "ckpt", {"params": params, "mask": osel.selected_mask(state)})
+    ckpt.save(out_dir / "ckpt", {"params": params, "opt_state": state})
     ckpt.wait_until_finished()
+    summary = osel.make_summary(params, state)  # O(budget): only selected entries gathered
+    osel.save_summary(out_dir / "summary", summary)
     multihost_utils.sync_global_devices("checkpoint written")
     jax.distributed.shutdown()
 
