@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -11,6 +12,16 @@ import numpy as np
 
 PyTree = Any
 ChooseAll = PyTree | Callable[[PyTree], PyTree] | None
+
+
+def unwrap_nnx(tree: Any) -> Any:
+    """``tree`` with flax.nnx Variables replaced by their arrays (no-op without flax.nnx).
+
+    ``nnx.state(model)`` and ``nnx.Optimizer.opt_state`` wrap every array in a Variable, while
+    ``tx.update`` sees plain arrays; user-facing helpers accept both.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    return tree if nnx is None else nnx.as_pure(tree)
 
 
 def is_float(x: Any) -> bool:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
+from optax_selective._tree import unwrap_nnx
 from optax_selective.transform import SelectiveState
-
-
-def _unwrap_nnx(state: Any) -> Any:
-    # nnx.Optimizer stores its state with every array wrapped in an OptState Variable.
-    nnx_mod = sys.modules.get("flax.nnx")
-    if nnx_mod is None:
-        return state
-    return nnx_mod.as_pure(state)
 
 
 def find_selective_state(opt_state: Any) -> SelectiveState:
@@ -25,7 +17,7 @@ def find_selective_state(opt_state: Any) -> SelectiveState:
     Raises:
       ValueError: if there is none, or more than one.
     """
-    opt_state = _unwrap_nnx(opt_state)
+    opt_state = unwrap_nnx(opt_state)
     found = [
         s
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SelectiveState))

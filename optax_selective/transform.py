@@ -21,7 +21,12 @@ import optax
 
 from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
-from optax_selective.methods._base import check_budget
+from optax_selective.methods._base import check_budget, check_int
+
+NO_PARAMS_MSG = (
+    "This selective transformation needs the current parameters: call "
+    "`tx.update(updates, state, params)` with params (optax.apply_updates does not)."
+)
 
 
 class SelectiveState(NamedTuple):
@@ -68,7 +73,7 @@ def selective(
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
         if method.needs_params and params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(NO_PARAMS_MSG)
         grads, treedef = jax.tree.flatten(updates)
         mask = treedef.flatten_up_to(state.mask)
         param_leaves = None if params is None else treedef.flatten_up_to(params)
@@ -94,16 +99,6 @@ def selective(
         return treedef.unflatten(masked), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_max_steps(max_steps: Any) -> int:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-        if not hasattr(max_steps, "__index__"):
-            raise TypeError(f"max_steps must be an int, got {max_steps!r}.")
-    max_steps = int(max_steps)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    return max_steps
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -159,7 +154,7 @@ def selective_id3(
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
     budget = check_budget(budget)
-    max_steps = _check_max_steps(max_steps)
+    max_steps = check_int("max_steps", max_steps, 1)
     _check_nonnegative("exp", exp)
     _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optax_selective._tree import leaf_paths
+from optax_selective._tree import leaf_paths, unwrap_nnx
 from optax_selective.inspect import selected_mask
 
 
@@ -41,6 +41,7 @@ def verify(params_before: Any, params_after: Any, opt_state: Any, budget: int) -
       >>> osel.verify(params, optax.apply_updates(params, updates), state, budget=1)
     """
     mask = selected_mask(opt_state)
+    params_before, params_after = unwrap_nnx(params_before), unwrap_nnx(params_after)
     leaves_b, tree_b = jax.tree.flatten(params_before)
     leaves_a, tree_a = jax.tree.flatten(params_after)
     if tree_a != tree_b:
