@@ -246,3 +246,22 @@ def test_eps_goes_to_inner_optimizer_except_for_id3():
     opt = get_selective_optimizer(torch.optim.Adam, "id3")(small_model().parameters(), lr=0.1,
                                                            budget=3, eps=1e-3, max_steps=2)
     assert opt.param_groups[0]["eps"] == 1e-8 and opt.method.eps == 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler(fused):
+    """GradScaler unscales first, or (fused) passes grad_scale/found_inf to step()."""
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
+        model.parameters(), lr=0.05, fused=fused, budget=12, max_steps=3, verify=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 6, generator=g)).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.post_train_work()
+    assert opt.get_budget_used() == 12
+    assert sum(int((p != b).sum()) for p, b in zip(model.parameters(), before)) == 12
