@@ -265,3 +265,28 @@ def test_grad_scaler(fused):
     opt.post_train_work()
     assert opt.get_budget_used() == 12
     assert sum(int((p != b).sum()) for p, b in zip(model.parameters(), before)) == 12
+
+
+def test_jax_told_not_to_preallocate():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    code = ("import os, sys, torch_bridge; assert 'jax' in sys.modules; "
+            "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "false"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"  # a user's own choice is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert out.stdout.strip() == "true"
+
+
+def test_cpu_param_views_are_zero_copy():
+    model = small_model()
+    opt = get_selective_optimizer(torch.optim.SGD, "id3")(model.parameters(), lr=0.1, budget=8, max_steps=4)
+    train(model, opt, 2)
+    views = opt._runner._param_views
+    assert views and all(v.unsafe_buffer_pointer() == p.data_ptr() for p, _, v in views.values())
