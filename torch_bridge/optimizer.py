@@ -275,8 +275,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             else:
                 torch.where(m, p, saved, out=p)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Other keyword arguments go to the inner ``step`` (e.g. ``grad_scale``/``found_inf``,
+        which ``torch.amp.GradScaler`` passes to fused optimizers).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -286,7 +290,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         snaps = self._snapshots()
         inner = _inner_step(self.inner_class)
         if closure is None:
-            inner(self)
+            inner(self, **kwargs)
         else:
             first = [True]
 
@@ -299,7 +303,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._mask_grads()
                 return out
 
-            inner(self, replay)
+            inner(self, replay, **kwargs)
         self._restore(snaps)
         self._count += 1
         return loss
