@@ -189,24 +189,25 @@ def main():
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left - 5), env=env, cwd=HERE if case != "reference_id3" else extra[1])
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-            results[case] = json.loads(lines[-1][7:]) if lines else {"error": (r.stderr or r.stdout).strip()[-400:]}
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+            results[case] = json.loads(lines[-1][7:]) if lines else {"error": (tail[-1] if tail else f"exit {r.returncode}")[-300:]}
         except subprocess.TimeoutExpired:
             results[case] = {"error": "timed out"}
         print(f"[gpu] {case}: {results[case]}", flush=True)
     base_jax = results.get("jax_adamw", {}).get("step_ms")
     base_torch = results.get("torch_fused", {}).get("step_ms")
     ref_peak = results.get("reference_id3", {}).get("peak_bytes")
-    print("\n| case | step ms | / optax.adamw | / torch fused AdamW | peak GB | / reference peak | state GB | init s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| case | device | step ms | / optax.adamw | / torch fused AdamW | peak GB | / reference peak | state GB | init s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for case, r in results.items():
         if "step_ms" not in r:
-            print(f"| {case} | {r.get('skipped') or r.get('error')} |||||||")
+            print(f"| {case} | {r.get('skipped') or r.get('error')} ||||||||")
             continue
-        f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+        f = lambda x, d=2, u="": "n/a" if x is None else f"{x:.{d}f}{u}"  # noqa: E731
         pk = r.get("peak_bytes")
         print(
-            f"| {case} | {r['step_ms']:.2f} | {f(r['step_ms'] / base_jax if base_jax else None)}x | "
-            f"{f(r['step_ms'] / base_torch if base_torch else None)}x | {f(pk / 1e9 if pk else None)} | "
+            f"| {case} | {r.get('device')} | {r['step_ms']:.2f} | {f(r['step_ms'] / base_jax if base_jax else None, u='x')} | "
+            f"{f(r['step_ms'] / base_torch if base_torch else None, u='x')} | {f(pk / 1e9 if pk else None)} | "
             f"{f(pk / ref_peak if pk and ref_peak else None)} | {f(r['state_bytes'] / 1e9 if 'state_bytes' in r else None)} | "
             f"{f(r.get('init_s'))} |"
         )

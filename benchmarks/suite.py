@@ -89,10 +89,22 @@ def bench_size(width: int, layers: int, *, budget_frac: float, max_steps: int, r
     return {"width": width, "layers": layers, "params": n, "budget": budget, "max_steps": max_steps, "rows": rows}
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        "loadavg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
@@ -116,7 +128,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"Machine: {m['processor']}, {m['cpu_count']} cores ({m['device']}), jax {m['jax']}, optax {m['optax']}; "
-        f"{m['time_utc']} UTC. Command: `{results['command']}`.",
+        f"{m['time_utc']} UTC; 1-min load average at start {m.get('loadavg_1min_at_start')} "
+        "(the cores are shared, so absolute times are noisy; ratios are measured side by side). "
+        f"Command: `{results['command']}`.",
         "",
         "Step = jit(update + apply_updates), params and state donated; median of "
         f"{results['repeats']} interleaved steps. Ratio = step / dense optax.adamw step in the same run. "
