@@ -53,33 +53,32 @@ def bench_size(width: int, layers: int, *, budget_frac: float, max_steps: int, r
     runs = {}
     for name, tx in txs.items():
         p = jax.tree.map(jnp.copy, params)
-        common.block(tx.init(p))  # compile the eager ops once
-        init_s = []
-        for _ in range(init_repeats):
-            with common.Timer() as t:
-                state = common.block(tx.init(p))
-            init_s.append(t.s)
+        state = common.block(tx.init(p))  # compiles the eager ops once
         step = common.make_step(tx)
         mem = common.compiled_memory(step, grads, state, p)
         for _ in range(2):  # warm-up (and, for "frozen", spend the one selection step)
             p, state = common.block(step(grads, state, p))
-        runs[name] = [step, state, p, []]
+        runs[name] = [step, state, p, [], []]
         rows[name] = {
-            "init_ms": common.median_ms(init_s),
             "state_bytes": common.tree_bytes(state),
             "step_peak_bytes": mem,
         }
-    for _ in range(repeats):  # round robin, so load changes hit every case alike
-        for run in runs.values():
-            step, state, p, times = run
+    for i in range(repeats):  # round robin, so load changes hit every case alike
+        for name, run in runs.items():
+            step, state, p, times, init_times = run
             t0 = time.perf_counter()
             p, state = common.block(step(grads, state, p))
             times.append(time.perf_counter() - t0)
             run[1], run[2] = state, p
+            if i < init_repeats:  # init timed in the same rounds as the steps
+                t0 = time.perf_counter()
+                common.block(txs[name].init(p))
+                init_times.append(time.perf_counter() - t0)
     base = common.median_ms(runs[BASELINE][3])
-    for name, (_, state, p, times) in runs.items():
+    for name, (_, state, p, times, init_times) in runs.items():
         r = rows[name]
         r["step_ms"] = common.median_ms(times)
+        r["init_ms"] = common.median_ms(init_times)
         r["step_ratio"] = r["step_ms"] / base
         r["init_over_dense_step"] = r["init_ms"] / base
         if name != BASELINE and "chain" not in name:
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench] {width}x{layers} ...", flush=True)
         results["sizes"].append(
             bench_size(width, layers, budget_frac=args.budget_frac, max_steps=args.max_steps,
-                       repeats=repeats, init_repeats=1 if args.quick else 3)
+                       repeats=repeats, init_repeats=1 if args.quick else 5)
         )
     results["targets"] = targets(results)
     if args.torch == "auto":

@@ -276,30 +276,45 @@ def top_k_masks_reference(
 def _top_k_rows(scores, k, k_max, score_fn=None):
     """Rows path. With ``score_fn``, ``scores[i]`` is a tuple of same-shape arrays and the
     score is ``score_fn(*scores[i])``, computed per row and per candidate row, so the full
-    score arrays are never written out."""
+    score arrays of large leaves are never written out."""
     fn = (lambda x: x) if score_fn is None else score_fn  # noqa: E731
     parts = [(i, (x,) if score_fn is None else tuple(x)) for i, x in enumerate(scores) if x is not None]
     parts = [(i, xs) for i, xs in parts if xs[0].size > 0]
     total = sum(int(xs[0].size) for _, xs in parts)
     c = _row_width(total, k_max)
-    views, row_leaf, row_local, rowmax = [], [], [], []
+    small_rows = 64  # leaves with fewer rows (biases, norms) share one materialised view
+    views = []  # (arrays viewed as (rows, c), row score function)
+    row_view, row_in_view, row_leaf, row_local = [], [], [], []
+    small_flat = []
     for i, xs in parts:
         size = int(xs[0].size)
         n_rows = -(-size // c)
-        if n_rows * c == size:  # free reshapes: score rows computed on the fly
-            view = tuple(jnp.reshape(x, (n_rows, c)) for x in xs)
-            row_fn = fn
-        else:  # odd-sized leaf: materialise its score once, padded with -inf
-            flat = jnp.pad(_clean(fn(*xs)).reshape(-1), (0, n_rows * c - size), constant_values=NEG_INF)
-            view = (flat.reshape(n_rows, c),)
-            row_fn = lambda x: x  # noqa: E731
-        views.append((i, view, row_fn))
-        rowmax.append(jnp.max(_finite_or_neg_inf(row_fn(*view)), axis=1))
+        if n_rows * c == size and n_rows >= small_rows:  # free reshapes, scores on the fly
+            views.append((tuple(jnp.reshape(x, (n_rows, c)) for x in xs), fn))
+            row_view.append(np.full(n_rows, len(views) - 1, np.int32))
+            row_in_view.append(np.arange(n_rows, dtype=np.int32))
+        else:  # small or odd-sized leaf: materialise its score, padded with -inf
+            start = sum(f.shape[0] for f in small_flat) // c
+            small_flat.append(jnp.pad(_clean(fn(*xs)).reshape(-1), (0, n_rows * c - size), constant_values=NEG_INF))
+            row_view.append(np.full(n_rows, -1, np.int32))
+            row_in_view.append(np.arange(start, start + n_rows, dtype=np.int32))
         row_leaf.append(np.full(n_rows, i, np.int32))
         row_local.append(np.arange(n_rows, dtype=np.int32))
-    rowmax = _zero_sign(jnp.concatenate(rowmax))  # max may keep -0.0; ties need +0.0
-    row_leaf = jnp.asarray(np.concatenate(row_leaf))
-    row_local = jnp.asarray(np.concatenate(row_local))
+    row_view = np.concatenate(row_view)
+    if small_flat:
+        flat = jnp.concatenate(small_flat)
+        views.append(((flat.reshape(-1, c),), lambda x: x))
+        row_view = np.where(row_view < 0, len(views) - 1, row_view).astype(np.int32)
+    # Row maxima in global row order (leaf order, then row), whatever view a row lives in.
+    maxima = [jnp.max(_finite_or_neg_inf(f(*v)), axis=1) for v, f in views]
+    row_in_view = np.concatenate(row_in_view)
+    offsets = np.concatenate([[0], np.cumsum([v[0].shape[0] for v, _ in views])[:-1]]).astype(np.int64)
+    order = offsets[row_view] + row_in_view  # position of each global row in `maxima`
+    all_max = jnp.concatenate(maxima)
+    rowmax = all_max if np.array_equal(order, np.arange(order.size)) else all_max[jnp.asarray(order)]
+    rowmax = _zero_sign(rowmax)  # max may keep -0.0; ties need +0.0
+    row_view_j, row_in_view_j = jnp.asarray(row_view), jnp.asarray(row_in_view)
+    row_leaf, row_local = jnp.asarray(np.concatenate(row_leaf)), jnp.asarray(np.concatenate(row_local))
     # The kr rows with the largest maxima (ties: lower row) contain the exact top-k: they
     # hold >= kr entries >= the kr-th largest row maximum M, so the k-th value T >= M; any
     # entry > T lies in a row with maximum > M, and the first ties with T (by index) lie in
@@ -307,17 +322,18 @@ def _top_k_rows(scores, k, k_max, score_fn=None):
     kr = min(k_max, rowmax.shape[0])
     _, top_rows = lax.top_k(rowmax, kr)
     top_rows = jnp.sort(top_rows)  # ascending global row, so candidates are in index order
-    cand_leaf, cand_row = row_leaf[top_rows], row_local[top_rows]
+    cand_view, cand_pos = row_view_j[top_rows], row_in_view_j[top_rows]
     cand = jnp.full((kr, c), NEG_INF, jnp.float32)
-    for i, view, row_fn in views:
-        rows = jnp.clip(cand_row, 0, view[0].shape[0] - 1)
-        picked = _clean(row_fn(*[v[rows] for v in view]))
-        cand = jnp.where((cand_leaf == i)[:, None], picked, cand)
+    for j, (view, f) in enumerate(views):
+        rows = jnp.clip(cand_pos, 0, view[0].shape[0] - 1)
+        picked = _clean(f(*[v[rows] for v in view]))
+        cand = jnp.where((cand_view == j)[:, None], picked, cand)
     kk = min(k_max, kr * c)
     vals, pos = lax.top_k(cand.reshape(-1), kk)
     valid = (jnp.arange(kk) < k) & (vals > NEG_INF)
     r, col = pos // c, pos % c
-    return _pad_slots(cand_leaf[r], cand_row[r] * c + col, valid, k_max)
+    g_row = top_rows[r]
+    return _pad_slots(row_leaf[g_row], row_local[g_row] * c + col, valid, k_max)
 
 
 def _finite_or_neg_inf(x):
