@@ -11,7 +11,9 @@ chooses entries with the functions here, so the rules of ``DESIGN.md`` live in o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -165,37 +167,53 @@ def top_k_masks(
     path = path or choose_path(scores, k_max)
     if not _live(scores) or k_max == 0:
         return _empty_masks(scores)
+    if path not in ("reference", "rows", "radix", "counting"):
+        raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
+    # One compiled program (cached per shapes) also when called eagerly, e.g. by PaFI's init:
+    # op-by-op dispatch would write every intermediate of the O(N) passes to memory.
+    return _top_k_masks_jit(list(scores), jnp.asarray(k, jnp.int32), k_max, path)
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _top_k_masks_jit(scores, k, k_max, path):
     if path == "reference":
         return top_k_masks_reference(scores, k, k_max)
     if path == "rows":
-        leaf, local, valid = _top_k_rows(scores, k, k_max)
-        return indices_to_masks(scores, leaf, local, valid)
+        return indices_to_masks(scores, *_top_k_rows(scores, k, k_max))
     if path == "radix":
         return _top_k_threshold(scores, k, _radix_threshold, _cumsum_cutoff)
-    if path == "counting":
-        return _top_k_threshold(scores, k, _counting_threshold, _counting_cutoff)
-    raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
+    return _top_k_threshold(scores, k, _counting_threshold, _counting_cutoff)
 
 
 def top_k_indices(
-    scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int
+    scores: Sequence[Any], k: int | jax.Array, k_max: int, *, score_fn: Callable[..., jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The entries :func:`top_k_masks` chooses, as ``k_max`` slots ``(leaf, index, valid)``.
 
     ``leaf`` is the position in ``scores``, ``index`` the row-major index in that leaf, and
     ``valid`` marks the slots in use (the first ``min(k, eligible)``; the rest are padding).
-    Not for explicitly sharded scores (it gathers).
+    With ``score_fn`` (elementwise), each ``scores[i]`` is a tuple of same-shape arrays (or
+    None) and the score is ``score_fn(*scores[i])``; the rows path then never writes the
+    full score arrays. Not for explicitly sharded inputs (it gathers).
     """
-    live = _live(scores)
+    if score_fn is None:
+        live = [s for s in scores if s is not None and s.size > 0]
+        as_scores = list(scores)
+    else:
+        live = [xs[0] for xs in scores if xs is not None and xs[0].size > 0]
+        as_scores = None
     if not live or k_max == 0:
         z = jnp.zeros((k_max,), jnp.int32)
         return z, z, jnp.zeros((k_max,), bool)
-    path = choose_path(scores, k_max)
+    shapes_only = [None if x is None else (x if score_fn is None else x[0]) for x in scores]
+    path = choose_path(shapes_only, k_max)
     if path == "counting":
         raise ValueError("top_k_indices does not support explicitly sharded scores; use top_k_masks.")
     if path == "rows":
-        return _top_k_rows(scores, k, k_max)
-    return _top_k_reference_indices(scores, k, k_max)
+        return _top_k_rows(scores, k, k_max, score_fn)
+    if as_scores is None:
+        as_scores = [None if xs is None else score_fn(*xs) for xs in scores]
+    return _top_k_reference_indices(as_scores, k, k_max)
 
 
 # ------------------------------------------------------------------------- reference path
@@ -255,24 +273,48 @@ def top_k_masks_reference(
 # ------------------------------------------------------------------------------ rows path
 
 
-def _top_k_rows(scores, k, k_max):
-    live = _live(scores)
-    total = sum(int(s.size) for _, s in live)
+def _top_k_rows(scores, k, k_max, score_fn=None):
+    """Rows path. With ``score_fn``, ``scores[i]`` is a tuple of same-shape arrays and the
+    score is ``score_fn(*scores[i])``, computed per row and per candidate row, so the full
+    score arrays of large leaves are never written out."""
+    fn = (lambda x: x) if score_fn is None else score_fn  # noqa: E731
+    parts = [(i, (x,) if score_fn is None else tuple(x)) for i, x in enumerate(scores) if x is not None]
+    parts = [(i, xs) for i, xs in parts if xs[0].size > 0]
+    total = sum(int(xs[0].size) for _, xs in parts)
     c = _row_width(total, k_max)
-    views, row_leaf, row_local, rowmax = [], [], [], []
-    for i, s in live:
-        flat = _clean(s).reshape(-1)
-        n_rows = -(-flat.size // c)
-        if n_rows * c != flat.size:
-            flat = jnp.pad(flat, (0, n_rows * c - flat.size), constant_values=NEG_INF)
-        view = flat.reshape(n_rows, c)
-        views.append((i, view))
-        rowmax.append(jnp.max(view, axis=1))
+    small_rows = 64  # leaves with fewer rows (biases, norms) share one materialised view
+    views = []  # (arrays viewed as (rows, c), row score function)
+    row_view, row_in_view, row_leaf, row_local = [], [], [], []
+    small_flat = []
+    for i, xs in parts:
+        size = int(xs[0].size)
+        n_rows = -(-size // c)
+        if n_rows * c == size and n_rows >= small_rows:  # free reshapes, scores on the fly
+            views.append((tuple(jnp.reshape(x, (n_rows, c)) for x in xs), fn))
+            row_view.append(np.full(n_rows, len(views) - 1, np.int32))
+            row_in_view.append(np.arange(n_rows, dtype=np.int32))
+        else:  # small or odd-sized leaf: materialise its score, padded with -inf
+            start = sum(f.shape[0] for f in small_flat) // c
+            small_flat.append(jnp.pad(_clean(fn(*xs)).reshape(-1), (0, n_rows * c - size), constant_values=NEG_INF))
+            row_view.append(np.full(n_rows, -1, np.int32))
+            row_in_view.append(np.arange(start, start + n_rows, dtype=np.int32))
         row_leaf.append(np.full(n_rows, i, np.int32))
         row_local.append(np.arange(n_rows, dtype=np.int32))
-    rowmax = jnp.concatenate(rowmax)
-    row_leaf = jnp.asarray(np.concatenate(row_leaf))
-    row_local = jnp.asarray(np.concatenate(row_local))
+    row_view = np.concatenate(row_view)
+    if small_flat:
+        flat = jnp.concatenate(small_flat)
+        views.append(((flat.reshape(-1, c),), lambda x: x))
+        row_view = np.where(row_view < 0, len(views) - 1, row_view).astype(np.int32)
+    # Row maxima in global row order (leaf order, then row), whatever view a row lives in.
+    maxima = [jnp.max(_finite_or_neg_inf(f(*v)), axis=1) for v, f in views]
+    row_in_view = np.concatenate(row_in_view)
+    offsets = np.concatenate([[0], np.cumsum([v[0].shape[0] for v, _ in views])[:-1]]).astype(np.int64)
+    order = offsets[row_view] + row_in_view  # position of each global row in `maxima`
+    all_max = jnp.concatenate(maxima)
+    rowmax = all_max if np.array_equal(order, np.arange(order.size)) else all_max[jnp.asarray(order)]
+    rowmax = _zero_sign(rowmax)  # max may keep -0.0; ties need +0.0
+    row_view_j, row_in_view_j = jnp.asarray(row_view), jnp.asarray(row_in_view)
+    row_leaf, row_local = jnp.asarray(np.concatenate(row_leaf)), jnp.asarray(np.concatenate(row_local))
     # The kr rows with the largest maxima (ties: lower row) contain the exact top-k: they
     # hold >= kr entries >= the kr-th largest row maximum M, so the k-th value T >= M; any
     # entry > T lies in a row with maximum > M, and the first ties with T (by index) lie in
@@ -280,16 +322,27 @@ def _top_k_rows(scores, k, k_max):
     kr = min(k_max, rowmax.shape[0])
     _, top_rows = lax.top_k(rowmax, kr)
     top_rows = jnp.sort(top_rows)  # ascending global row, so candidates are in index order
-    cand_leaf, cand_row = row_leaf[top_rows], row_local[top_rows]
+    cand_view, cand_pos = row_view_j[top_rows], row_in_view_j[top_rows]
     cand = jnp.full((kr, c), NEG_INF, jnp.float32)
-    for i, view in views:
-        rows = view[jnp.clip(cand_row, 0, view.shape[0] - 1)]
-        cand = jnp.where((cand_leaf == i)[:, None], rows, cand)
+    for j, (view, f) in enumerate(views):
+        rows = jnp.clip(cand_pos, 0, view[0].shape[0] - 1)
+        picked = _clean(f(*[v[rows] for v in view]))
+        cand = jnp.where((cand_view == j)[:, None], picked, cand)
     kk = min(k_max, kr * c)
     vals, pos = lax.top_k(cand.reshape(-1), kk)
     valid = (jnp.arange(kk) < k) & (vals > NEG_INF)
     r, col = pos // c, pos % c
-    return _pad_slots(cand_leaf[r], cand_row[r] * c + col, valid, k_max)
+    g_row = top_rows[r]
+    return _pad_slots(row_leaf[g_row], row_local[g_row] * c + col, valid, k_max)
+
+
+def _finite_or_neg_inf(x):
+    x = x.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(x), x, NEG_INF)
+
+
+def _zero_sign(x):
+    return jnp.where(x == 0, jnp.float32(0), x)
 
 
 # ---------------------------------------------------------------- threshold paths (radix)
@@ -298,19 +351,21 @@ def _top_k_rows(scores, k, k_max):
 def _top_k_threshold(scores, k, find_threshold, find_cutoff):
     """Masks ``key > T`` plus ties ``key == T`` up to a per-leaf index cutoff."""
     live = _live(scores)
-    keys = [(i, order_key(s)) for i, s in live]
-    n_eligible = sum(jnp.sum(key > 0, dtype=jnp.int32) for _, key in keys)
+    keys = [order_key(s) for _, s in live]
+    thr, n_gt, n_eq, n_eligible = find_threshold(keys, jnp.asarray(k, jnp.int32))
     kk = jnp.minimum(jnp.asarray(k, jnp.int32), n_eligible)
-    thr, n_gt, n_eq = find_threshold([key for _, key in keys], kk)
     r = kk - n_gt  # ties with T still to take, 1 <= r <= n_eq when kk > 0
-    sizes = [int(key.size) for _, key in keys]
+    sizes = jnp.asarray([int(key.size) for key in keys], jnp.int32)
+    # The cond takes the scores (already in memory), not the keys: passing the keys would
+    # make XLA write them out in full instead of fusing them into each pass.
     cut = lax.cond(
         n_eq > r,
-        lambda: find_cutoff([key for _, key in keys], thr, r),
-        lambda: jnp.asarray(sizes, jnp.int32),
+        lambda ss: find_cutoff([order_key(x) for x in ss], thr, r),
+        lambda ss: sizes,
+        [s for _, s in live],
     )
     out = _empty_masks(scores)
-    for j, (i, key) in enumerate(keys):
+    for j, ((i, _), key) in enumerate(zip(live, keys)):
         index = _flat_iota(key.shape)
         chosen = (key > thr) | ((key == thr) & (index < cut[j]))
         out[i] = chosen & (key > 0) & (kk > 0)
@@ -345,11 +400,16 @@ def _digit_at_rank(hist, need):
     return d, at_or_above[d] - hist[d]
 
 
-def _radix_threshold(keys, kk):
-    """Exact kk-th largest key in two 16-bit histogram passes; returns (T, n_gt, n_eq)."""
+def _radix_threshold(keys, k):
+    """Exact kk-th largest key (kk = min(k, eligible)) in two 16-bit histogram passes.
+
+    Returns ``(T, count(key > T), count(key == T), eligible)``.
+    """
     one = lambda flat: jnp.ones(flat.shape, jnp.int32)  # noqa: E731
     hi = _hist16(keys, lambda f: f >> 16, one)
     hi = hi.at[0].set(0)  # bin 0 holds only key 0 (non-finite); finite keys start at 0x0080..
+    n_eligible = jnp.sum(hi)
+    kk = jnp.minimum(k, n_eligible)
     d_hi, above_hi = _digit_at_rank(hi, kk)
     lo = _hist16(
         keys,
@@ -358,7 +418,7 @@ def _radix_threshold(keys, kk):
     )
     d_lo, above_lo = _digit_at_rank(lo, kk - above_hi)
     thr = (d_hi.astype(jnp.uint32) << 16) | d_lo.astype(jnp.uint32)
-    return thr, above_hi + above_lo, lo[d_lo]
+    return thr, above_hi + above_lo, lo[d_lo], n_eligible
 
 
 def _cumsum_cutoff(keys, thr, r):
@@ -391,8 +451,10 @@ def _count(keys, pred):
     return sum(jnp.sum(pred(key), dtype=jnp.int32) for key in keys)
 
 
-def _counting_threshold(keys, kk):
+def _counting_threshold(keys, k):
     """Largest t with count(key >= t) >= kk, by binary search with reductions only."""
+    n_eligible = _count(keys, lambda key: key > 0)
+    kk = jnp.minimum(k, n_eligible)
 
     def body(_, lo_hi):
         lo, hi = lo_hi  # invariant: count(key >= lo) >= kk; answer in [lo, hi]
@@ -404,7 +466,7 @@ def _counting_threshold(keys, kk):
     lo, _ = lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(_ALL_BITS)))
     n_gt = _count(keys, lambda key: key > lo)
     n_eq = _count(keys, lambda key: key == lo)
-    return lo, n_gt, n_eq
+    return lo, n_gt, n_eq, n_eligible
 
 
 def _counting_cutoff(keys, thr, r):

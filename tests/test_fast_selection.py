@@ -165,3 +165,29 @@ def test_pafi_init_uses_the_radix_path_and_matches_numpy():
     want = numpy_top_k([np.asarray(s) for s in scores], 30_000)
     for m, w in zip(mask, want):
         np.testing.assert_array_equal(np.asarray(m), w)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_rows_path_with_score_fn_matches_materialised_scores(kind):
+    # Large leaves are scored row by row from (g, theta, mask), small ones share one view.
+    rng = np.random.default_rng(7)
+    shapes = [(256, 96), (96,), (3, 5), (128, 64), ()]
+    grads = [jnp.asarray(np.round(rng.normal(size=s), 1 if kind == "ties" else 6), jnp.float32) for s in shapes]
+    params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    masks = [jnp.asarray(rng.random(size=s) < 0.2) for s in shapes]
+
+    def score(g, p, m):
+        return selection.exclude(selection.d3_score(g, p, 1.0, 1e-3), m)
+
+    inputs = [(g, p, m) for g, p, m in zip(grads, params, masks)]
+    inputs[2] = None  # a leaf that takes no part
+    scores = [None if x is None else score(*x) for x in inputs]
+    assert selection.choose_path(scores, 40) == "rows"
+    for k in (0, 1, 17, 40):
+        got = jax.jit(lambda xs, k: selection.top_k_indices(xs, k, 40, score_fn=score))(inputs, k)
+        masks_got = selection.indices_to_masks(scores, *got)
+        for g, w in zip(masks_got, numpy_top_k([None if s is None else np.asarray(s) for s in scores], k)):
+            if w is None:
+                assert g is None
+            else:
+                np.testing.assert_array_equal(np.asarray(g), w)

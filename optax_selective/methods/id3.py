@@ -60,14 +60,20 @@ class ID3:
         k = selection.id3_increment(count, state.effective_budget, self.max_steps)
         k_max = selection.max_increment(self.budget, self.max_steps)
 
+        def score(g, p, m):
+            return selection.exclude(selection.d3_score(g, p, self.exp, self.eps), m)
+
         def grow(mask):
-            scores = [
-                selection.exclude(selection.d3_score(g, p, self.exp, self.eps), m) if ok else None
-                for g, p, m, ok in zip(grads, params, mask, selectable)
+            inputs = [(g, p, m) if ok else None for g, p, m, ok in zip(grads, params, mask, selectable)]
+            leaf, local, valid = selection.top_k_indices(inputs, k, k_max, score_fn=score)
+            # Set the new entries in place (no second mask and no OR pass over all entries).
+            new = [
+                m if not ok else jax.numpy.reshape(
+                    jax.numpy.reshape(m, (-1,)).at[jax.numpy.where(valid & (leaf == i), local, m.size)]
+                    .set(True, mode="drop"), m.shape)
+                for i, (m, ok) in enumerate(zip(mask, selectable))
             ]
-            leaf, local, valid = selection.top_k_indices(scores, k, k_max)
-            new = selection.indices_to_masks(scores, leaf, local, valid)
-            return [m if n is None else m | n for m, n in zip(mask, new)], (leaf, local, valid)
+            return new, (leaf, local, valid)
 
         def keep(mask):
             z = jax.numpy.zeros((k_max,), jax.numpy.int32)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
+
+import jax
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
@@ -19,12 +22,15 @@ class PaFI:
         _base.check_not_full(self.name, self.budget, layout)
         b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=0)
         mask = _base.choose_all_mask(layout)
-        scores = [
-            selection.smallest_magnitude_score(p) if ok else None
-            for p, ok in zip(params, layout.selectable)
-        ]
-        new = selection.top_k_masks(scores, b_eff, b_eff)
+        new = _smallest([p if ok else None for p, ok in zip(params, layout.selectable)], b_eff)
         return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
+
+
+@partial(jax.jit, static_argnums=1)
+def _smallest(params, k):
+    """The k smallest |θ| (one compiled O(N) program, also when init is called eagerly)."""
+    scores = [None if p is None else selection.smallest_magnitude_score(p) for p in params]
+    return selection.top_k_masks(scores, k, k)

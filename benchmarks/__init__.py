@@ -1,0 +1,1 @@
+"""Benchmarks for optax-selective: ``python -m benchmarks`` (CPU suite), ``benchmarks/gpu.py``."""

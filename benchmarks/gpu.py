@@ -1,0 +1,221 @@
+"""GPU benchmark, one command, under 5 minutes on one H100 (1B parameters by default):
+
+    python benchmarks/gpu.py [--out bench_out/gpu] [--budget-seconds 280]
+
+Model: 15 x Linear(8192, 8192) in float32 (1.007B parameters, as in issue 4). Every case runs
+in its own subprocess (a clean device, its own peak-memory counter, its own timeout), in this
+order, until the time budget is spent: dense optax.adamw, JAX ID3 (compact wrapper around
+adamw), JAX PaFI (init and step), torch fused AdamW, torch foreach AdamW, torch bridge ID3
+(if importable), and the reference selective-optimizers==0.4 ID3 (if pip can install it;
+the device machine may be offline, then it is reported as skipped). Prints a table and
+writes results.json. Step = one optimizer update incl. applying it, median of timed steps.
+Peak = device peak bytes in use (JAX memory_stats / torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ["jax_adamw", "jax_id3", "jax_pafi", "torch_fused", "torch_foreach", "bridge_id3", "reference_id3"]
+
+
+def _jax_case(name, width, layers, budget_frac, max_steps, steps):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    sys.path.insert(0, HERE)
+    import optax_selective as osel
+
+    @jax.jit
+    def make(key):
+        ps, gs = {}, {}
+        for i in range(layers):
+            k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+            ps[f"l{i:02d}"] = {"kernel": jax.random.normal(k1, (width, width)) / np.sqrt(width), "bias": jnp.zeros(width)}
+            gs[f"l{i:02d}"] = {"kernel": jax.random.normal(k2, (width, width)) * 1e-2, "bias": jnp.full(width, 1e-3)}
+        return ps, gs
+
+    params, grads = jax.block_until_ready(make(jax.random.key(0)))
+    n = sum(x.size for x in jax.tree.leaves(params))
+    budget = int(n * budget_frac)
+    adamw = optax.adamw(1e-4, weight_decay=0.01)
+    tx = {
+        "jax_adamw": adamw,
+        "jax_id3": osel.selective_id3(budget, max_steps, inner=adamw),
+        "jax_pafi": osel.selective_pafi(budget, inner=adamw),
+    }[name]
+    init = jax.jit(tx.init) if name != "jax_pafi" else tx.init
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(init(params))
+    init_first_s = time.perf_counter() - t0
+    init_s = None
+    if name == "jax_pafi":  # second call: no compilation
+        del state
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(tx.init(params))
+        init_s = time.perf_counter() - t0
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(1, 2))
+    for _ in range(2):
+        params, state = jax.block_until_ready(step(grads, state, params))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params, state = jax.block_until_ready(step(grads, state, params))
+        times.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "params": int(n),
+        "budget": budget,
+        "step_ms": float(np.median(times) * 1e3),
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state))),
+        "init_s": init_s if init_s is not None else init_first_s,
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def _torch_case(name, width, layers, budget_frac, max_steps, steps, ref_dir=None):
+    import numpy as np
+    import torch
+
+    if ref_dir:
+        sys.path.insert(0, ref_dir)
+    else:
+        sys.path.insert(0, HERE)
+    dev = "cuda"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    budget = int(n * budget_frac)
+    if name == "torch_fused":
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    elif name == "torch_foreach":
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    elif name == "bridge_id3":
+        from torch_bridge import get_selective_optimizer
+
+        opt = get_selective_optimizer(torch.optim.AdamW, "id3")(params, lr=1e-4, budget=budget, max_steps=max_steps, fused=True)
+    else:
+        import selective_optimizers.wrap as wrap
+
+        assert wrap.__file__.startswith(ref_dir), wrap.__file__
+        opt = wrap.get_selective_optimizer(torch.optim.AdamW, "id3")(params, lr=1e-4, budget=budget, max_steps=max_steps, verify=False)
+    for _ in range(2):
+        opt.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "params": int(n),
+        "budget": budget,
+        "step_ms": float(np.median(times) * 1e3),
+        "peak_bytes": int(torch.cuda.max_memory_allocated()),
+        "device": torch.cuda.get_device_name(),
+    }
+
+
+def _install_reference(timeout):
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="selective_optimizers_0.4_")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, "selective-optimizers==0.4"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    return (target, None) if r.returncode == 0 else (None, r.stderr.strip()[-200:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--width", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=15)
+    ap.add_argument("--budget-frac", type=float, default=0.01)
+    ap.add_argument("--max-steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--budget-seconds", type=float, default=280.0, help="total wall-clock budget")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", default="bench_out/gpu")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    args = (a.width, a.layers, a.budget_frac, a.max_steps, a.steps)
+    if a.case:  # worker
+        fn = _jax_case if a.case.startswith("jax") else _torch_case
+        res = fn(a.case, *args, **({"ref_dir": a.ref_dir} if a.case == "reference_id3" else {}))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    start = time.time()
+    results = {}
+    for case in a.cases.split(","):
+        left = a.budget_seconds - (time.time() - start)
+        if left < 20:
+            results[case] = {"skipped": "time budget spent"}
+            continue
+        extra = []
+        if case == "reference_id3":
+            ref_dir, err = _install_reference(min(60, left - 15))
+            if not ref_dir:
+                results[case] = {"skipped": f"pip install selective-optimizers==0.4 failed: {err}"}
+                continue
+            extra = ["--ref-dir", ref_dir]
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--width", str(a.width),
+               "--layers", str(a.layers), "--budget-frac", str(a.budget_frac),
+               "--max-steps", str(a.max_steps), "--steps", str(a.steps), *extra]
+        env = dict(os.environ, PYTHONPATH=HERE if case != "reference_id3" else "")
+        print(f"[gpu] {case} ...", flush=True)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left - 5), env=env, cwd=HERE if case != "reference_id3" else extra[1])
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+            results[case] = json.loads(lines[-1][7:]) if lines else {"error": (tail[-1] if tail else f"exit {r.returncode}")[-300:]}
+        except subprocess.TimeoutExpired:
+            results[case] = {"error": "timed out"}
+        print(f"[gpu] {case}: {results[case]}", flush=True)
+    base_jax = results.get("jax_adamw", {}).get("step_ms")
+    base_torch = results.get("torch_fused", {}).get("step_ms")
+    ref_peak = results.get("reference_id3", {}).get("peak_bytes")
+    print("\n| case | device | step ms | / optax.adamw | / torch fused AdamW | peak GB | / reference peak | state GB | init s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for case, r in results.items():
+        if "step_ms" not in r:
+            print(f"| {case} | {r.get('skipped') or r.get('error')} ||||||||")
+            continue
+        f = lambda x, d=2, u="": "n/a" if x is None else f"{x:.{d}f}{u}"  # noqa: E731
+        pk = r.get("peak_bytes")
+        print(
+            f"| {case} | {r.get('device')} | {r['step_ms']:.2f} | {f(r['step_ms'] / base_jax if base_jax else None, u='x')} | "
+            f"{f(r['step_ms'] / base_torch if base_torch else None, u='x')} | {f(pk / 1e9 if pk else None)} | "
+            f"{f(pk / ref_peak if pk and ref_peak else None)} | {f(r['state_bytes'] / 1e9 if 'state_bytes' in r else None)} | "
+            f"{f(r.get('init_s'))} |"
+        )
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "results.json"), "w") as fh:
+        json.dump({"args": vars(a), "results": results}, fh, indent=2)
+    print(f"\n[gpu] total {time.time() - start:.0f}s; wrote {a.out}/results.json")
+
+
+if __name__ == "__main__":
+    main()

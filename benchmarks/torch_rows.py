@@ -1,0 +1,169 @@
+"""Torch rows of the benchmark: the bridge's ID3 step against a dense torch AdamW step and
+against the reference package ``selective-optimizers==0.4``.
+
+The reference is installed at run time into a temporary folder with
+``pip install --no-deps --target <tmp> selective-optimizers==0.4`` and run in a subprocess
+whose ``sys.path`` starts with that folder (its code is never copied here; its package name
+is the same as our compatibility package, hence the separate process). Each process also
+times its own dense AdamW step, so every ratio compares steps timed in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _model(width: int, layers: int, device: str = "cpu"):
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
+
+
+def _time_steps(opt, params, repeats: int, warmup: int = 2, sync=lambda: None) -> float:
+    import torch
+
+    g = torch.Generator(device=params[0].device).manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device=p.device) * 1e-2
+    for _ in range(warmup):
+        opt.step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _dense(width, layers, repeats, device="cpu", **adamw_kw):
+    import torch
+
+    model = _model(width, layers, device)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **adamw_kw)
+    return _time_steps(opt, params, repeats, sync=_sync(device))
+
+
+def _sync(device):
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def _selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps, device="cpu", **kw):
+    import torch
+
+    model = _model(width, layers, device)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    cls = get_selective_optimizer(torch.optim.AdamW, "id3")
+    opt = cls(params, lr=1e-3, weight_decay=0.0, budget=max(1, int(n * budget_frac)), max_steps=max_steps, **kw)
+    return _time_steps(opt, params, repeats, sync=_sync(device))
+
+
+def install_reference() -> str | None:
+    target = tempfile.mkdtemp(prefix="selective_optimizers_0.4_")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, "selective-optimizers==0.4"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"[bench] could not install selective-optimizers==0.4: {e}", flush=True)
+        return None
+    if r.returncode != 0:
+        print(f"[bench] could not install selective-optimizers==0.4: {r.stderr.strip()[-300:]}", flush=True)
+        return None
+    return target
+
+
+def run_reference(target, width, layers, repeats, budget_frac, max_steps, device="cpu", timeout=900) -> dict | None:
+    """Reference ID3 step and a dense AdamW step, timed in one fresh process."""
+    code = (
+        "import sys, json; sys.path.insert(0, {t!r});"
+        "import selective_optimizers.wrap as w;"
+        "assert w.__file__.startswith({t!r}), w.__file__;"
+        "from benchmarks.torch_rows import _selective, _dense;"
+        "print(json.dumps({{'reference_id3_ms': _selective(w.get_selective_optimizer, {a}, verify=False),"
+        "'dense_ms': _dense({d})}}))"
+    ).format(
+        t=target,
+        a=f"{width}, {layers}, {repeats}, {budget_frac}, {max_steps}, {device!r}",
+        d=f"{width}, {layers}, {repeats}, {device!r}",
+    )
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=here)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=target)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if r.returncode != 0:
+        return {"error": r.stderr.strip()[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max_steps: int = 100) -> dict:
+    """Torch rows for every size; bridge and dense in this process, the reference in another."""
+    try:
+        import torch  # noqa: F401
+        from torch_bridge import get_selective_optimizer
+    except ImportError as e:
+        return {"skipped": f"torch bridge not available: {e}"}
+    target = install_reference()
+    out = {"reference": "selective-optimizers==0.4" if target else "not installable here", "sizes": []}
+    for spec in sizes.split(","):
+        width, layers = (int(v) for v in spec.lower().split("x"))
+        row = {"width": width, "layers": layers, "params": layers * (width * width + width)}
+        dense, bridge = [], []
+        for _ in range(3):  # alternate, take medians
+            dense.append(_dense(width, layers, repeats))
+            bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps))
+        row["dense_adamw_ms"] = float(np.median(dense))
+        row["bridge_id3_ms"] = float(np.median(bridge))
+        row["bridge_over_dense"] = row["bridge_id3_ms"] / row["dense_adamw_ms"]
+        if target:
+            ref = run_reference(target, width, layers, repeats, budget_frac, max_steps)
+            row["reference"] = ref
+            if ref and "reference_id3_ms" in ref:
+                row["reference_over_dense"] = ref["reference_id3_ms"] / ref["dense_ms"]
+                row["reference_over_bridge"] = row["reference_over_dense"] / row["bridge_over_dense"]
+        out["sizes"].append(row)
+    return out
+
+
+def markdown(t: dict) -> str:
+    if "skipped" in t:
+        return f"Torch rows skipped: {t['skipped']}\n"
+    lines = [
+        f"### Torch (CPU): ID3 with torch.optim.AdamW inner, reference {t['reference']}",
+        "",
+        "| params | dense AdamW ms | bridge ID3 ms | bridge / dense | reference / dense | reference / bridge |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in t["sizes"]:
+        ref = f"{r['reference_over_dense']:.2f}x" if "reference_over_dense" in r else "n/a"
+        rb = f"{r['reference_over_bridge']:.1f}x" if "reference_over_bridge" in r else "n/a"
+        lines.append(
+            f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} | "
+            f"{r['bridge_over_dense']:.2f}x | {ref} | {rb} |"
+        )
+    lines.append("")
+    lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="512x4")
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    print(markdown(run(a.sizes, quick=False, repeats=a.repeats)))

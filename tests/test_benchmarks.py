@@ -1,0 +1,39 @@
+"""The benchmark suite runs end to end (tiny sizes) and writes what it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--sizes", "48x2,64x2,80x2", "--torch", "off", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [s["params"] for s in results["sizes"]] == [2 * (w * w + w) for w in (48, 64, 80)]
+    for size in results["sizes"]:
+        n, b, rows = size["params"], size["budget"], size["rows"]
+        assert rows["optax.adamw (dense)"]["step_ratio"] == pytest.approx(1.0)
+        for name, row in rows.items():
+            assert row["step_ms"] > 0 and row["state_bytes"] > 0, name
+            if "compact" in name:
+                assert row["state_bytes"] <= n + 16 * b, (name, row["state_bytes"], n + 16 * b)
+                assert row["budget_used"] <= b
+        assert rows["id3 wrapper adamw, dense state"]["state_bytes"] > 8 * n
+    md = (out / "results.md").read_text()
+    assert "| id3 wrapper adamw, compact |" in md and "target <= 1.0x" in md
+    assert (out / "results.png").stat().st_size > 10_000
+
+
+def test_gpu_script_parses_and_documents_its_command():
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "--budget-seconds" in r.stdout
