@@ -11,8 +11,8 @@ means the selection gathers scores).
 Simulated devices share this machine's cores, so the table shows partitioning overhead, not
 the speed-up of real devices.
 
-    python benchmarks/scaling.py [--entries 1048576] [--steps 20] [--modes auto,explicit]
-                                 [--out bench_out/scaling.json]
+    python -m benchmarks.scaling [--entries 1048576] [--steps 20] [--modes auto,explicit]
+                                  [--out bench_out/scaling.json]
 """
 
 from __future__ import annotations
