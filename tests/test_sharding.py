@@ -50,12 +50,11 @@ def test_sharded_nnx_example_trains_within_budget():
 def test_scaling_benchmark_reports_1_2_4_8_devices(tmp_path):
     out = tmp_path / "scaling.json"
     bench = str(ROOT / "benchmarks" / "scaling.py")
-    proc = _run_with_8_devices(bench, "--entries", "8192", "--steps", "2", "--out", str(out))
+    args = ["--entries", "8192", "--steps", "2", "--modes", "explicit", "--out", str(out)]
+    proc = _run_with_8_devices(bench, *args)  # explicit mode only, to keep the test short
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["devices"]) for r in rows] == [
-        (m, n) for m in ("auto", "explicit") for n in (1, 2, 4, 8)
-    ]
+    assert [(r["mode"], r["devices"]) for r in rows] == [("explicit", n) for n in (1, 2, 4, 8)]
     # Explicit mode selects with reductions only: no collective moves more than a scalar.
-    assert all(r["largest_collective"] <= 1 for r in rows if r["mode"] == "explicit"), rows
+    assert all(r["largest_collective"] <= 1 for r in rows), rows
     assert all(r["median_ms"] > 0 and r["entries"] == 8192 for r in rows)
