@@ -133,6 +133,18 @@ def test_fsdp2_sharded_selection_equals_single_process(tmp_path):
         assert_same(got, want, f"FSDP2 selective AdamW rank {r}")
         summary = torch_bridge.load_summary_from_disk(tmp_path / f"fsdp_summary_rank{r}.pt")
         assert_same_summary(summary, ref_summary)
+    # The runner alone on Shard(0) and Replicate() DTensors: the JAX method on whole tensors.
+    layout, params, steps = tc.mixed_placement_problem()
+    ref = SingleProcessRunner(tc.MIXED_METHOD(), layout)
+    masks = ref.init(params)
+    want = {}
+    for t, grads in enumerate(steps):
+        new = ref.update(t, list(range(len(params))), masks, grads, params)
+        masks = [new[i] for i in range(len(params))]
+        want.update({f"mask{t + 1}/{n}": m.numpy() for n, m in zip(layout.paths, masks)})
+    assert sum(int(v.sum()) for k, v in want.items() if k.startswith("mask3/")) == 24
+    for r in range(WORLD):
+        assert_same(dict(np.load(tmp_path / f"mixed_rank{r}.npz")), want, f"mixed rank {r}")
     # The runner itself, for every method, against the JAX method on whole tensors.
     for name, make in tc.METHODS.items():
         want = reference(name)

@@ -96,3 +96,20 @@ def selective_adamw(params):
 
     cls = torch_bridge.get_selective_optimizer(torch.optim.AdamW, "id3")
     return cls(params, lr=0.05, weight_decay=0.1, budget=60, max_steps=4)
+
+
+def mixed_placement_problem():
+    """Whole params and per-step gradients for the Shard(0) / Replicate() runner check.
+
+    Values are multiples of 1/4 so scores tie; returns ``(layout, params, grads_per_step)``.
+    """
+    g = torch.Generator().manual_seed(2)
+    shapes = [(7, 3), (5,), (3, 4), (6,)]
+    params = [torch.round(torch.randn(s, generator=g) * 4) / 4 for s in shapes]
+    steps = [[torch.round(torch.randn(s, generator=g) * 2) / 2 for s in shapes] for _ in range(3)]
+    names = tuple(f"p{i}" for i in range(len(shapes)))
+    layout = LeafLayout(names, tuple(shapes), (True,) * len(shapes), (False,) * len(shapes))
+    return layout, params, steps
+
+
+MIXED_METHOD = lambda: methods.ID3(budget=24, max_steps=3)  # noqa: E731

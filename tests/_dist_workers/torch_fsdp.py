@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from tests._dist_workers import torch_common as tc
 from torch_bridge.distributed import ShardedMethodRunner
@@ -60,8 +60,27 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
         record["max_all_gather_numel"] = np.int64(max(runner.exchanged, default=0))
         np.savez(out_dir / f"{name}_rank{rank}.npz", **record)
     optimizer_run(rank, world, mesh, out_dir)
+    mixed_placements_run(rank, mesh, out_dir)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def mixed_placements_run(rank: int, mesh, out_dir: Path) -> None:
+    """The runner alone on DTensors placed Shard(0) and Replicate() alternately."""
+    layout, full, steps = tc.mixed_placement_problem()
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], [Replicate()]]
+    params = [distribute_tensor(p, mesh, pl) for p, pl in zip(full, placements)]
+    runner = ShardedMethodRunner(tc.MIXED_METHOD(), layout, params)
+    masks = runner.init(params)
+    record = {}
+    for t, grads in enumerate(steps):
+        dgrads = [distribute_tensor(g, mesh, pl) for g, pl in zip(grads, placements)]
+        new = runner.update(t, range(len(params)), masks, dgrads, params)
+        masks = [new[i] for i in range(len(params))]
+        for n, m, p in zip(layout.paths, masks, params):
+            assert m.placements == p.placements, n
+            record[f"mask{t + 1}/{n}"] = m.full_tensor().numpy()
+    np.savez(out_dir / f"mixed_rank{rank}.npz", **record)
 
 
 def optimizer_run(rank: int, world: int, mesh, out_dir: Path) -> None:
