@@ -11,8 +11,10 @@ from optax_selective.transform import (
     selective,
     selective_bitfit,
     selective_fft,
+    selective_fish,
     selective_id3,
     selective_pafi,
+    selective_random,
 )
 from optax_selective.verify import VerificationError, verify
 
@@ -24,6 +26,8 @@ __all__ = [
     "selective_pafi",
     "selective_bitfit",
     "selective_fft",
+    "selective_fish",
+    "selective_random",
     "selected_mask",
     "budget_used",
     "find_selective_state",
