@@ -12,7 +12,6 @@ Two forms (DESIGN.md section 4):
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +21,7 @@ import optax
 
 from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
-from optax_selective.methods._base import check_budget
+from optax_selective.methods._base import check_budget, check_int
 from optax_selective.methods.random import SEED_BOUND
 
 NO_PARAMS_MSG = (
@@ -103,16 +102,6 @@ def selective(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_max_steps(max_steps: Any) -> int:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-        if not hasattr(max_steps, "__index__"):
-            raise TypeError(f"max_steps must be an int, got {max_steps!r}.")
-    max_steps = int(max_steps)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    return max_steps
-
-
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and value < 0:  # traced values (inject_hyperparams) pass
         raise ValueError(f"{name} must be >= 0, got {value}.")
@@ -166,7 +155,7 @@ def selective_id3(
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
     budget = check_budget(budget)
-    max_steps = _check_max_steps(max_steps)
+    max_steps = check_int("max_steps", max_steps, 1)
     _check_nonnegative("exp", exp)
     _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
@@ -243,23 +232,6 @@ def selective_fft(
     return selective(_methods.FFT(), inner=inner)
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """An int argument in ``[low, high)`` (bools and traced values refused), as a Python int."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be a Python int, got {value!r} of type {type(value).__name__}.")
-    try:
-        value = operator.index(value)
-    except TypeError:  # a traced value, e.g. from inject_hyperparams without static_args
-        raise TypeError(
-            f"{name} must be a static Python int, got {value!r}. (With "
-            f"optax.inject_hyperparams, pass static_args=('budget', '{name}').)"
-        ) from None
-    if value < low or (high is not None and value >= high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be {bounds}, got {value}.")
-    return value
-
-
 def selective_fish(
     budget: int,
     fish_steps: int,
@@ -312,7 +284,7 @@ def selective_fish(
       https://arxiv.org/abs/2111.09839
     """
     budget = check_budget(budget)
-    fish_steps = _check_int("fish_steps", fish_steps, 1)
+    fish_steps = check_int("fish_steps", fish_steps, 1)
     method = _methods.Fish(budget=budget, fish_steps=fish_steps)
     return selective(method, choose_all=choose_all, inner=inner)
 
@@ -353,5 +325,5 @@ def selective_random(
       (random-mask baseline). https://arxiv.org/abs/2111.09839
     """
     budget = check_budget(budget)
-    seed = _check_int("seed", seed, 0, SEED_BOUND)
+    seed = check_int("seed", seed, 0, SEED_BOUND - 1)
     return selective(_methods.RandomMask(budget=budget, seed=seed), choose_all=choose_all, inner=inner)
