@@ -319,3 +319,14 @@ def test_random_budget_errors_at_init():
         osel.selective_random(22).init(params)
     with pytest.raises(ValueError, match="hold 4 entries but budget is 3, leaving -1"):
         osel.selective_random(3, choose_all=CHOOSE_HEAD).init(params)
+
+
+def test_fish_sum_is_sharded_like_its_parameter():
+    # Needs several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8).
+    if jax.device_count() < 2:
+        pytest.skip("needs at least 2 devices")
+    mesh = jax.make_mesh((2,), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    params = {"w": jax.device_put(jnp.ones((4, 3)), sharding), "b": jnp.ones(3)}
+    state = osel.selective_fish(2, 2).init(params)
+    assert state.method_state.fisher_sum[1].sharding == sharding

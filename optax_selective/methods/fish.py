@@ -66,9 +66,10 @@ class Fish:
     def init(self, params, layout: LeafLayout):
         _base.check_not_full(self.name, self.budget, layout)
         b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)
+        # zeros_like: the sum takes its parameter's sharding, so it is never replicated.
         fisher_sum = [
-            jnp.zeros(shape if ok else (0,), jnp.float32)
-            for shape, ok in zip(layout.shapes, layout.selectable)
+            jnp.zeros_like(p, jnp.float32) if ok else jnp.zeros((0,), jnp.float32)
+            for p, ok in zip(params, layout.selectable)
         ]
         state = FishState(jnp.asarray(b_eff, jnp.int32), fisher_sum)
         return _base.choose_all_mask(layout), state
