@@ -251,6 +251,11 @@ def selective_fish(
     ``budget`` entries are selected after ``fish_steps`` updates (fewer only if fewer than
     ``B`` scores are finite).
 
+    The reference implementation squares per-example gradients (a batch size of 1 during
+    scoring, ``fish_steps`` = number of examples); with batches of ``n`` examples the score is
+    the squared batch-mean gradient instead, a coarser estimate. Feed single examples during
+    the first ``fish_steps`` updates to reproduce the paper.
+
     The inner optimizer sees a zero gradient outside choose_all during the first
     ``fish_steps - 1`` updates, and its step count (Adam's bias correction, learning-rate
     schedules) includes them, as for ID3 (DESIGN.md section 4). The running sum of squared
