@@ -81,7 +81,7 @@ class Fish:
 
         def accumulate(fisher_sum):
             return [
-                s + fisher_increment(g) if use and ok else s
+                s + fisher_increment(g) if use and ok and g is not None else s
                 for s, g, use, ok in zip(fisher_sum, grads, scored, selectable)
             ]
 
