@@ -330,3 +330,25 @@ def test_fish_sum_is_sharded_like_its_parameter():
     params = {"w": jax.device_put(jnp.ones((4, 3)), sharding), "b": jnp.ones(3)}
     state = osel.selective_fish(2, 2).init(params)
     assert state.method_state.fisher_sum[1].sharding == sharding
+
+
+def test_fish_method_with_missing_leaves_as_the_torch_bridge_calls_it():
+    # The bridge passes None for params outside selection at init, and None masks/grads for
+    # leaves without a gradient in a step; those leaves take no part in that step.
+    from optax_selective._tree import LeafLayout
+    from optax_selective.methods import Fish, RandomMask
+
+    layout = LeafLayout(("a", "b", "c"), ((4,), (3,), (2,)), (True, True, False), (False, False, True))
+    method = Fish(budget=2 + 2, fish_steps=2)
+    assert method.frozen_after == 2 and RandomMask(budget=1).frozen_after == 0
+    masks, state = method.init([jnp.zeros(4), jnp.zeros(3), None], layout)
+    update = jax.jit(  # as the bridge's runner: selectable means "has a gradient"
+        lambda m, s, count, g: method.update(m, s, count, g, None, [x is not None for x in g])
+    )
+    a, b = jnp.array([1.0, 0.0, 3.0, 0.5]), jnp.array([9.0, 9.0, 9.0])
+    masks, state = update(masks[:2] + [None], state, 0, [a, b, None])
+    assert not any(bool(m.any()) for m in masks[:2])
+    new, state = update([masks[0], None, None], state, 1, [a, None, None])
+    assert new[1] is None and new[2] is None
+    assert new[0].tolist() == [True, False, True, False]  # b (sum 81 each) took no part
+    np.testing.assert_array_equal(state.fisher_sum[1], np.full(3, 81.0, np.float32))

@@ -63,6 +63,11 @@ class Fish:
     name: str = "fish"
     needs_params: bool = False
 
+    @property
+    def frozen_after(self) -> int:
+        """``update`` is the identity once ``fish_steps`` updates have been applied."""
+        return self.fish_steps
+
     def init(self, params, layout: LeafLayout):
         _base.check_not_full(self.name, self.budget, layout)
         b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)
@@ -91,7 +96,12 @@ class Fish:
         )
 
         def fix(mask):
-            scores = [s if use else None for s, use in zip(fisher_sum, scored)]
+            # A leaf whose mask is None (the torch bridge: no gradient in this step) takes no
+            # part, so the whole B_eff goes to leaves whose new mask is returned.
+            scores = [
+                s if use and m is not None else None
+                for s, m, use in zip(fisher_sum, mask, scored)
+            ]
             new = selection.top_k_masks(scores, state.effective_budget, self.budget)
             return [m if n is None else m | n for m, n in zip(mask, new)]
 
