@@ -352,3 +352,18 @@ def test_fish_method_with_missing_leaves_as_the_torch_bridge_calls_it():
     assert new[1] is None and new[2] is None
     assert new[0].tolist() == [True, False, True, False]  # b (sum 81 each) took no part
     np.testing.assert_array_equal(state.fisher_sum[1], np.full(3, 81.0, np.float32))
+
+
+def test_inside_inject_hyperparams_with_static_args():
+    params = {"w": jnp.arange(6.0)}
+    grads = {"w": jnp.array([0.0, 3.0, 1.0, 0.0, 2.0, 0.0])}
+    for factory, static, kwargs in (
+        (osel.selective_fish, ("budget", "fish_steps"), dict(budget=2, fish_steps=1)),
+        (osel.selective_random, ("budget", "seed"), dict(budget=2, seed=3)),
+    ):
+        tx = optax.inject_hyperparams(factory, static_args=static)(**kwargs, inner=optax.sgd(0.1))
+        _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert osel.budget_used(state) == 2
+    assert osel.selected_mask(state)["w"].tolist() == mask_leaves(
+        osel.selective_random(2, seed=3).init(params)
+    )[0].tolist()
