@@ -164,3 +164,31 @@ def test_registry_and_bad_arguments():
         rand(params, lr=0.1, budget=2, seed=torch.Generator())
     with pytest.raises(ValueError, match="budget 6 is larger than the 5 eligible"):
         rand(params, lr=0.1, budget=6)
+
+
+def test_fish_state_dict_round_trip_after_scoring_and_refused_during_scoring():
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = get_selective_optimizer(torch.optim.Adam, "fish")(
+            model.parameters(), lr=0.1, budget=3, fish_steps=2
+        )
+        return model, opt
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(torch.arange(8.0).reshape(2, 4)).pow(2).sum().backward()
+        opt.step()
+
+    model, opt = make()
+    step(model, opt)
+    during = opt.state_dict()
+    step(model, opt)
+    after = opt.state_dict()
+    _, fresh = make()
+    with pytest.raises(ValueError, match="saved during FISH scoring \\(after 1 of 2"):
+        fresh.load_state_dict(during)
+    fresh.load_state_dict(after)
+    for a, b in zip(fresh.get_masks(), opt.get_masks()):
+        assert torch.equal(a, b)
+    assert fresh.get_budget_used() == 3

@@ -350,6 +350,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         method = self._runner.method.name
         if sel.get("method") != method:
             raise ValueError(f"state_dict was saved by method {sel.get('method')!r}, not {method!r}.")
+        if method == "fish" and 0 < int(sel["count"]) < self._runner.method.frozen_after:
+            raise ValueError(  # the running Fisher sum is not part of the state dict
+                f"state_dict was saved during FISH scoring (after {int(sel['count'])} of "
+                f"{self._runner.method.frozen_after} fish_steps), so its Fisher sum is lost; "
+                "save after the first fish_steps steps, or restart scoring from step 0."
+            )
         masks = sel["masks"]
         if len(masks) != len(self._params):
             raise ValueError(
