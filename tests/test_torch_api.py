@@ -24,7 +24,7 @@ def train(model, opt, steps, seed=1, closure=False):
         x = torch.randn(5, 6, generator=g)
         y = torch.randn(5, 3, generator=g)
 
-        def loss_fn():
+        def loss_fn(x=x, y=y):
             opt.zero_grad()
             loss = (model(x) - y).pow(2).mean()
             loss.backward()
@@ -38,6 +38,16 @@ def train(model, opt, steps, seed=1, closure=False):
             opt.step()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch's and JAX's CPU thread pools fight on small machines; this test runs 1000 steps."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_snippet_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
@@ -60,7 +70,7 @@ def test_snippet_verbatim(tmp_path, monkeypatch, capsys):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    optimizer.post_train_work(); print("Budget used:", optimizer.get_budget_used())
+    optimizer.post_train_work(); print("Budget used:", optimizer.get_budget_used())  # noqa: E702
     write_summary_to_disk("summary.pt", optimizer.get_summary(model))
     load_weights_from_summary(model, load_summary_from_disk("summary.pt"))
     # --- checks ---
