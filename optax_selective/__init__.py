@@ -20,8 +20,10 @@ from optax_selective.transform import (
     selective,
     selective_bitfit,
     selective_fft,
+    selective_fish,
     selective_id3,
     selective_pafi,
+    selective_random,
 )
 from optax_selective.verify import VerificationError, verify
 
@@ -33,6 +35,8 @@ __all__ = [
     "selective_pafi",
     "selective_bitfit",
     "selective_fft",
+    "selective_fish",
+    "selective_random",
     "selected_mask",
     "budget_used",
     "find_selective_state",

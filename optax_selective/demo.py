@@ -1,8 +1,8 @@
 """The library's main job in miniature: ``python -m optax_selective.demo`` (or ``make demo``).
 
 1. Pretrain a small Flax NNX MLP on digits 0-4 of ``sklearn.datasets.load_digits``.
-2. Fine-tune a copy of it on digits 5-9 with each method (ID3, PaFI, BitFit, full
-   fine-tuning) at the same budget, in the wrapper form around ``optax.adamw`` so that
+2. Fine-tune a copy of it on digits 5-9 with each method (ID3, PaFI, BitFit, FISH mask,
+   random mask, full fine-tuning) at the same budget, in the wrapper form around ``optax.adamw`` so that
    unselected entries are guaranteed never to move, and check that with :func:`verify`.
 3. Print a table: test accuracy, budget used, optimizer-state bytes, summary bytes on disk
    and milliseconds per training step.
@@ -32,7 +32,7 @@ from flax import nnx
 
 import optax_selective as osel
 
-METHODS = ("id3", "pafi", "bitfit", "fft")
+METHODS = ("id3", "pafi", "bitfit", "fish", "random", "fft")
 NUM_CLASSES = 10
 
 
@@ -141,11 +141,14 @@ def pretrain(
 
 
 def make_tx(
-    method: str, budget: int, steps: int, lr: float, weight_decay: float
+    method: str, budget: int, steps: int, lr: float, weight_decay: float, seed: int = 0
 ) -> optax.GradientTransformationExtraArgs:
     """The selective optimizer for ``method``, wrapping ``optax.adamw``.
 
-    ID3 spends its budget over the first half of the steps (``max_steps = steps // 2``).
+    ID3 spends its budget over the first half of the steps (``max_steps = steps // 2``). FISH
+    scores a single step (``fish_steps = 1``): the demo trains full-batch with no choose_all
+    leaves, so every scoring step would see the same gradient at the same parameters. The
+    random mask draws from ``seed``.
     """
     inner = optax.adamw(lr, weight_decay=weight_decay)
     if method == "id3":
@@ -154,6 +157,10 @@ def make_tx(
         return osel.selective_pafi(budget, inner=inner)
     if method == "bitfit":
         return osel.selective_bitfit(budget, inner=inner)
+    if method == "fish":
+        return osel.selective_fish(budget, 1, inner=inner)
+    if method == "random":
+        return osel.selective_random(budget, seed=seed, inner=inner)
     if method == "fft":
         return osel.selective_fft(inner=inner)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
@@ -194,13 +201,14 @@ def finetune(
     weight_decay: float,
     out: str,
     progress: bool = True,
+    seed: int = 0,
 ) -> tuple[Result, MLP]:
     """Fine-tunes a copy of ``pretrained`` on digits 5-9, verifies it, saves its summary.
 
     Returns the result row and the fine-tuned model.
     """
     model = nnx.clone(pretrained)
-    tx = make_tx(method, budget, steps, lr, weight_decay)
+    tx = make_tx(method, budget, steps, lr, weight_decay, seed)
     opt, ms = train(model, tx, tasks["ft_train"], steps, f"fine-tune {method}", progress)
     before = nnx.state(pretrained, nnx.Param)
     after = nnx.state(model, nnx.Param)
@@ -314,7 +322,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m optax_selective.demo",
         description="Pretrain a small MLP on digits 0-4, fine-tune it on digits 5-9 with ID3, "
-        "PaFI, BitFit and full fine-tuning at the same budget, save each sparse summary and "
+        "PaFI, BitFit, FISH, a random mask and full fine-tuning at the same budget, save each sparse summary and "
         "reload it onto the pretrained model.",
     )
     p.add_argument(
@@ -388,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
             weight_decay=args.weight_decay,
             out=args.out,
             progress=progress,
+            seed=args.seed,
         )
         reload(result, pretrained, model, tasks)
         results.append(result)

@@ -23,6 +23,7 @@ from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner
 from optax_selective.methods._base import check_budget, check_int, frozen_update
+from optax_selective.methods.random import SEED_BOUND
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
@@ -279,3 +280,105 @@ def selective_fft(
       4
     """
     return selective(_methods.FFT(), inner=inner)
+
+
+def selective_fish(
+    budget: int,
+    fish_steps: int,
+    *,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """FISH mask: the entries with the highest empirical Fisher information, then fixed.
+
+    The score of an entry is the mean of its squared raw gradient over the first
+    ``fish_steps`` updates. During updates ``t < fish_steps - 1`` only choose_all leaves are
+    trained, so every scoring gradient is taken at the initial values of the other entries
+    (the paper computes the mask before training). At update ``t = fish_steps - 1``, after
+    adding that step's gradient, the ``B = budget - |choose_all|`` highest scores over all
+    leaves together (ties to the lower global index, non-finite scores never chosen) join the
+    mask, and that update already uses it; the mask is fixed from then on. So exactly
+    ``budget`` entries are selected after ``fish_steps`` updates (fewer only if fewer than
+    ``B`` scores are finite).
+
+    The reference implementation squares per-example gradients (a batch size of 1 during
+    scoring, ``fish_steps`` = number of examples); with batches of ``n`` examples the score is
+    the squared batch-mean gradient instead, a coarser estimate. Feed single examples during
+    the first ``fish_steps`` updates to reproduce the paper.
+
+    The inner optimizer sees a zero gradient outside choose_all during the first
+    ``fish_steps - 1`` updates, and its step count (Adam's bias correction, learning-rate
+    schedules) includes them, as for ID3 (DESIGN.md section 4). The running sum of squared
+    gradients is kept in the state: one float32 per selectable entry, for the life of the
+    state (static shapes under ``jax.jit`` do not allow freeing it after scoring).
+
+    Args:
+      budget: the most entries that may ever change, choose_all leaves included; must leave at
+        least one entry after choose_all, and may not exceed the floating-point entries.
+      fish_steps: number of updates whose gradients make up the Fisher score (the paper's
+        number of samples, counted in batches); ``>= 1``.
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`
+      with a :class:`~optax_selective.methods.FishState` as ``method_state``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> params = {"w": jnp.zeros(4)}
+      >>> tx = osel.selective_fish(budget=2, fish_steps=2, inner=optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> for g in ([3.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, 2.0]):  # Fisher sums 9, 1, 2, 8
+      ...     updates, state = tx.update({"w": jnp.array(g)}, state, params)
+      >>> osel.selected_mask(state)["w"].tolist()
+      [True, False, False, True]
+
+    References:
+      Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021.
+      https://arxiv.org/abs/2111.09839
+    """
+    budget = check_budget(budget)
+    fish_steps = check_int("fish_steps", fish_steps, 1)
+    method = _methods.Fish(budget=budget, fish_steps=fish_steps)
+    return selective(method, choose_all=choose_all, inner=inner)
+
+
+def selective_random(
+    budget: int,
+    *,
+    seed: int = 0,
+    choose_all: ChooseAll = None,
+    inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """R-Mask: ``budget - |choose_all|`` eligible entries drawn uniformly at random, fixed.
+
+    Every entry of a selectable leaf gets a random key from ``seed`` and its leaf's position
+    in leaf order (see :mod:`optax_selective.methods.random` for the exact draw); the highest
+    keys over all leaves together are chosen at init, ties to the lower global index. The
+    torch bridge runs the same code, so the same seed selects the same entries there.
+
+    Args:
+      budget: entries that may change, choose_all leaves included; may not exceed the
+        floating-point entries.
+      seed: Python int in ``[0, 2**32)``; the same seed and parameter shapes give the same mask.
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"b": jnp.zeros(3), "w": jnp.ones((4, 5))}
+      >>> state = osel.selective_random(budget=6, seed=1).init(params)
+      >>> osel.budget_used(state)
+      6
+      >>> again = osel.selective_random(budget=6, seed=1).init(params)
+      >>> bool((osel.selected_mask(again)["w"] == osel.selected_mask(state)["w"]).all())
+      True
+
+    References:
+      Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021
+      (random-mask baseline). https://arxiv.org/abs/2111.09839
+    """
+    budget = check_budget(budget)
+    seed = check_int("seed", seed, 0, SEED_BOUND - 1)
+    return selective(_methods.RandomMask(budget=budget, seed=seed), choose_all=choose_all, inner=inner)

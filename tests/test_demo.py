@@ -34,6 +34,8 @@ def test_demo_main_runs_and_reproduces_exactly(tmp_path, capsys):
     assert by["id3"].budget_used == 100  # max_steps = 10 <= 20 steps: budget fully spent
     assert by["pafi"].budget_used == 100
     assert by["bitfit"].budget_used == 100  # 138 bias entries available
+    assert by["fish"].budget_used == 100  # fish_steps = 1: fixed at the first step
+    assert by["random"].budget_used == 100
     assert by["fft"].budget_used == num_params
     for r in results:
         assert r.params_identical

@@ -10,9 +10,10 @@ from typing import Any
 
 from optax_selective import methods as _methods
 from optax_selective.methods._base import check_budget, check_int
+from optax_selective.methods.random import SEED_BOUND
 from optax_selective.transform import _check_nonnegative
 
-METHOD_NAMES = ("id3", "pafi", "bitfit", "fft")
+METHOD_NAMES = ("id3", "pafi", "bitfit", "fish", "random", "fft")
 
 
 def check_method_name(name: Any) -> str:
@@ -30,12 +31,20 @@ def check_method_name(name: Any) -> str:
 
 
 def build_method(
-    name: str, *, budget: Any, max_steps: Any = None, exp: Any = 1.0, eps: Any = 1e-8
+    name: str,
+    *,
+    budget: Any,
+    max_steps: Any = None,
+    exp: Any = 1.0,
+    eps: Any = 1e-8,
+    fish_steps: Any = None,
+    seed: Any = 0,
 ) -> _methods.Method:
     """The ``optax_selective`` method object for ``name``, with its arguments checked.
 
-    ``budget`` is required for id3, pafi and bitfit (fft ignores it); ``max_steps``, ``exp``
-    and ``eps`` are read by id3 only.
+    ``budget`` is required for every method but fft (which ignores it); ``max_steps``, ``exp``
+    and ``eps`` are read by id3 only, ``fish_steps`` by fish only (required there), ``seed``
+    by random only.
 
     Example:
       >>> build_method("id3", budget=100, max_steps=10).frozen_after
@@ -51,6 +60,15 @@ def build_method(
         return _methods.PaFI(budget=budget)
     if name == "bitfit":
         return _methods.BitFit(budget=budget)
+    if name == "random":
+        return _methods.RandomMask(budget=budget, seed=check_int("seed", seed, 0, SEED_BOUND - 1))
+    if name == "fish":
+        if fish_steps is None:
+            raise ValueError(
+                "method 'fish' needs fish_steps=<number of steps whose squared gradients make "
+                "up the Fisher score>, got None."
+            )
+        return _methods.Fish(budget=budget, fish_steps=check_int("fish_steps", fish_steps, 1))
     if max_steps is None:
         raise ValueError(
             "method 'id3' needs max_steps=<number of optimizer steps over which the budget is "

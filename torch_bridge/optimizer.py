@@ -3,8 +3,9 @@
 The returned class subclasses the given optimizer class (so LR schedulers, ``Trainer``,
 ``accelerate`` and ``state_dict`` see a real optimizer) and adds, around its ``step``:
 
-1. while the method's mask may still change (ID3's first ``max_steps`` steps), one call of the
-   shared ``optax_selective`` method through :mod:`torch_bridge.jax_interop`;
+1. while the method's mask may still change (ID3's first ``max_steps`` steps, FISH's first
+   ``fish_steps``), one call of the shared ``optax_selective`` method through
+   :mod:`torch_bridge.jax_interop`;
 2. the gradient is set to exact ``+0.0`` outside the mask (parameters whose mask is empty for
    good get ``grad = None``, so the inner optimizer skips them);
 3. the inner optimizer's own ``step``;
@@ -44,7 +45,8 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
 
     Args:
       optimizer_class: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.AdamW``.
-      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"`` or ``"fft"`` (full fine-tuning).
+      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"`` or ``"fft"``
+        (full fine-tuning).
 
     Returns:
       A subclass of ``optimizer_class`` (the same class for the same arguments). Its
@@ -55,6 +57,11 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
       * ``budget``: the most entries that may ever change (required except for ``"fft"``);
       * ``max_steps``: optimizer steps over which ID3 spends the budget (required for id3,
         ignored by the others);
+      * ``fish_steps``: steps whose squared gradients make up FISH's Fisher score (required for
+        fish); the mask is fixed at step ``fish_steps - 1``, and until then only choose_all
+        groups train;
+      * ``seed`` (default 0): int in ``[0, 2**32)`` for the random mask; the same seed selects
+        the same entries as ``optax_selective.selective_random`` on the same shapes;
       * ``exp`` (default 1.0), ``eps`` (default 1e-8): ID3's score
         ``|g| / (|θ| + eps) ** exp``. As in selective-optimizers 0.4, ``eps`` belongs to ID3
         when the method is id3 and is passed to the inner optimizer otherwise;
@@ -110,6 +117,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         budget = kwargs.pop("budget", None)
         verify = kwargs.pop("verify", False)
         max_steps = kwargs.pop("max_steps", None)
+        fish_steps = kwargs.pop("fish_steps", None)
+        seed = kwargs.pop("seed", 0)
         exp = kwargs.pop("exp", 1.0)
         eps = kwargs.pop("eps", 1e-8) if self.method_name == "id3" else None
         if "initial_params_path" in kwargs:
@@ -121,7 +130,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be True or False, got {verify!r}.")
-        method = build_method(self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+        method = build_method(
+            self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps,
+            fish_steps=fish_steps, seed=seed,
+        )
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
         self._setup(method, None if budget is None else int(budget), verify)
@@ -345,6 +357,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         method = self._runner.method.name
         if sel.get("method") != method:
             raise ValueError(f"state_dict was saved by method {sel.get('method')!r}, not {method!r}.")
+        if method == "fish" and 0 < int(sel["count"]) < self._runner.method.frozen_after:
+            raise ValueError(  # the running Fisher sum is not part of the state dict
+                f"state_dict was saved during FISH scoring (after {int(sel['count'])} of "
+                f"{self._runner.method.frozen_after} fish_steps), so its Fisher sum is lost; "
+                "save after the first fish_steps steps, or restart scoring from step 0."
+            )
         masks = sel["masks"]
         if len(masks) != len(self._params):
             raise ValueError(

@@ -1,0 +1,109 @@
+"""FISH mask: the top entries by empirical Fisher information, fixed (DESIGN.md section 3).
+
+The score of an entry is the mean of its squared gradient over the first ``fish_steps``
+updates. Ranking by the mean is ranking by the sum (``fish_steps`` is a positive constant),
+so the state keeps the float32 running sum and the top-k runs on the sum itself: no division,
+so no two distinct sums can round to the same score.
+
+Scoring schedule, for update ``t`` (0-based count of updates so far):
+
+* ``t < fish_steps``: ``fisher_sum += g ** 2`` (float32, raw gradient) on every selectable
+  leaf. The mask is choose_all only, so entries outside choose_all do not move and every
+  scoring gradient is taken at their initial values, as in the paper, which computes the
+  mask before training.
+* ``t == fish_steps - 1``: after adding this step's gradient, the ``B_eff`` entries with the
+  highest sum over all selectable leaves together (ties to the lower global index, non-finite
+  sums excluded) join the mask, which is then fixed. This update already uses the full mask,
+  so exactly ``budget`` entries are selected after ``fish_steps`` updates (as for ID3).
+* ``t >= fish_steps``: nothing changes.
+
+Memory: the running sum is one float32 per selectable entry (the size of one Adam moment,
+choose_all and non-float leaves excluded: those hold a zero-size placeholder). Shapes of the
+optimizer state are static under ``jax.jit``, so the buffer cannot be freed after scoring; it
+stays in the state, frozen, and doubles as a record of the Fisher scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_selective import selection
+from optax_selective._tree import LeafLayout
+from optax_selective.methods import _base
+
+
+class FishState(NamedTuple):
+    """FISH's own state.
+
+    Attributes:
+      effective_budget: int32 scalar, ``budget - |choose_all|``, fixed at init.
+      fisher_sum: one float32 array per leaf (leaf order): the running sum of squared
+        gradients, shaped like the leaf for selectable leaves, shape ``(0,)`` for the others.
+    """
+
+    effective_budget: jax.Array
+    fisher_sum: list[jax.Array]
+
+
+def fisher_increment(grad: jax.Array) -> jax.Array:
+    """One step's contribution to the empirical Fisher score: ``g ** 2`` in float32."""
+    g = grad.astype(jnp.float32)
+    return g * g
+
+
+@dataclasses.dataclass(frozen=True)
+class Fish:
+    budget: int
+    fish_steps: int
+    name: str = "fish"
+    needs_params: bool = False
+
+    @property
+    def frozen_after(self) -> int:
+        """``update`` is the identity once ``fish_steps`` updates have been applied."""
+        return self.fish_steps
+
+    def init(self, params, layout: LeafLayout):
+        _base.check_not_full(self.name, self.budget, layout)
+        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)
+        # zeros_like: the sum takes its parameter's sharding, so it is never replicated.
+        fisher_sum = [
+            jnp.zeros_like(p, jnp.float32) if ok else jnp.zeros((0,), jnp.float32)
+            for p, ok in zip(params, layout.selectable)
+        ]
+        state = FishState(jnp.asarray(b_eff, jnp.int32), fisher_sum)
+        return _base.choose_all_mask(layout), state
+
+    def update(self, mask, state: FishState, count, grads, params, selectable):
+        del params
+        # Leaves selectable at init hold a full-size sum; the placeholders are (0,)-shaped.
+        scored = [s.size > 0 for s in state.fisher_sum]
+
+        def accumulate(fisher_sum):
+            return [
+                s + fisher_increment(g) if use and ok and g is not None else s
+                for s, g, use, ok in zip(fisher_sum, grads, scored, selectable)
+            ]
+
+        # Skip the pass over the gradients entirely once scoring is over.
+        fisher_sum = lax.cond(
+            count < self.fish_steps, accumulate, lambda s: list(s), list(state.fisher_sum)
+        )
+
+        def fix(mask):
+            # A leaf whose mask is None (the torch bridge: no gradient in this step) takes no
+            # part, so the whole B_eff goes to leaves whose new mask is returned.
+            scores = [
+                s if use and m is not None else None
+                for s, m, use in zip(fisher_sum, mask, scored)
+            ]
+            new = selection.top_k_masks(scores, state.effective_budget, self.budget)
+            return [m if n is None else m | n for m, n in zip(mask, new)]
+
+        mask = lax.cond(count == self.fish_steps - 1, fix, lambda m: list(m), list(mask))
+        return mask, FishState(state.effective_budget, fisher_sum)

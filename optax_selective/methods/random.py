@@ -1,0 +1,61 @@
+"""R-Mask: ``B_eff`` eligible entries drawn uniformly at random, fixed at init (DESIGN.md 3).
+
+The draw is defined on the leaves in leaf order, without reference to any framework's
+random generator, so the torch bridge (which calls this same code on its parameter list)
+selects the same entries as JAX for the same seed:
+
+* leaf ``i`` (its position in leaf order, counting every leaf) gets the key
+  ``jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), i)``;
+* each of its entries gets a 24-bit random integer ``jax.random.bits(key_i, shape, uint32)
+  >> 8``, exactly representable in float32;
+* the ``B_eff`` highest keys over all selectable leaves together are chosen, ties to the
+  lower global index (:func:`optax_selective.selection.top_k_masks`).
+
+The keys of one leaf do not depend on the other leaves, so adding a leaf at the end of the
+pytree does not change the keys of the others. Ties only matter between entries with equal
+24-bit keys at the cutoff, so the choice is uniform up to a bias of order ``N / 2**24``
+entries towards lower indices. The draw is fixed for a given JAX version and
+``jax_threefry_partitionable`` setting (JAX changed that flag's default in 0.5.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from optax_selective import selection
+from optax_selective._tree import LeafLayout
+from optax_selective.methods import _base
+
+SEED_BOUND = 2**32
+
+
+def random_keys(seed: int, leaf_index: int, shape: tuple[int, ...]) -> jax.Array:
+    """The float32 sort keys of one leaf's entries (integers in ``[0, 2**24)``)."""
+    key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), leaf_index)
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return (bits >> 8).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomMask:
+    budget: int
+    seed: int = 0
+    name: str = "random"
+    needs_params: bool = False
+
+    def init(self, params, layout: LeafLayout):
+        _base.check_not_full(self.name, self.budget, layout)
+        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=0)
+        mask = _base.choose_all_mask(layout)
+        scores = [
+            random_keys(self.seed, i, shape) if ok else None
+            for i, (shape, ok) in enumerate(zip(layout.shapes, layout.selectable))
+        ]
+        new = selection.top_k_masks(scores, b_eff, b_eff)
+        return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
+
+    frozen_after = 0  # fixed at init
+    update = staticmethod(_base.frozen_update)
