@@ -33,7 +33,7 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 1e-2 offline, 1e-4 online")
     p.add_argument("--exp", type=float, default=1.0)
-    p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--eps", type=float, default=0.1, help="ID3's eps (paper's best: 0.1 or 1)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
