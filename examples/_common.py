@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import hashlib
 import importlib.util
 import os
@@ -51,6 +52,7 @@ def _bucket(key: str) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
 
 
+@functools.lru_cache(maxsize=1)
 def rotten_tomatoes() -> dict[str, TextSplit]:
     """Rotten Tomatoes review snippets with a fixed train / dev / test split.
 
