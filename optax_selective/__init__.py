@@ -6,6 +6,15 @@ the changed entries ship as a small :class:`SparseSummary`.
 
 from optax_selective._version import __version__
 from optax_selective.inspect import budget_used, find_selective_state, selected_mask
+from optax_selective.summary import (
+    SparseSummary,
+    SummaryFormatError,
+    SummaryLeaf,
+    apply_summary,
+    load_summary,
+    make_summary,
+    save_summary,
+)
 from optax_selective.transform import (
     SelectiveState,
     selective,
@@ -29,4 +38,11 @@ __all__ = [
     "find_selective_state",
     "verify",
     "VerificationError",
+    "SparseSummary",
+    "SummaryLeaf",
+    "SummaryFormatError",
+    "make_summary",
+    "apply_summary",
+    "save_summary",
+    "load_summary",
 ]
