@@ -24,6 +24,9 @@ MAX_BUDGET = 2**31 - 1
 class Method(Protocol):
     name: str
     needs_params: bool  # whether ``update`` reads the current parameters
+    # ``update`` is the identity once ``count >= frozen_after`` (0 for fixed masks, None if the
+    # mask may change at any step); lets callers such as the torch bridge skip the call.
+    frozen_after: int | None
 
     def init(self, params: Sequence[jax.Array], layout: LeafLayout) -> tuple[Leaves, Any]: ...
 

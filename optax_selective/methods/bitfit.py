@@ -37,4 +37,5 @@ class BitFit:
             left -= take
         return mask, _base.EMPTY
 
+    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

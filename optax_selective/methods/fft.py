@@ -21,4 +21,5 @@ class FFT:
         flags = [s or c for s, c in zip(layout.selectable, layout.choose_all)]
         return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], _base.EMPTY
 
+    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

@@ -28,6 +28,11 @@ class ID3:
     name: str = "id3"
     needs_params: bool = True
 
+    @property
+    def frozen_after(self) -> int:
+        """The mask is frozen after ``max_steps`` updates."""
+        return self.max_steps
+
     def init(self, params, layout: LeafLayout):
         _base.check_not_full(self.name, self.budget, layout)
         b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)

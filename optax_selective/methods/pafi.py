@@ -26,4 +26,5 @@ class PaFI:
         new = selection.top_k_masks(scores, b_eff, b_eff)
         return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
 
+    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

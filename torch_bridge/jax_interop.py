@@ -1,0 +1,161 @@
+"""Runs the shared ``optax_selective`` methods on torch tensors, through DLPack.
+
+Nothing here knows a selection rule: :class:`MethodRunner` hands torch tensors to a method's
+``init`` / ``update`` (JAX functions over flat lists of leaves, in leaf order) and hands the
+resulting masks back as torch bool tensors.
+
+Cost per call: tensors go torch -> JAX with ``jax.dlpack.from_dlpack`` and masks come back
+with ``torch.from_dlpack``; both are zero-copy when JAX can address the tensor's device (CPU
+always; CUDA when a CUDA build of jaxlib is installed). ``update`` is jitted once per runner;
+``jax.jit`` then keeps one compiled function per (shapes, dtypes, which leaves take part), so
+steps do not recompile. The masks returned by the previous step stay on the JAX side and are
+fed back without another conversion. ``update`` waits for JAX to finish before returning, so
+torch may modify gradients and parameters in place right after.
+
+Devices: selection runs on one *selection device*: the device of the first trainable
+parameter. Leaves on other devices are copied there for the call (leaf by leaf; nothing is
+concatenated across devices) and their masks are copied back. If JAX cannot address the
+selection device (e.g. CUDA tensors with a CPU-only jaxlib), everything is copied through the
+host instead, which works but costs two transfers of every trainable leaf per ID3 step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch_bridge._jax_env  # noqa: F401  (must run before jax is imported)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from optax_selective._tree import LeafLayout  # noqa: E402
+from optax_selective.methods import Method  # noqa: E402
+
+_INT32_MAX = 2**31 - 1
+
+
+def jax_can_address(device: torch.device) -> bool:
+    """Whether ``jax.dlpack.from_dlpack`` accepts a tensor on ``device`` (zero-copy import)."""
+    try:
+        jax.dlpack.from_dlpack(torch.zeros(1, device=device))
+    except Exception:  # noqa: BLE001 - any failure means: go through the host
+        return False
+    return True
+
+
+class MethodRunner:
+    """Drives one method over the parameters of one torch optimizer.
+
+    Args:
+      method: an ``optax_selective.methods`` object (``ID3``, ``PaFI``, ``BitFit``, ``FFT``).
+      layout: the static :class:`~optax_selective._tree.LeafLayout` of the parameters.
+      params: the parameters, in leaf order (used to pick the selection device).
+
+    Example:
+      >>> import torch
+      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import PaFI
+      >>> w = torch.tensor([0.5, -0.1, 2.0, 0.0])
+      >>> layout = LeafLayout(("w",), ((4,),), (True,), (False,))
+      >>> runner = MethodRunner(PaFI(budget=2), layout, [w])
+      >>> runner.init([w])[0].tolist()
+      [False, True, False, True]
+    """
+
+    def __init__(self, method: Method, layout: LeafLayout, params: Sequence[torch.Tensor]):
+        self.method = method
+        self.layout = layout
+        self.method_state = None
+        self.traces = 0  # how often ``update`` was traced (compiled); tests read it
+        trainable = [
+            p for p, s, c in zip(params, layout.selectable, layout.choose_all) if s or c
+        ]
+        device = (trainable or list(params))[0].device
+        if not jax_can_address(device):
+            warnings.warn(
+                f"JAX cannot address torch device {device} (is a CUDA build of jaxlib "
+                "installed?); selection will copy tensors through the host every ID3 step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            device = torch.device("cpu")
+        self.device = device
+        self._jax_device = jax.dlpack.from_dlpack(torch.zeros(1, device=device)).device
+        self._jax_masks: dict[int, jax.Array] = {}
+        self._update = jax.jit(self._update_impl)
+
+    # -- conversions -------------------------------------------------------------------------
+    def to_jax(self, t: torch.Tensor) -> jax.Array:
+        """Zero-copy view of ``t`` for JAX (copied first if on another device or strided)."""
+        t = t.detach()
+        if t.device != self.device:
+            t = t.to(self.device, non_blocking=True)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return jax.dlpack.from_dlpack(t)
+
+    @staticmethod
+    def to_torch(a: jax.Array, device: torch.device) -> torch.Tensor:
+        """Zero-copy torch view of a (ready) JAX array, moved to ``device`` if needed."""
+        t = torch.from_dlpack(a)
+        return t if t.device == device else t.to(device)
+
+    # -- the method --------------------------------------------------------------------------
+    def init(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The method's first masks (torch bool, on each parameter's device)."""
+        jparams = [
+            self.to_jax(p) if ok else None for p, ok in zip(params, self.layout.selectable)
+        ]
+        with jax.default_device(self._jax_device):
+            masks, self.method_state = self.method.init(jparams, self.layout)
+        masks = jax.block_until_ready(masks)
+        self._jax_masks.clear()
+        return [self.to_torch(m, p.device) for m, p in zip(masks, params)]
+
+    def _update_impl(self, masks, state, count, grads, params):
+        self.traces += 1
+        selectable = [g is not None for g in grads]
+        return self.method.update(list(masks), state, count, list(grads), params, selectable)
+
+    def update(
+        self,
+        count: int,
+        active: Sequence[int],
+        masks: Sequence[torch.Tensor | None],
+        grads: Sequence[torch.Tensor | None],
+        params: Sequence[torch.Tensor],
+    ) -> dict[int, torch.Tensor]:
+        """One ``method.update`` over the leaves in ``active``; returns their new masks.
+
+        Leaves outside ``active`` take no part (as if their gradient were missing) and keep
+        their masks. ``count`` is the number of updates applied so far.
+        """
+        n = len(params)
+        jm: list[jax.Array | None] = [None] * n
+        jg: list[jax.Array | None] = [None] * n
+        jp: list[jax.Array | None] = [None] * n
+        for i in active:
+            cached = self._jax_masks.get(i)
+            jm[i] = cached if cached is not None else self.to_jax(masks[i])
+            jg[i] = self.to_jax(grads[i])
+            if self.method.needs_params:
+                jp[i] = self.to_jax(params[i])
+        new, self.method_state = self._update(
+            jm,
+            self.method_state,
+            np.int32(min(count, _INT32_MAX)),
+            jg,
+            jp if self.method.needs_params else None,
+        )
+        new = jax.block_until_ready(new)
+        out = {}
+        for i in active:
+            self._jax_masks[i] = new[i]
+            out[i] = self.to_torch(new[i], params[i].device)
+        return out
+
+    def forget_masks(self) -> None:
+        """Drops the JAX-side copies of the masks (call after setting masks from torch)."""
+        self._jax_masks.clear()

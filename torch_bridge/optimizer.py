@@ -1,0 +1,368 @@
+"""``get_selective_optimizer``: any ``torch.optim.Optimizer`` class, made selective.
+
+The returned class subclasses the given optimizer class (so LR schedulers, ``Trainer``,
+``accelerate`` and ``state_dict`` see a real optimizer) and adds, around its ``step``:
+
+1. while the method's mask may still change (ID3's first ``max_steps`` steps), one call of the
+   shared ``optax_selective`` method through :mod:`torch_bridge.jax_interop`;
+2. the gradient is set to exact ``+0.0`` outside the mask (parameters whose mask is empty for
+   good get ``grad = None``, so the inner optimizer skips them);
+3. the inner optimizer's own ``step``;
+4. unselected entries are restored where the inner step could have moved them (weight decay,
+   ``maximize``, optimizers outside ``torch.optim``; see :mod:`torch_bridge.safety`), so they
+   stay bit-identical whatever the inner optimizer does.
+
+Leaf order is ``param_groups`` in order, then the params of each group. Params with
+``requires_grad=False`` at construction, non-floating-point params, and params without a
+gradient in a step are never selected in that step and never changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from optax_selective._tree import LeafLayout
+from torch_bridge import summary as _summary
+from torch_bridge import verify as _verify
+from torch_bridge.jax_interop import MethodRunner
+from torch_bridge.methods import build_method, check_method_name
+from torch_bridge.safety import restore_scope
+
+FULL, EMPTY, PARTIAL = "full", "empty", "partial"
+STATE_KEY = "selective"
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
+    """Returns ``optimizer_class`` made selective with the method ``peft_to_use``.
+
+    Args:
+      optimizer_class: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.AdamW``.
+      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"`` or ``"fft"`` (full fine-tuning).
+
+    Returns:
+      A subclass of ``optimizer_class`` (the same class for the same arguments). Its
+      constructor takes ``params`` (tensors or param groups; a group with
+      ``"choose_all": True`` is fully trainable from step 0 and counts toward the budget), the
+      usual keyword arguments of ``optimizer_class``, and:
+
+      * ``budget``: the most entries that may ever change (required except for ``"fft"``);
+      * ``max_steps``: optimizer steps over which ID3 spends the budget (required for id3,
+        ignored by the others);
+      * ``exp`` (default 1.0), ``eps`` (default 1e-8): ID3's score
+        ``|g| / (|θ| + eps) ** exp``. As in selective-optimizers 0.4, ``eps`` belongs to ID3
+        when the method is id3 and is passed to the inner optimizer otherwise;
+      * ``verify`` (default False): keep a host copy of the parameters and check in
+        :meth:`post_train_work` that the budget held and nothing unselected moved.
+
+    Example:
+      >>> import torch
+      >>> model = torch.nn.Linear(4, 2)
+      >>> cls = get_selective_optimizer(torch.optim.AdamW, "id3")
+      >>> opt = cls(model.parameters(), lr=1e-2, budget=4, max_steps=2)
+      >>> for _ in range(2):
+      ...     opt.zero_grad(); model(torch.ones(3, 4)).sum().backward(); opt.step()
+      >>> opt.get_budget_used()
+      4
+    """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(
+            "optimizer_class must be a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW), "
+            f"got {optimizer_class!r}."
+        )
+    if issubclass(optimizer_class, SelectiveOptimizer):
+        raise TypeError(f"{optimizer_class.__name__} is already a selective optimizer.")
+    name = check_method_name(peft_to_use)
+    key = (optimizer_class, name)
+    if key not in _CLASSES:
+        cls_name = f"Selective{optimizer_class.__name__}"
+        _CLASSES[key] = type(
+            cls_name,
+            (SelectiveOptimizer, optimizer_class),
+            {"method_name": name, "inner_class": optimizer_class, "__module__": __name__,
+             "__qualname__": cls_name},
+        )
+    return _CLASSES[key]
+
+
+def _inner_step(optimizer_class: type) -> Callable[..., Any]:
+    # torch wraps ``step`` of every instantiated optimizer class in a profiling hook that runs
+    # the step hooks; our own ``step`` is wrapped already, so call the inner one unwrapped.
+    step = optimizer_class.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
+class SelectiveOptimizer(torch.optim.Optimizer):
+    """Mixin placed before a torch optimizer class by :func:`get_selective_optimizer`."""
+
+    method_name: str = ""
+    inner_class: type = torch.optim.Optimizer
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any):
+        budget = kwargs.pop("budget", None)
+        verify = kwargs.pop("verify", False)
+        max_steps = kwargs.pop("max_steps", None)
+        exp = kwargs.pop("exp", 1.0)
+        eps = kwargs.pop("eps", 1e-8) if self.method_name == "id3" else None
+        if "initial_params_path" in kwargs:
+            kwargs.pop("initial_params_path")
+            warnings.warn(
+                "initial_params_path is ignored: verification keeps its copy in memory.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be True or False, got {verify!r}.")
+        method = build_method(self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+        self._selective_ready = False
+        super().__init__(params, *args, **kwargs)
+        self._setup(method, None if budget is None else int(budget), verify)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup(self, method: Any, budget: int | None, verify: bool) -> None:
+        params, paths, groups, selectable, choose_all = [], [], [], [], []
+        for gi, group in enumerate(self.param_groups):
+            ca = group.get("choose_all", False)
+            if not isinstance(ca, bool):
+                raise TypeError(
+                    f"param_groups[{gi}]['choose_all'] must be True or False, got {ca!r}."
+                )
+            for pi, p in enumerate(group["params"]):
+                trainable = p.requires_grad and p.is_floating_point()
+                params.append(p)
+                paths.append(f"param_groups[{gi}]['params'][{pi}]")
+                groups.append(gi)
+                selectable.append(trainable and not ca)
+                choose_all.append(trainable and ca)
+        self._params: list[torch.Tensor] = params
+        self._group_of: list[int] = groups
+        self._paths: list[str] = paths
+        layout = LeafLayout(
+            paths=tuple(paths),
+            shapes=tuple(tuple(p.shape) for p in params),
+            selectable=tuple(selectable),
+            choose_all=tuple(choose_all),
+        )
+        self._layout = layout
+        self._runner = MethodRunner(method, layout, params)
+        try:
+            masks = self._runner.init(params)
+        except ValueError as e:
+            msg = str(e).replace("use selective_fft() instead", "use the method 'fft' instead")
+            raise ValueError(msg) from None
+        self._status = [
+            FULL if c else PARTIAL if s else EMPTY for s, c in zip(selectable, choose_all)
+        ]
+        self._masks: list[torch.Tensor | None] = [
+            m if st == PARTIAL else None for m, st in zip(masks, self._status)
+        ]
+        self._count = 0
+        self._budget = budget if method.name != "fft" else layout.num_selectable + layout.num_choose_all
+        self._initial = _verify.snapshot(params) if verify else None
+        self._zero = {}
+        if method.frozen_after == 0:
+            self._classify()
+        self._selective_ready = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_selective_ready", False):
+            raise RuntimeError(
+                "a selective optimizer fixes its parameters at construction (the budget and "
+                "the masks depend on them); pass every param group to the constructor."
+            )
+        super().add_param_group(param_group)
+
+    def _classify(self) -> None:
+        """Once the masks are final: mark all-true leaves FULL and all-false leaves EMPTY."""
+        for i, m in enumerate(self._masks):
+            if self._status[i] != PARTIAL:
+                continue
+            if not bool(m.any()):
+                self._status[i], self._masks[i] = EMPTY, None
+            elif bool(m.all()):
+                self._status[i], self._masks[i] = FULL, None
+
+    # -- masks -------------------------------------------------------------------------------
+    @property
+    def method(self) -> Any:
+        """The ``optax_selective`` method object that selects the entries."""
+        return self._runner.method
+
+    @property
+    def count(self) -> int:
+        """Number of ``step()`` calls so far (the method's ``t``)."""
+        return self._count
+
+    def get_masks(self) -> list[torch.Tensor]:
+        """One bool tensor per parameter, in leaf order: true where an entry may change."""
+        out = []
+        for p, st, m in zip(self._params, self._status, self._masks):
+            if st == PARTIAL:
+                out.append(m)
+            else:
+                out.append(torch.full(p.shape, st == FULL, dtype=torch.bool, device=p.device))
+        return out
+
+    def get_budget_used(self) -> int:
+        """Entries selected so far, choose_all params included."""
+        used = 0
+        for p, st, m in zip(self._params, self._status, self._masks):
+            used += p.numel() if st == FULL else int(m.sum()) if st == PARTIAL else 0
+        return used
+
+    # -- the step ----------------------------------------------------------------------------
+    def _select(self) -> None:
+        frozen_after = self._runner.method.frozen_after
+        if frozen_after is not None and self._count >= frozen_after:
+            return
+        grads = [p.grad for p in self._params]
+        active = [
+            i for i, (st, g) in enumerate(zip(self._status, grads))
+            if st == PARTIAL and g is not None and self._layout.selectable[i]
+        ]
+        if active:
+            for i in active:
+                if grads[i].is_sparse:
+                    raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+            new = self._runner.update(self._count, active, self._masks, grads, self._params)
+            for i, m in new.items():
+                self._masks[i] = m
+        if frozen_after is not None and self._count + 1 >= frozen_after:
+            self._classify()
+
+    def _zero_of(self, g: torch.Tensor) -> torch.Tensor:
+        key = (g.dtype, g.device)
+        if key not in self._zero:
+            self._zero[key] = torch.zeros((), dtype=g.dtype, device=g.device)
+        return self._zero[key]
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for p, st, m in zip(self._params, self._status, self._masks):
+            g = p.grad
+            if g is None or st == FULL:
+                continue
+            if st == EMPTY:
+                p.grad = None
+            else:
+                torch.where(m, g, self._zero_of(g), out=g)
+
+    @torch.no_grad()
+    def _snapshots(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        snaps = []
+        scopes = [restore_scope(self.inner_class, g) for g in self.param_groups]
+        for p, gi, st, m in zip(self._params, self._group_of, self._status, self._masks):
+            scope = scopes[gi]
+            if st == FULL or scope == "none" or (scope == "with_grad" and p.grad is None):
+                continue
+            snaps.append((p, m, p.detach().clone()))
+        return snaps
+
+    @torch.no_grad()
+    def _restore(self, snaps) -> None:
+        for p, m, saved in snaps:
+            if m is None:
+                p.copy_(saved)
+            else:
+                torch.where(m, p, saved, out=p)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._select()
+        self._mask_grads()
+        snaps = self._snapshots()
+        inner = _inner_step(self.inner_class)
+        if closure is None:
+            inner(self)
+        else:
+            first = [True]
+
+            def replay():
+                if first[0]:  # the inner optimizer's first evaluation: reuse the one above
+                    first[0] = False
+                    return loss
+                with torch.enable_grad():
+                    out = closure()
+                self._mask_grads()
+                return out
+
+            inner(self, replay)
+        self._restore(snaps)
+        self._count += 1
+        return loss
+
+    # -- after training ----------------------------------------------------------------------
+    def post_train_work(self) -> None:
+        """With ``verify=True``: raise ``VerificationError`` if the budget was exceeded or an
+        unselected entry changed since construction. Does nothing otherwise."""
+        if self._initial is None:
+            return
+        _verify.check(self._initial, self._params, self.get_masks(), self._budget, self._paths)
+
+    def get_summary(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The O(budget) summary of ``model``'s selected entries; see :mod:`torch_bridge.summary`."""
+        return _summary.make_summary(
+            model, self._params, self.get_masks(), method=self._runner.method.name
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus ``"selective"``: method, step count and masks
+        (per parameter ``"full"``, ``"empty"`` or the int64 flat indices of its selection)."""
+        sd = super().state_dict()
+        masks: list[Any] = []
+        for st, m in zip(self._status, self._masks):
+            masks.append(st if st != PARTIAL else m.reshape(-1).nonzero().reshape(-1).cpu())
+        sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict saved by :meth:`state_dict` of the same kind of optimizer."""
+        state_dict = dict(state_dict)
+        sel = state_dict.pop(STATE_KEY, None)
+        if sel is None:
+            raise ValueError(
+                f"state_dict has no {STATE_KEY!r} entry: it was not saved by a selective "
+                "optimizer, so the masks and step count cannot be restored."
+            )
+        method = self._runner.method.name
+        if sel.get("method") != method:
+            raise ValueError(f"state_dict was saved by method {sel.get('method')!r}, not {method!r}.")
+        masks = sel["masks"]
+        if len(masks) != len(self._params):
+            raise ValueError(
+                f"state_dict holds masks for {len(masks)} parameters, the optimizer has "
+                f"{len(self._params)}."
+            )
+        status, tensors = [], []
+        for i, (entry, p) in enumerate(zip(masks, self._params)):
+            if isinstance(entry, str):
+                if entry not in (FULL, EMPTY):
+                    raise ValueError(f"bad mask entry {entry!r} for {self._paths[i]}.")
+                status.append(entry)
+                tensors.append(None)
+                continue
+            idx = torch.as_tensor(entry, dtype=torch.int64).reshape(-1)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+                raise ValueError(f"mask indices out of range for {self._paths[i]} {tuple(p.shape)}.")
+            m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            m[idx.to(p.device)] = True
+            status.append(PARTIAL)
+            tensors.append(m.reshape(p.shape))
+        super().load_state_dict(state_dict)
+        self._status, self._masks = status, tensors
+        self._count = int(sel["count"])
+        self._runner.forget_masks()
+        frozen_after = self._runner.method.frozen_after
+        if frozen_after is not None and self._count >= frozen_after:
+            self._classify()

@@ -1,0 +1,58 @@
+"""Which parameters must be restored after the inner step so unselected entries never move.
+
+The bridge zeroes the gradient outside the mask (with exact ``+0.0``) before the inner step.
+For the optimizers below, with no weight decay and ``maximize=False``, a gradient that has
+been zero since step 0 gives an update of exactly ``-0.0``/``+0.0`` that leaves every value,
+signed zeros included, bit-identical (tested in ``tests/test_torch_weight_decay.py``), so
+nothing needs restoring. Everything else is restored from a copy taken before the step:
+
+* weight decay (coupled L2 or decoupled, any group's ``weight_decay``) or ``maximize`` with a
+  built-in optimizer: restore the non-full parameters that have a gradient (built-in torch
+  optimizers never touch a parameter whose ``grad`` is None);
+* any optimizer class outside ``torch.optim``: restore every non-full parameter.
+
+The copy is transient: it exists only during ``step()`` and costs one extra tensor per
+restored parameter (at most the size of the parameters) on the parameter's own device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+RestoreScope = Literal["none", "with_grad", "all"]
+
+ZERO_GRAD_EXACT: tuple[type, ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+)
+
+
+def _nonzero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool((value != 0).any())
+    return bool(value)
+
+
+def restore_scope(optimizer_class: type, group: dict[str, Any]) -> RestoreScope:
+    """Which non-full parameters of ``group`` are restored after ``optimizer_class.step``.
+
+    Example:
+      >>> restore_scope(torch.optim.AdamW, {"weight_decay": 0.01})
+      'with_grad'
+      >>> restore_scope(torch.optim.Adam, {"weight_decay": 0.0, "maximize": False})
+      'none'
+    """
+    if not optimizer_class.__module__.startswith("torch.optim"):
+        return "all"
+    if (
+        optimizer_class in ZERO_GRAD_EXACT
+        and not _nonzero(group.get("weight_decay", 0.0))
+        and not group.get("maximize", False)
+    ):
+        return "none"
+    return "with_grad"
