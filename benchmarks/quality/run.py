@@ -67,12 +67,12 @@ QUICK = {
     "budgets": [0.002],
     "jax_budget": 0.002,
     "seeds": [0],
-    "steps": 40,
+    "steps": 30,
     "batch_size": 16,
     "max_length": 48,
-    "n_train": 640,
+    "n_train": 480,
     "n_dev": None,
-    "n_test": 500,
+    "n_test": 400,
     # no grid in quick mode: the middle of each full grid
     "lr_grid": {"id3": [1e-3], "pafi": [1e-3], "bitfit": [3e-3], "lora": [1e-3], "fft": [5e-5]},
 }
