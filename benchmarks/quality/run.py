@@ -118,9 +118,12 @@ def run_one(framework: str, method: str, frac: float, lr: float, seed: int, spli
                   n_train=cfg["n_train"], eval_split=split, n_eval=n_eval, eps=0.1,
                   check_summary=False)
     if framework == "torch":
+        import torch
+
         from examples.minilm_trainer import finetune
 
-        r = finetune(trainer=False, **common)
+        r = finetune(trainer=False, device="cuda" if torch.cuda.is_available() else "cpu",
+                     **common)
     else:
         from examples.minilm_flax import finetune
 
@@ -155,7 +158,10 @@ def write_outputs(out: Path, tag: str, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
     cfg, runs = payload["config"], payload["runs"]
-    lines = [f"# Quality benchmark{' (QUICK smoke run, not a result)' if payload['quick'] else ''}",
+    title = "# Quality benchmark" + (" (QUICK smoke run, not a result)" if payload["quick"] else "")
+    if not payload["complete"]:
+        title += f" (INCOMPLETE: {len(runs)} runs so far)"
+    lines = [title,
              "", f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, test accuracy, "
              f"{len(cfg['seeds'])} seed(s); mean ± sample std over seeds.", "",
              f"- command: `{payload['command']}`",
@@ -236,13 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="output file stem (quality_quick / quality)")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    p.add_argument("--fixed-lr", action="store_true",
+                   help="skip the dev grid; use the --quick learning rates (middle of each grid)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
+    notes: list[str] = []
     if args.steps:
         cfg["steps"] = args.steps
+    if args.fixed_lr:
+        cfg["lr_grid"] = QUICK["lr_grid"]
+        notes.append("learning rates fixed to the middle of each grid (--fixed-lr): no dev pick")
     frameworks = [f for f in args.frameworks.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
-    notes = []
     if "torch" in frameworks and not torch_bridge_available():
         notes.append("torch ID3/PaFI/BitFit not run: the torch bridge (selective_optimizers) "
                      "is not installed in this checkout")
@@ -276,6 +287,33 @@ def main(argv: list[str] | None = None) -> dict:
                       for lr in grid_lrs]
             grid[key] = scores
             chosen[key] = max(scores, key=lambda s: (s[1], -s[0]))[0]
+    tag = args.tag or ("quality_quick" if args.quick else "quality")
+    from examples import _common
+
+    n_test = len(_common.take(_common.rotten_tomatoes()["test"], cfg["n_test"]).texts)
+    command = " ".join(["python -m benchmarks.quality.run"] +
+                       [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+
+    def save(complete: bool) -> dict:
+        payload = {
+            "quick": args.quick,
+            "complete": complete,
+            "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "wall_seconds": time.time() - t0,
+            "config": cfg,
+            "encoder_params": next((r["encoder_params"] for r in runs), None),
+            "head_params": next((r["head_params"] for r in runs), None),
+            "n_test_rows": n_test,
+            "chosen_lr": chosen,
+            "grid": grid,
+            "notes": notes,
+            "runs": runs,
+        }
+        write_outputs(Path(args.out), tag, payload)
+        return payload
+
     for fw in frameworks:
         for m in todo(fw):
             fracs = [None] if m == "fft" else (
@@ -287,29 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if frac is None:
                         r["budget_frac"] = None
                     runs.append(r)
-    enc = next((r["encoder_params"] for r in runs), None)
-    head = next((r["head_params"] for r in runs), None)
-    from examples import _common
-
-    n_test = len(_common.take(_common.rotten_tomatoes()["test"], cfg["n_test"]).texts)
-    payload = {
-        "quick": args.quick,
-        "command": " ".join(["python -m benchmarks.quality.run"] +
-                            [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "wall_seconds": time.time() - t0,
-        "config": cfg,
-        "encoder_params": enc,
-        "head_params": head,
-        "n_test_rows": n_test,
-        "chosen_lr": chosen,
-        "grid": grid,
-        "notes": notes,
-        "runs": runs,
-    }
-    tag = args.tag or ("quality_quick" if args.quick else "quality")
-    write_outputs(Path(args.out), tag, payload)
+                    save(complete=False)  # partial results survive an interrupted run
+    payload = save(complete=True)
     print(f"wrote {args.out}/{tag}.{{md,json,png}} in {payload['wall_seconds'] / 60:.1f} min")
     return payload
 
