@@ -320,8 +320,14 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg["budgets"] if fw == "torch" else [cfg["jax_budget"]])
             for frac in fracs:
                 for seed in cfg["seeds"]:
-                    r = run_one(fw, m, frac or mid, chosen[f"{fw}/{m}"], seed, "test",
-                                cfg["n_test"], cfg)
+                    try:
+                        r = run_one(fw, m, frac or mid, chosen[f"{fw}/{m}"], seed, "test",
+                                    cfg["n_test"], cfg)
+                    except Exception as e:  # record and go on: one broken method is a result
+                        notes.append(f"{fw}/{m} budget {frac} seed {seed} failed: "
+                                     f"{type(e).__name__}: {str(e)[:200]}")
+                        print("  FAILED", notes[-1], flush=True)
+                        continue
                     if frac is None:
                         r["budget_frac"] = None
                     runs.append(r)
