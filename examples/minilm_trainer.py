@@ -86,7 +86,8 @@ def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int
                                  weight_decay=0.0)
     from selective_optimizers.wrap import get_selective_optimizer
 
-    kwargs: dict[str, Any] = {"lr": lr, "budget": budget}
+    # weight_decay=0 as for fft/lora above and optax.adam in JAX (torch's AdamW default is 0.01)
+    kwargs: dict[str, Any] = {"lr": lr, "budget": budget, "weight_decay": 0.0}
     if method == "id3":
         kwargs.update(max_steps=max_steps, exp=exp, eps=eps)
     return get_selective_optimizer(torch.optim.AdamW, method)(
