@@ -21,7 +21,7 @@ import optax
 
 from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
-from optax_selective.methods._base import check_budget
+from optax_selective.methods._base import check_budget, check_int
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
@@ -101,16 +101,6 @@ def selective(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_max_steps(max_steps: Any) -> int:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-        if not hasattr(max_steps, "__index__"):
-            raise TypeError(f"max_steps must be an int, got {max_steps!r}.")
-    max_steps = int(max_steps)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    return max_steps
-
-
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and value < 0:  # traced values (inject_hyperparams) pass
         raise ValueError(f"{name} must be >= 0, got {value}.")
@@ -164,7 +154,7 @@ def selective_id3(
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
     budget = check_budget(budget)
-    max_steps = _check_max_steps(max_steps)
+    max_steps = check_int("max_steps", max_steps, 1)
     _check_nonnegative("exp", exp)
     _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)

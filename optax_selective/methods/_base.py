@@ -41,17 +41,22 @@ class Method(Protocol):
     ) -> tuple[Leaves, Any]: ...
 
 
-def check_budget(budget: Any) -> int:
-    """Validates a budget argument at construction and returns it as an int."""
-    if isinstance(budget, bool) or not hasattr(budget, "__index__"):
+def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
+    """Validates an int argument at construction and returns it as a Python int."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(
-            f"budget must be a positive int, got {budget!r} of type {type(budget).__name__}. "
+            f"{name} must be an int, got {value!r} of type {type(value).__name__}. "
             "(With optax.inject_hyperparams, pass static_args=('budget', 'max_steps').)"
         )
-    budget = operator.index(budget)
-    if budget <= 0 or budget > MAX_BUDGET:
-        raise ValueError(f"budget must be in [1, {MAX_BUDGET}], got {budget}.")
-    return budget
+    value = operator.index(value)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}.")
+    return value
+
+
+def check_budget(budget: Any) -> int:
+    """Validates a budget: a positive int that fits the int32 step arithmetic."""
+    return check_int("budget", budget, 1)
 
 
 def effective_budget(method: str, budget: int, layout: LeafLayout, *, at_least: int) -> int:
