@@ -122,14 +122,14 @@ def test_minilm_trainer_id3_summary_round_trip():
 def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
     from benchmarks.quality.run import main
 
-    main(["--quick", "--frameworks", "jax", "--methods", "bitfit", "--steps", "2",
+    main(["--quick", "--frameworks", "jax", "--methods", "pafi", "--steps", "2",
           "--out", str(tmp_path), "--tag", "t"])
     payload = json.loads((tmp_path / "t.json").read_text())
     (run,) = payload["runs"]
-    assert run["framework"] == "jax" and run["method"] == "bitfit" and run["steps"] == 2
+    assert run["framework"] == "jax" and run["method"] == "pafi" and run["steps"] == 2
     assert run["budget_used"] == run["budget"]
     table = (tmp_path / "t.md").read_text()
-    assert "QUICK" in table and "| bitfit |" in table and payload["machine"]["cpu"] in table
+    assert "QUICK" in table and "| pafi |" in table and payload["machine"]["cpu"] in table
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
