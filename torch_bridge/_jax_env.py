@@ -7,7 +7,5 @@ user's process keeps whatever JAX was started with (set the variable yourself in
 """
 
 import os
-import sys
 
-JAX_ALREADY_IMPORTED = "jax" in sys.modules
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -24,14 +24,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import torch_bridge._jax_env  # noqa: F401  (must run before jax is imported)
+# torch_bridge/__init__.py has already run torch_bridge._jax_env (no GPU pre-allocation).
+import jax
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from optax_selective._tree import LeafLayout  # noqa: E402
-from optax_selective.methods import Method  # noqa: E402
+from optax_selective._tree import LeafLayout
+from optax_selective.methods import Method
 
 _INT32_MAX = 2**31 - 1
 
@@ -84,6 +83,10 @@ class MethodRunner:
         self.device = device
         self._jax_device = jax.dlpack.from_dlpack(torch.zeros(1, device=device)).device
         self._jax_masks: dict[int, jax.Array] = {}
+        # CPU parameters keep their storage across steps (optimizers update them in place), so
+        # their zero-copy JAX views are reused. Not on CUDA: there the DLPack import is what
+        # orders JAX's reads after torch's stream.
+        self._param_views: dict[int, tuple[torch.Tensor, int, jax.Array]] = {}
         self._update = jax.jit(self._update_impl)
 
     # -- conversions -------------------------------------------------------------------------
@@ -95,6 +98,17 @@ class MethodRunner:
         if not t.is_contiguous():
             t = t.contiguous()
         return jax.dlpack.from_dlpack(t)
+
+    def param_view(self, i: int, p: torch.Tensor) -> jax.Array:
+        """``to_jax(p)``, reused across steps while ``p`` keeps the same CPU storage."""
+        cached = self._param_views.get(i)
+        if cached is not None and cached[0] is p and cached[1] == p.data_ptr():
+            return cached[2]
+        view = self.to_jax(p)
+        if p.device.type == "cpu" and self.device.type == "cpu" and p.is_contiguous():
+            if view.unsafe_buffer_pointer() == p.data_ptr():  # really zero-copy
+                self._param_views[i] = (p, p.data_ptr(), view)
+        return view
 
     @staticmethod
     def to_torch(a: jax.Array, device: torch.device) -> torch.Tensor:
@@ -141,7 +155,7 @@ class MethodRunner:
             jm[i] = cached if cached is not None else self.to_jax(masks[i])
             jg[i] = self.to_jax(grads[i])
             if self.method.needs_params:
-                jp[i] = self.to_jax(params[i])
+                jp[i] = self.param_view(i, params[i])
         new, self.method_state = self._update(
             jm,
             self.method_state,
@@ -159,3 +173,4 @@ class MethodRunner:
     def forget_masks(self) -> None:
         """Drops the JAX-side copies of the masks (call after setting masks from torch)."""
         self._jax_masks.clear()
+        self._param_views.clear()

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from optax_selective import methods as _methods
-from optax_selective.methods._base import check_budget
-from optax_selective.transform import _check_max_steps, _check_nonnegative
+from optax_selective.methods._base import check_budget, check_int
+from optax_selective.transform import _check_nonnegative
 
 METHOD_NAMES = ("id3", "pafi", "bitfit", "fft")
 
@@ -56,7 +56,7 @@ def build_method(
             "method 'id3' needs max_steps=<number of optimizer steps over which the budget is "
             "spent>, got None."
         )
-    max_steps = _check_max_steps(max_steps)
+    max_steps = check_int("max_steps", max_steps, 1)
     for arg, value in (("exp", exp), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"id3: {arg} must be a number, got {value!r}.")

@@ -272,8 +272,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             else:
                 torch.where(m, p, saved, out=p)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Other keyword arguments go to the inner ``step`` (e.g. ``grad_scale``/``found_inf``,
+        which ``torch.amp.GradScaler`` passes to fused optimizers).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -283,7 +287,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         snaps = self._snapshots()
         inner = _inner_step(self.inner_class)
         if closure is None:
-            inner(self)
+            inner(self, **kwargs)
         else:
             first = [True]
 
@@ -296,7 +300,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._mask_grads()
                 return out
 
-            inner(self, replay)
+            inner(self, replay, **kwargs)
         self._restore(snaps)
         self._count += 1
         return loss

@@ -1,0 +1,105 @@
+"""transformers.Trainer and peft LoRA with the selective optimizers (tiny BERT from a config)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from selective_optimizers.load_store import (  # noqa: E402
+    load_summary_from_disk,
+    load_weights_from_summary,
+    write_summary_to_disk,
+)
+from selective_optimizers.wrap import get_selective_optimizer  # noqa: E402
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    return transformers.BertForSequenceClassification(config)
+
+
+class Toy(torch.utils.data.Dataset):
+    def __init__(self, n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 50, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > 25).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": self.labels[i]}
+
+
+def head_and_body(model, head_key="classifier"):
+    head = [p for n, p in model.named_parameters() if head_key in n and p.requires_grad]
+    body = [p for n, p in model.named_parameters() if head_key not in n and p.requires_grad]
+    return head, body
+
+
+def test_trainer(tmp_path):
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head, body = head_and_body(model)
+    n_head = sum(p.numel() for p in head)
+    optimizer = get_selective_optimizer(torch.optim.AdamW, "id3")(
+        params=[{"params": head, "choose_all": True}, {"params": body}],
+        lr=1e-2, budget=n_head + 60, max_steps=4, verify=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Toy(),
+                                   optimizers=(optimizer, None))
+    trainer.train()
+    optimizer.post_train_work()
+    assert optimizer.count == 4 and optimizer.get_budget_used() == n_head + 60
+    sched_opt = trainer.lr_scheduler.optimizer  # accelerate's wrapper around ours
+    assert getattr(sched_opt, "optimizer", sched_opt) is optimizer
+    assert optimizer.param_groups[0]["lr"] == 0.0  # Trainer's linear schedule ran on ours
+    moved = sum(int((p != before[n]).sum()) for n, p in model.named_parameters())
+    assert 0 < moved <= n_head + 60
+    summary = optimizer.get_summary(model)
+    assert summary["budget_used"] == n_head + 60
+
+
+def lora_model(seed=0):
+    model = tiny_bert(seed)
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4,
+                             target_modules=["query", "value"])
+    torch.manual_seed(seed + 1)
+    return peft.get_peft_model(model, config)
+
+
+def test_lora_summary_reloads_into_fresh_model(tmp_path):
+    model = lora_model()
+    head, body = head_and_body(model, "classifier")
+    assert head and all("lora_" in n for n, p in model.named_parameters()
+                        if p.requires_grad and "classifier" not in n)
+    n_head = sum(p.numel() for p in head)
+    optimizer = get_selective_optimizer(torch.optim.AdamW, "id3")(
+        params=[{"params": head, "choose_all": True}, {"params": body}],
+        lr=5e-2, budget=n_head + 40, max_steps=3, verify=True)
+    data = Toy()
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in data[0]}
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    optimizer.post_train_work()
+    write_summary_to_disk(tmp_path / "lora.pt", optimizer.get_summary(model))
+    fresh = lora_model()
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(**batch).logits, model(**batch).logits)
+        load_weights_from_summary(fresh, load_summary_from_disk(tmp_path / "lora.pt"))
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)

@@ -1,0 +1,171 @@
+"""Side by side with selective-optimizers 0.4 (installed at test time), and reading its summaries.
+
+The reference is installed with ``pip install --no-deps --target <tmp>``; its code is only
+imported, never copied. Its package name is ours too, so it is imported with our
+``selective_optimizers`` modules set aside and put back afterwards.
+"""
+
+import contextlib
+import copy
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from torch_bridge import (  # noqa: E402
+    SummaryMismatchError,
+    get_selective_optimizer,
+    load_summary_from_disk,
+    load_weights_from_summary,
+    read_legacy_summary,
+)
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    target = tmp_path_factory.mktemp("selective_optimizers_0.4")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+           "selective-optimizers==0.4"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"pip could not install selective-optimizers==0.4: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"pip could not install selective-optimizers==0.4: {r.stderr.strip()[-400:]}")
+    return target
+
+
+def _ours():
+    return {k: v for k, v in sys.modules.items()
+            if k == "selective_optimizers" or k.startswith("selective_optimizers.")}
+
+
+@contextlib.contextmanager
+def reference(ref_dir):
+    """Imports the 0.4 package as ``selective_optimizers``; restores ours on exit."""
+    saved = _ours()
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(ref_dir))
+    try:
+        wrap = importlib.import_module("selective_optimizers.wrap")
+        load_store = importlib.import_module("selective_optimizers.load_store")
+        assert Path(wrap.__file__).is_relative_to(ref_dir), wrap.__file__
+        yield wrap, load_store
+    finally:
+        sys.path.remove(str(ref_dir))
+        for k in _ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)  # default Linear init: no two equal magnitudes, so no ties
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def groups(model, choose_all):
+    if choose_all:
+        return [{"params": list(model[2].parameters()), "choose_all": True},
+                {"params": list(model[0].parameters())}]
+    return [{"params": list(model.parameters())}]
+
+
+def ref_masks(opt):
+    return [torch.zeros_like(p, dtype=torch.bool) if m is None else m.cpu()
+            for g in opt.param_groups for p, m in zip(g["params"], g["chosen_masks"])]
+
+
+@pytest.mark.parametrize("choose_all", [False, True])
+@pytest.mark.parametrize("method,budget", [("pafi", 40), ("bitfit", 5)])  # bitfit: partly
+def test_fixed_methods_select_the_same_entries(ref_dir, method, budget, choose_all):
+    budget += 27 if choose_all else 0
+    ours_model, ref_model = mlp(), mlp()
+    ours = get_selective_optimizer(torch.optim.SGD, method)(groups(ours_model, choose_all), lr=0.1, budget=budget)
+    with reference(ref_dir) as (wrap, _):
+        ref = wrap.get_selective_optimizer(torch.optim.SGD, method)(
+            groups(ref_model, choose_all), lr=0.1, budget=budget, verify=False)
+    for a, b in zip(ours.get_masks(), ref_masks(ref)):
+        assert torch.equal(a, b)
+    assert ours.get_budget_used() == ref.get_budget_used() == budget
+
+
+@pytest.mark.parametrize("choose_all", [False, True])
+@pytest.mark.parametrize("exp,eps", [(1.0, 1e-3), (0.0, 1e-8)])
+def test_id3_matches_when_budget_divides_max_steps(ref_dir, choose_all, exp, eps):
+    max_steps, b_eff = 4, 24
+    budget = b_eff + (27 if choose_all else 0)
+    ours_model, ref_model = mlp(), mlp()
+    kw = dict(lr=0.05, budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    ours = get_selective_optimizer(torch.optim.SGD, "id3")(groups(ours_model, choose_all), **kw)
+    with reference(ref_dir) as (wrap, _):
+        ref = wrap.get_selective_optimizer(torch.optim.SGD, "id3")(groups(ref_model, choose_all),
+                                                                   verify=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    for t in range(max_steps):  # 0.4 never freezes its mask, so compare the first T steps
+        x, y = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+        for a, b in zip(ours.get_masks(), ref_masks(ref)):
+            assert torch.equal(a, b), f"step {t}"
+        for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+            assert torch.equal(a, b), f"step {t}"
+    assert ours.get_budget_used() == ref.get_budget_used() == budget
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3))
+
+
+def test_reads_a_0_4_summary(ref_dir, tmp_path):
+    model = bn_model()
+    path = tmp_path / "summary_04.pt"
+    with reference(ref_dir) as (wrap, load_store):
+        opt = wrap.get_selective_optimizer(torch.optim.Adam, "pafi")(model.parameters(), lr=0.05,
+                                                                     budget=30, verify=False)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6, generator=g)).pow(2).mean().backward()
+            opt.step()
+        assert load_store.write_summary_to_disk(str(path), opt.get_summary(model))
+    legacy = read_legacy_summary(path)
+    assert legacy["budget_used"] == 30 and len(legacy["values"]) == 6
+    fresh = bn_model()
+    load_weights_from_summary(fresh, legacy)
+    for (n, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), n
+    # the safe loader refuses it and says where to go
+    with pytest.raises(SummaryMismatchError, match="read_legacy_summary"):
+        load_summary_from_disk(path)
+    # a model it does not fit: raises, model untouched
+    other = mlp()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(SummaryMismatchError, match="6 parameters, the model 4"):
+        load_weights_from_summary(other, legacy)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), before.values()))
+
+
+def test_legacy_reader_refuses_other_globals(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.makedirs, (str(marker),))
+
+    path = tmp_path / "evil.pt"
+    torch.save([torch.ones(2), Evil()], path)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        read_legacy_summary(path)
+    assert not marker.exists()
