@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from optax_selective._tree import unwrap_nnx
 from optax_selective._version import __version__
 from optax_selective.inspect import find_selective_state
 
@@ -193,16 +193,10 @@ class SparseSummary:
 # make / apply
 
 
-def _pure(tree: Any) -> Any:
-    # flax.nnx states wrap arrays in Variables (paths end in ``.value``); strip them so that keys
-    # match the optimizer's mask, which nnx.Optimizer builds from pure arrays.
-    nnx_mod = sys.modules.get("flax.nnx")
-    return tree if nnx_mod is None else nnx_mod.as_pure(tree)
-
-
 def _keyed_leaves(tree: Any, what: str) -> list[tuple[str, Any]]:
     items = [
-        (jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(_pure(tree))
+        (jax.tree_util.keystr(p), x)
+        for p, x in jax.tree_util.tree_leaves_with_path(unwrap_nnx(tree))
     ]
     if not items:
         raise ValueError(f"{what} is an empty pytree.")
@@ -573,6 +567,9 @@ def load_summary(path: str | os.PathLike) -> SparseSummary:
             if m["count"] > 0
         }
         arrays: dict = {}
+        for name in expected:  # clearer than orbax's error for a folder with arrays missing
+            if not os.path.isdir(os.path.join(path, "arrays", f"{name}.values")):
+                raise _bad(path, f"array {name!r} is missing from {os.path.join(path, 'arrays')}")
         if expected:
             try:
                 arrays = ckptr.restore(

@@ -213,3 +213,33 @@ def test_resume_detects_a_lost_mask(tmp_path):
         not np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params))
     )
+
+
+def test_state_saved_on_cuda_restores_on_cpu():
+    """tests/data/saved_on_cuda/state holds cuda:0 arrays; the CPU target decides placement."""
+    import os
+
+    fixture = os.path.join(os.path.dirname(__file__), "data", "saved_on_cuda")
+    expected = np.load(os.path.join(fixture, "expected.npz"))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "w": jax.random.normal(k1, (64, 32)),
+        "b": jnp.zeros(32, jnp.bfloat16),
+        "h": jax.random.normal(k2, (32, 5)),
+    }
+    tx = osel.selective_id3(budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1))
+    target = {"params": params, "opt_state": tx.init(params)}
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(fixture, "state"), _abstract(target))
+    mask = osel.selected_mask(restored["opt_state"])
+    assert int(osel.find_selective_state(restored["opt_state"]).count) == int(expected["count"])
+    for key in params:
+        assert list(restored["params"][key].devices())[0].platform == "cpu"
+        np.testing.assert_array_equal(
+            np.asarray(restored["params"][key]).astype(np.float32), expected[f"p_{key}"]
+        )
+        np.testing.assert_array_equal(np.asarray(mask[key]), expected[f"m_{key}"])
+    # ... and training continues on CPU from there.
+    step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+    _, state = step(restored["params"], restored["opt_state"])
+    assert osel.budget_used(state) > osel.budget_used(restored["opt_state"])

@@ -409,7 +409,7 @@ def _future_version(meta):
     [
         (_truncate_data, "could not read its arrays"),
         (_flip_data_byte, "could not read its arrays|does not match the recorded SHA-256"),
-        (lambda p: __import__("shutil").rmtree(p / "arrays"), "could not read its arrays"),
+        (lambda p: __import__("shutil").rmtree(p / "arrays"), "array 'leaf_0000' is missing"),
         (
             lambda p: os.remove(p / "arrays" / "leaf_0001.values" / ".zarray"),
             "could not read its arrays",
@@ -443,6 +443,9 @@ def _future_version(meta):
         "field",
     ],
 )
+# When tensorstore fails to read a broken chunk, orbax's closed event loop later receives a
+# stray callback ("Event loop is closed"); harmless, and not ours to fix.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_folder_raises_clear_error(saved, corrupt, message):
     path, _ = saved
     corrupt(path)
@@ -473,3 +476,26 @@ def test_accelerator_path_matches_host_path(monkeypatch):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.values.view(np.uint16), b.values.view(np.uint16))
     _assert_trees_equal(osel.apply_summary(pre, device), tuned)
+
+
+CUDA_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "saved_on_cuda")
+
+
+def test_summary_saved_on_cuda_loads_on_cpu():
+    """tests/data/saved_on_cuda was written on an H100 (see make_fixture.py there)."""
+    summary = osel.load_summary(os.path.join(CUDA_FIXTURE, "summary"))
+    assert (summary.method, summary.budget_used) == ("id3", 38)
+    expected = np.load(os.path.join(CUDA_FIXTURE, "expected.npz"))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "w": jax.random.normal(k1, (64, 32)),
+        "b": jnp.zeros(32, jnp.bfloat16),
+        "h": jax.random.normal(k2, (32, 5)),
+    }
+    applied = osel.apply_summary(params, summary)
+    for key in params:
+        mask = expected[f"m_{key}"]
+        got = np.asarray(applied[key])
+        assert list(applied[key].devices())[0].platform == "cpu"
+        np.testing.assert_array_equal(got.astype(np.float32)[mask], expected[f"p_{key}"][mask])
+        np.testing.assert_array_equal(got[~mask], np.asarray(params[key])[~mask])
