@@ -151,12 +151,17 @@ def finetune(
         "encoder_params": n_body, "head_params": n_head, "changed": changed,
         "train_seconds": train_s,
     }
+    if method in ("id3", "pafi", "bitfit"):
+        # selected entries; ``changed`` can be lower (e.g. embedding rows never in a batch)
+        selected = optimizer.get_budget_used()
+        result["selected"] = selected
     if method in ("id3", "pafi", "bitfit") and not check_summary:
-        result.update(budget=budget, budget_used=changed, summary_bytes=None, reload_equal=None)
+        result.update(budget=budget, budget_used=selected, summary_bytes=None,
+                      reload_equal=None)
     elif method in ("id3", "pafi", "bitfit"):
         identical, size = tc.summary_round_trip(
             optimizer, model, lambda: build_model(method, seed), evals, logits, summary)
-        result.update(budget=budget, budget_used=changed, summary_bytes=size,
+        result.update(budget=budget, budget_used=selected, summary_bytes=size,
                       reload_equal=identical)
     else:  # fft: every entry; lora: the adapter + head, stored as a dense state dict
         result.update(budget=trainable, budget_used=trainable,
