@@ -83,6 +83,7 @@ def exclude(score: jax.Array, exclusion_mask: jax.Array) -> jax.Array:
 #              reshape, gather, scatter and cumsum along a sharded axis are refused there.
 
 _SMALL = 1 << 14  # total entries at or below which the reference path is used
+_RADIX_ABOVE = 256  # top_k_masks uses the radix path when k_max > N / 256
 _ALL_BITS = 0xFFFFFFFF
 
 
@@ -138,8 +139,9 @@ def choose_path(scores: Sequence[jax.Array | None], k_max: int) -> str:
     total = sum(int(s.size) for _, s in live)
     if total <= _SMALL or k_max == 0:
         return "reference"
-    c = _row_width(total, k_max)
-    if k_max * c * 4 <= total:
+    # The rows path runs lax.top_k (a partial sort) on N / c row maxima and k_max * c
+    # candidates: cheap for ID3's per-step k, slower than two histogram passes for large k.
+    if k_max * _RADIX_ABOVE <= total:
         return "rows"
     return "radix"
 
@@ -209,7 +211,7 @@ def top_k_indices(
     path = choose_path(shapes_only, k_max)
     if path == "counting":
         raise ValueError("top_k_indices does not support explicitly sharded scores; use top_k_masks.")
-    if path == "rows":
+    if path in ("rows", "radix"):  # radix gives masks, not indices: rows is exact for any k
         return _top_k_rows(scores, k, k_max, score_fn)
     if as_scores is None:
         as_scores = [None if xs is None else score_fn(*xs) for xs in scores]
@@ -356,19 +358,27 @@ def _top_k_threshold(scores, k, find_threshold, find_cutoff):
     kk = jnp.minimum(jnp.asarray(k, jnp.int32), n_eligible)
     r = kk - n_gt  # ties with T still to take, 1 <= r <= n_eq when kk > 0
     sizes = jnp.asarray([int(key.size) for key in keys], jnp.int32)
-    # The cond takes the scores (already in memory), not the keys: passing the keys would
-    # make XLA write them out in full instead of fusing them into each pass.
-    cut = lax.cond(
+
+    def masks(ss, cut):
+        out = []
+        for j, x in enumerate(ss):
+            key = order_key(x)
+            chosen = (key > thr) | ((key == thr) & (_flat_iota(key.shape) < cut[j]))
+            out.append(chosen & (key > 0) & (kk > 0))
+        return out
+
+    # Both branches recompute the keys from the scores (already in memory) and write the
+    # masks: nothing N-sized crosses the cond, so XLA fuses each pass instead of writing out
+    # the keys.
+    chosen = lax.cond(
         n_eq > r,
-        lambda ss: find_cutoff([order_key(x) for x in ss], thr, r),
-        lambda ss: sizes,
+        lambda ss: masks(ss, find_cutoff([order_key(x) for x in ss], thr, r)),
+        lambda ss: masks(ss, sizes),
         [s for _, s in live],
     )
     out = _empty_masks(scores)
-    for j, ((i, _), key) in enumerate(zip(live, keys)):
-        index = _flat_iota(key.shape)
-        chosen = (key > thr) | ((key == thr) & (index < cut[j]))
-        out[i] = chosen & (key > 0) & (kk > 0)
+    for (i, _), m in zip(live, chosen):
+        out[i] = m
     return out
 
 
