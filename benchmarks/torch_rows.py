@@ -115,6 +115,7 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
     """Torch rows for every size; bridge and dense in this process, the reference in another."""
     try:
         import torch  # noqa: F401
+
         from torch_bridge import get_selective_optimizer
     except ImportError as e:
         return {"skipped": f"torch bridge not available: {e}"}

@@ -183,6 +183,7 @@ def test_flax_nnx_optimizer_loop():
         (lambda: osel.selective_id3(2.5, 5), TypeError, "budget must be an int, got 2.5"),
         (lambda: osel.selective_id3(True, 5), TypeError, "budget"),
         (lambda: osel.selective_pafi("10"), TypeError, "budget"),
+        (lambda: osel.selective_id3(jnp.asarray(10), 5), TypeError, "add 'budget' to static_args"),
         (lambda: osel.selective_id3(10, 0), ValueError, r"max_steps must be in \[1, 2147483647\], got 0"),
         (lambda: osel.selective_id3(10, 2.0), TypeError, "max_steps must be an int, got 2.0"),
         (lambda: osel.selective_id3(10, 5, eps=-1.0), ValueError, "eps must be >= 0"),

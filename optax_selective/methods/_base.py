@@ -44,9 +44,11 @@ class Method(Protocol):
 def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
     """Validates an int argument at construction and returns it as a Python int."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
+        hint = ""
+        if hasattr(value, "shape"):  # an array: most likely inject_hyperparams converted it
+            hint = f" (With optax.inject_hyperparams, add {name!r} to static_args.)"
         raise TypeError(
-            f"{name} must be an int, got {value!r} of type {type(value).__name__}. "
-            "(With optax.inject_hyperparams, pass static_args=('budget', 'max_steps').)"
+            f"{name} must be an int, got {value!r} of type {type(value).__name__}.{hint}"
         )
     value = operator.index(value)
     if not minimum <= value <= maximum:
