@@ -43,9 +43,10 @@ class Method(Protocol):
 
 def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
     """Validates an int argument at construction and returns it as a Python int."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    traced = isinstance(value, jax.core.Tracer)
+    if traced or isinstance(value, bool) or not hasattr(value, "__index__"):
         hint = ""
-        if hasattr(value, "shape"):  # an array: most likely inject_hyperparams converted it
+        if traced:  # most likely optax.inject_hyperparams turned it into a traced array
             hint = f" (With optax.inject_hyperparams, add {name!r} to static_args.)"
         raise TypeError(
             f"{name} must be an int, got {value!r} of type {type(value).__name__}.{hint}"
