@@ -25,7 +25,9 @@ if __package__ in (None, ""):
 from examples import _common  # noqa: E402
 from examples import _torch_common as tc  # noqa: E402
 
-METHODS = ("id3", "pafi", "bitfit", "fft", "lora")
+SELECTIVE = ("id3", "pafi", "bitfit", "fish", "random")
+FISH_STEPS = 16
+METHODS = (*SELECTIVE, "fft", "lora")
 LORA_TARGETS = ("query", "value")
 
 
@@ -80,7 +82,7 @@ def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module
 
 
 def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int, exp: float,
-                   eps: float):
+                   eps: float, seed: int = 0):
     if method in ("fft", "lora"):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=0.0)
@@ -90,6 +92,10 @@ def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int
     kwargs: dict[str, Any] = {"lr": lr, "budget": budget, "weight_decay": 0.0}
     if method == "id3":
         kwargs.update(max_steps=max_steps, exp=exp, eps=eps)
+    elif method == "fish":  # Fisher score from the first few batches, then a fixed mask
+        kwargs.update(fish_steps=min(FISH_STEPS, max_steps))
+    elif method == "random":
+        kwargs.update(seed=seed)
     return get_selective_optimizer(torch.optim.AdamW, method)(
         params=tc.param_groups(model), **kwargs)
 
@@ -131,7 +137,7 @@ def finetune(
     model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
     optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
-                               exp=exp, eps=eps)
+                               exp=exp, eps=eps, seed=seed)
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     t0 = time.perf_counter()
     if trainer:
@@ -151,14 +157,14 @@ def finetune(
         "encoder_params": n_body, "head_params": n_head, "changed": changed,
         "train_seconds": train_s,
     }
-    if method in ("id3", "pafi", "bitfit"):
+    if method in SELECTIVE:
         # selected entries; ``changed`` can be lower (e.g. embedding rows never in a batch)
         selected = optimizer.get_budget_used()
         result["selected"] = selected
-    if method in ("id3", "pafi", "bitfit") and not check_summary:
+    if method in SELECTIVE and not check_summary:
         result.update(budget=budget, budget_used=selected, summary_bytes=None,
                       reload_equal=None)
-    elif method in ("id3", "pafi", "bitfit"):
+    elif method in SELECTIVE:
         identical, size = tc.summary_round_trip(
             optimizer, model, lambda: build_model(method, seed), evals, logits, summary)
         result.update(budget=budget, budget_used=selected, summary_bytes=size,
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"entries changed {r['changed']}; summary reload identical: {r['reload_equal']}")
     if r["reload_equal"] is False:
         raise SystemExit("the reloaded summary does not reproduce the trained model's outputs")
-    if r["method"] in ("id3", "pafi", "bitfit") and r["changed"] > r["budget"]:
+    if r["method"] in SELECTIVE and r["changed"] > r["budget"]:
         raise SystemExit(f"{r['changed']} entries changed, over the budget {r['budget']}")
     _common.final_line(accuracy=r["accuracy"], budget_used=r["budget_used"],
                        budget=r["budget"], summary_bytes=r["summary_bytes"],

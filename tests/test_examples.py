@@ -108,14 +108,16 @@ def test_minilm_flax_id3_summary_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_trainer_id3_summary_round_trip():
+@pytest.mark.parametrize("method", ["id3", "fish", "random"])
+def test_minilm_trainer_summary_round_trip(method):
     from examples.minilm_trainer import main
 
-    r = main(["--method", "id3", "--budget-frac", "0.0005", "--steps", "4", "--n-train", "64",
+    r = main(["--method", method, "--budget-frac", "0.0005", "--steps", "4", "--n-train", "64",
               "--n-eval", "32", "--max-length", "32"])
     assert r["reload_equal"] is True
     assert r["changed"] <= r["budget"] == round(0.0005 * r["encoder_params"]) + 770
     assert r["head_params"] == 770 and len(r["losses"]) == 4
+    assert r["budget_used"] == r["budget"]
 
 
 @pytest.mark.slow

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TORCH_METHODS = ("id3", "pafi", "bitfit", "lora", "fft")
+SELECTIVE = ("id3", "pafi", "bitfit", "fish", "random")
+TORCH_METHODS = (*SELECTIVE, "lora", "fft")
 JAX_METHODS = ("id3", "pafi", "bitfit", "fft")
-SELECTIVE = ("id3", "pafi", "bitfit")
 
 FULL = {
     "budgets": [0.0005, 0.002, 0.01],
@@ -59,6 +59,8 @@ FULL = {
         "id3": [3e-4, 1e-3, 3e-3],
         "pafi": [3e-4, 1e-3, 3e-3],
         "bitfit": [1e-3, 3e-3, 1e-2],
+        "fish": [3e-4, 1e-3, 3e-3],
+        "random": [3e-4, 1e-3, 3e-3],
         "lora": [3e-4, 1e-3, 3e-3],
         "fft": [2e-5, 5e-5, 1e-4],
     },
@@ -74,7 +76,8 @@ QUICK = {
     "n_dev": None,
     "n_test": 400,
     # no grid in quick mode: the middle of each full grid
-    "lr_grid": {"id3": [1e-3], "pafi": [1e-3], "bitfit": [3e-3], "lora": [1e-3], "fft": [5e-5]},
+    "lr_grid": {"id3": [1e-3], "pafi": [1e-3], "bitfit": [3e-3], "fish": [1e-3], "random": [1e-3],
+                "lora": [1e-3], "fft": [5e-5]},
 }
 
 
@@ -212,7 +215,7 @@ def plot(path: Path, payload: dict) -> None:
     runs, budgets = payload["runs"], payload["config"]["budgets"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for fw, marker in (("torch", "o"), ("jax", "s")):
-        for m in ("id3", "pafi", "bitfit", "lora"):
+        for m in (*SELECTIVE, "lora"):
             pts = [(b * 100, aggregate(runs, fw, m, b)) for b in budgets]
             pts = [(x, a) for x, a in pts if a]
             if pts:
