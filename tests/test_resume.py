@@ -227,7 +227,10 @@ def test_state_saved_on_cuda_restores_on_cpu():
         "b": jnp.zeros(32, jnp.bfloat16),
         "h": jax.random.normal(k2, (32, 5)),
     }
-    tx = osel.selective_id3(budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1))
+    # The fixture was written with the dense inner state (compact=False) on an H100.
+    tx = osel.selective_id3(
+        budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1), compact=False
+    )
     target = {"params": params, "opt_state": tx.init(params)}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.join(fixture, "state"), _abstract(target))

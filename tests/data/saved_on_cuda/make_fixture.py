@@ -37,7 +37,9 @@ def main(work: str) -> None:
         "b": jnp.zeros(32, jnp.bfloat16),
         "h": jax.random.normal(k2, (32, 5)),
     }
-    tx = osel.selective_id3(budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1))
+    tx = osel.selective_id3(
+        budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1), compact=False
+    )
     x = jax.random.normal(jax.random.key(2), (16, 64))
 
     def loss(p):
