@@ -1,5 +1,7 @@
 """Resume: an optimizer state saved with orbax mid-run continues exactly like an unbroken run."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,22 +217,11 @@ def test_resume_detects_a_lost_mask(tmp_path):
     )
 
 
-def test_state_saved_on_cuda_restores_on_cpu():
+def test_state_saved_on_cuda_restores_on_cpu(cuda_fixture):
     """tests/data/saved_on_cuda/state holds cuda:0 arrays; the CPU target decides placement."""
-    import os
-
-    fixture = os.path.join(os.path.dirname(__file__), "data", "saved_on_cuda")
+    fixture, make_fixture = cuda_fixture
     expected = np.load(os.path.join(fixture, "expected.npz"))
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {
-        "w": jax.random.normal(k1, (64, 32)),
-        "b": jnp.zeros(32, jnp.bfloat16),
-        "h": jax.random.normal(k2, (32, 5)),
-    }
-    # The fixture was written with the dense inner state (compact=False) on an H100.
-    tx = osel.selective_id3(
-        budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1), compact=False
-    )
+    params, tx = make_fixture.fixture_params_and_tx()
     target = {"params": params, "opt_state": tx.init(params)}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.join(fixture, "state"), _abstract(target))

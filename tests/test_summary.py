@@ -478,20 +478,15 @@ def test_accelerator_path_matches_host_path(monkeypatch):
     _assert_trees_equal(osel.apply_summary(pre, device), tuned)
 
 
-CUDA_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "saved_on_cuda")
 
 
-def test_summary_saved_on_cuda_loads_on_cpu():
+def test_summary_saved_on_cuda_loads_on_cpu(cuda_fixture):
     """tests/data/saved_on_cuda was written on an H100 (see make_fixture.py there)."""
-    summary = osel.load_summary(os.path.join(CUDA_FIXTURE, "summary"))
+    fixture, make_fixture = cuda_fixture
+    summary = osel.load_summary(os.path.join(fixture, "summary"))
     assert (summary.method, summary.budget_used) == ("id3", 38)
-    expected = np.load(os.path.join(CUDA_FIXTURE, "expected.npz"))
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {
-        "w": jax.random.normal(k1, (64, 32)),
-        "b": jnp.zeros(32, jnp.bfloat16),
-        "h": jax.random.normal(k2, (32, 5)),
-    }
+    expected = np.load(os.path.join(fixture, "expected.npz"))
+    params, _ = make_fixture.fixture_params_and_tx()
     applied = osel.apply_summary(params, summary)
     for key in params:
         mask = expected[f"m_{key}"]

@@ -21,6 +21,24 @@ import optax_selective as osel
 from optax_selective import summary as sm
 
 
+def fixture_params_and_tx():
+    """The initial params and the transformation the fixture was made with.
+
+    The tests that restore the fixture on CPU build their targets from this too. The inner
+    state is dense (compact=False), as it was when the fixture was written.
+    """
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "w": jax.random.normal(k1, (64, 32)),
+        "b": jnp.zeros(32, jnp.bfloat16),
+        "h": jax.random.normal(k2, (32, 5)),
+    }
+    tx = osel.selective_id3(
+        budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1), compact=False
+    )
+    return params, tx
+
+
 def main(work: str) -> None:
     print(
         "devices",
@@ -31,15 +49,7 @@ def main(work: str) -> None:
         ocp.__version__ if hasattr(ocp, "__version__") else "?",
     )
     assert jax.devices()[0].platform == "gpu"
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {
-        "w": jax.random.normal(k1, (64, 32)),
-        "b": jnp.zeros(32, jnp.bfloat16),
-        "h": jax.random.normal(k2, (32, 5)),
-    }
-    tx = osel.selective_id3(
-        budget=50, max_steps=4, inner=optax.adamw(0.05, weight_decay=0.1), compact=False
-    )
+    params, tx = fixture_params_and_tx()
     x = jax.random.normal(jax.random.key(2), (16, 64))
 
     def loss(p):
