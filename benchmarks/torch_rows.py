@@ -1,5 +1,5 @@
-"""Torch rows of the benchmark: the bridge's ID3 step against a dense torch AdamW step and
-against the reference package ``selective-optimizers==0.4``.
+"""Torch rows of the benchmark: the bridge's ID3 step (dense and ``compact=True`` inner state)
+against a dense torch AdamW step and against the reference package ``selective-optimizers==0.4``.
 
 The reference is installed at run time into a temporary folder with
 ``pip install --no-deps --target <tmp> selective-optimizers==0.4`` and run in a subprocess
@@ -28,6 +28,13 @@ def _model(width: int, layers: int, device: str = "cpu"):
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
 
 
+def _state_bytes(opt) -> int:
+    if hasattr(opt, "state_nbytes"):
+        return opt.state_nbytes()
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if hasattr(v, "element_size"))
+
+
 def _time_steps(opt, params, repeats: int, warmup: int = 2, sync=lambda: None) -> float:
     import torch
 
@@ -52,7 +59,9 @@ def _dense(width, layers, repeats, device="cpu", **adamw_kw):
     model = _model(width, layers, device)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **adamw_kw)
-    return _time_steps(opt, params, repeats, sync=_sync(device))
+    ms = _time_steps(opt, params, repeats, sync=_sync(device))
+    _dense.last_state_bytes = _state_bytes(opt)
+    return ms
 
 
 def _sync(device):
@@ -69,7 +78,9 @@ def _selective(get_selective_optimizer, width, layers, repeats, budget_frac, max
     n = sum(p.numel() for p in params)
     cls = get_selective_optimizer(torch.optim.AdamW, "id3")
     opt = cls(params, lr=1e-3, weight_decay=0.0, budget=max(1, int(n * budget_frac)), max_steps=max_steps, **kw)
-    return _time_steps(opt, params, repeats, sync=_sync(device))
+    ms = _time_steps(opt, params, repeats, sync=_sync(device))
+    _selective.last_state_bytes = _state_bytes(opt)
+    return ms
 
 
 def install_reference() -> str | None:
@@ -111,32 +122,45 @@ def run_reference(target, width, layers, repeats, budget_frac, max_steps, device
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max_steps: int = 100) -> dict:
-    """Torch rows for every size; bridge and dense in this process, the reference in another."""
+def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max_steps: int = 100,
+        reference: bool = True) -> dict:
+    """Torch rows for every size; bridge and dense in this process, the reference in another.
+
+    Every row is a median over 3 alternating rounds of ``repeats`` timed steps each; ID3 steps
+    are timed while it is still selecting (its most expensive phase)."""
     try:
         import torch  # noqa: F401
 
         from torch_bridge import get_selective_optimizer
     except ImportError as e:
         return {"skipped": f"torch bridge not available: {e}"}
-    target = install_reference()
-    out = {"reference": "selective-optimizers==0.4" if target else "not installable here", "sizes": []}
+    target = install_reference() if reference else None
+    out = {"reference": "selective-optimizers==0.4" if target else ("not installable here" if reference else "not run"), "sizes": []}
     for spec in sizes.split(","):
         width, layers = (int(v) for v in spec.lower().split("x"))
         row = {"width": width, "layers": layers, "params": layers * (width * width + width)}
-        dense, bridge = [], []
+        dense, bridge, compact = [], [], []
         for _ in range(3):  # alternate, take medians
             dense.append(_dense(width, layers, repeats))
             bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps))
+            row["bridge_state_bytes"] = _selective.last_state_bytes
+            compact.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
+                                      compact=True))
+            row["compact_state_bytes"] = _selective.last_state_bytes
+        row["dense_state_bytes"] = _dense.last_state_bytes
+        row["budget"] = max(1, int(row["params"] * budget_frac))
         row["dense_adamw_ms"] = float(np.median(dense))
         row["bridge_id3_ms"] = float(np.median(bridge))
+        row["compact_id3_ms"] = float(np.median(compact))
         row["bridge_over_dense"] = row["bridge_id3_ms"] / row["dense_adamw_ms"]
+        row["compact_over_dense"] = row["compact_id3_ms"] / row["dense_adamw_ms"]
         if target:
             ref = run_reference(target, width, layers, repeats, budget_frac, max_steps)
             row["reference"] = ref
             if ref and "reference_id3_ms" in ref:
                 row["reference_over_dense"] = ref["reference_id3_ms"] / ref["dense_ms"]
                 row["reference_over_bridge"] = row["reference_over_dense"] / row["bridge_over_dense"]
+                row["reference_over_compact"] = row["reference_over_dense"] / row["compact_over_dense"]
         out["sizes"].append(row)
     return out
 
@@ -145,20 +169,27 @@ def markdown(t: dict) -> str:
     if "skipped" in t:
         return f"Torch rows skipped: {t['skipped']}\n"
     lines = [
-        f"### Torch (CPU): ID3 with torch.optim.AdamW inner, reference {t['reference']}",
+        f"### Torch: ID3 with torch.optim.AdamW inner (budget 1%), reference {t['reference']}",
         "",
-        "| params | dense AdamW ms | bridge ID3 ms | bridge / dense | reference / dense | reference / bridge |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| params | dense AdamW ms | ID3 ms (dense / compact) | ID3 / dense AdamW (dense / compact) "
+        "| reference / dense AdamW | reference ID3 / ours (dense / compact) "
+        "| state MB: AdamW / ID3 dense / ID3 compact |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    mb = 1e-6
     for r in t["sizes"]:
         ref = f"{r['reference_over_dense']:.2f}x" if "reference_over_dense" in r else "n/a"
-        rb = f"{r['reference_over_bridge']:.1f}x" if "reference_over_bridge" in r else "n/a"
+        rb = (f"{r['reference_over_bridge']:.1f}x / {r['reference_over_compact']:.1f}x"
+              if "reference_over_bridge" in r else "n/a")
         lines.append(
-            f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} | "
-            f"{r['bridge_over_dense']:.2f}x | {ref} | {rb} |"
+            f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} / "
+            f"{r['compact_id3_ms']:.2f} | {r['bridge_over_dense']:.2f}x / {r['compact_over_dense']:.2f}x | "
+            f"{ref} | {rb} | {r['dense_state_bytes'] * mb:.1f} / {r['bridge_state_bytes'] * mb:.1f} / "
+            f"{r['compact_state_bytes'] * mb:.1f} |"
         )
     lines.append("")
-    lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process.")
+    lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process. "
+                 "ID3 steps are timed while it is still selecting.")
     return "\n".join(lines) + "\n"
 
 
@@ -166,5 +197,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="512x4")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-reference", action="store_true", help="skip selective-optimizers==0.4")
     a = ap.parse_args()
-    print(markdown(run(a.sizes, quick=False, repeats=a.repeats)))
+    print(markdown(run(a.sizes, quick=False, repeats=a.repeats, reference=not a.no_reference)))

@@ -88,6 +88,7 @@ class MethodRunner:
         # orders JAX's reads after torch's stream.
         self._param_views: dict[int, tuple[torch.Tensor, int, jax.Array]] = {}
         self._update = jax.jit(self._update_impl)
+        self._update_idx = jax.jit(self._update_indices_impl)
 
     # -- conversions -------------------------------------------------------------------------
     def to_jax(self, t: torch.Tensor) -> jax.Array:
@@ -133,6 +134,18 @@ class MethodRunner:
         selectable = [g is not None for g in grads]
         return self.method.update(list(masks), state, count, list(grads), params, selectable)
 
+    def _update_indices_impl(self, masks, state, count, grads, params):
+        self.traces += 1
+        selectable = [g is not None for g in grads]
+        return self.method.update_with_indices(
+            list(masks), state, count, list(grads), params, selectable
+        )
+
+    @property
+    def gives_indices(self) -> bool:
+        """Whether :meth:`update` can return the added entries without a pass over the masks."""
+        return hasattr(self.method, "update_with_indices")
+
     def update(
         self,
         count: int,
@@ -140,11 +153,14 @@ class MethodRunner:
         masks: Sequence[torch.Tensor | None],
         grads: Sequence[torch.Tensor | None],
         params: Sequence[torch.Tensor],
+        added: dict[int, torch.Tensor] | None = None,
     ) -> dict[int, torch.Tensor]:
         """One ``method.update`` over the leaves in ``active``; returns their new masks.
 
         Leaves outside ``active`` take no part (as if their gradient were missing) and keep
-        their masks. ``count`` is the number of updates applied so far.
+        their masks. ``count`` is the number of updates applied so far. With ``added`` (a dict,
+        only if :attr:`gives_indices`) it is filled with the flat int64 indices of the entries
+        this update selected, per leaf, on the leaf's device.
         """
         n = len(params)
         jm: list[jax.Array | None] = [None] * n
@@ -156,13 +172,19 @@ class MethodRunner:
             jg[i] = self.to_jax(grads[i])
             if self.method.needs_params:
                 jp[i] = self.param_view(i, params[i])
-        new, self.method_state = self._update(
-            jm,
-            self.method_state,
-            np.int32(min(count, _INT32_MAX)),
-            jg,
-            jp if self.method.needs_params else None,
-        )
+        args = (jm, self.method_state, np.int32(min(count, _INT32_MAX)), jg,
+                jp if self.method.needs_params else None)
+        if not self.gives_indices:
+            if added is not None:
+                raise TypeError(f"method {self.method.name!r} does not report added entries.")
+            new, self.method_state = self._update(*args)
+        else:  # also the faster form: it sets the new entries without an OR pass over the masks
+            new, self.method_state, (leaf, local, valid) = self._update_idx(*args)
+            if added is not None:
+                leaf, local, valid = (np.asarray(a) for a in (leaf, local, valid))
+                for i in np.unique(leaf[valid]).tolist():
+                    idx = torch.from_numpy(local[valid & (leaf == i)].astype(np.int64))
+                    added[i] = idx.to(params[i].device)
         new = jax.block_until_ready(new)
         out = {}
         for i in active:

@@ -13,6 +13,10 @@ The returned class subclasses the given optimizer class (so LR schedulers, ``Tra
    ``maximize``, optimizers outside ``torch.optim``; see :mod:`torch_bridge.safety`), so they
    stay bit-identical whatever the inner optimizer does.
 
+With ``compact=True`` steps 2-4 are replaced by :mod:`torch_bridge.compact`: the inner step
+runs on flat buffers that hold the selected entries only, so the inner optimizer's state is
+O(budget) and unselected entries never reach it.
+
 Leaf order is ``param_groups`` in order, then the params of each group. Params with
 ``requires_grad=False`` at construction, non-floating-point params, and params without a
 gradient in a step are never selected in that step and never changed.
@@ -20,6 +24,7 @@ gradient in a step are never selected in that step and never changed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +35,7 @@ from optax_selective._tree import LeafLayout
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
+from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.methods import build_method, check_method_name
@@ -67,6 +73,12 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         when the method is id3 and is passed to the inner optimizer otherwise;
       * ``verify`` (default False): keep a host copy of the parameters and check in
         :meth:`post_train_work` that the budget held and nothing unselected moved.
+      * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
+        state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
+        is one mask byte per entry plus O(budget) and the inner step costs O(budget). It gives
+        bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
+        Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
+        parameters; ``compact=True`` raises for anything else, None falls back to dense.
 
     Example:
       >>> import torch
@@ -77,6 +89,9 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
       ...     opt.zero_grad(); model(torch.ones(3, 4)).sum().backward(); opt.step()
       >>> opt.get_budget_used()
       4
+      >>> opt = cls(model.parameters(), lr=1e-2, budget=4, max_steps=2, compact=True)
+      >>> opt.state_nbytes() < 8 * sum(p.numel() for p in model.parameters())
+      True
     """
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise TypeError(
@@ -116,6 +131,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         budget = kwargs.pop("budget", None)
         verify = kwargs.pop("verify", False)
+        compact = kwargs.pop("compact", None)
         max_steps = kwargs.pop("max_steps", None)
         fish_steps = kwargs.pop("fish_steps", None)
         seed = kwargs.pop("seed", 0)
@@ -130,16 +146,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be True or False, got {verify!r}.")
+        if compact is not None and not isinstance(compact, bool):
+            raise TypeError(f"compact must be True, False or None (auto), got {compact!r}.")
         method = build_method(
             self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps,
             fish_steps=fish_steps, seed=seed,
         )
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
-        self._setup(method, None if budget is None else int(budget), verify)
+        self._setup(method, None if budget is None else int(budget), verify, compact)
 
     # -- set-up ------------------------------------------------------------------------------
-    def _setup(self, method: Any, budget: int | None, verify: bool) -> None:
+    def _setup(self, method: Any, budget: int | None, verify: bool, compact: bool | None) -> None:
         params, paths, groups, selectable, choose_all = [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
             ca = group.get("choose_all", False)
@@ -164,7 +182,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             choose_all=tuple(choose_all),
         )
         self._layout = layout
-        runner = ShardedMethodRunner if is_sharded(params) else MethodRunner  # FSDP2/DTensor
+        sharded = is_sharded(params)  # FSDP2/DTensor
+        why_not = _why_not_compact(self.inner_class, self.param_groups, params, paths, selectable,
+                                   sharded, method.name)
+        if compact and why_not:
+            raise ValueError(why_not)
+        compact = why_not is None if compact is None else compact
+        runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
         try:
             masks = self._runner.init(params)
@@ -179,6 +203,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         ]
         self._count = 0
         self._budget = budget if method.name != "fft" else layout.num_selectable + layout.num_choose_all
+        self._compact: CompactState | None = None
+        if compact:
+            self._compact = CompactState(
+                params, groups, selectable, choose_all, self._budget - layout.num_choose_all
+            )
+            for i, m in enumerate(self._masks):
+                if m is not None and selectable[i]:
+                    self._compact.add_mask(i, m)
         self._initial = _verify.snapshot(params) if verify else None
         self._zero = {}
         if method.frozen_after == 0:
@@ -208,6 +240,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def method(self) -> Any:
         """The ``optax_selective`` method object that selects the entries."""
         return self._runner.method
+
+    @property
+    def compact(self) -> bool:
+        """Whether the inner optimizer keeps state for the selected entries only."""
+        return self._compact is not None
 
     @property
     def count(self) -> int:
@@ -245,8 +282,17 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i in active:
                 if grads[i].is_sparse:
                     raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
-            new = self._runner.update(self._count, active, self._masks, grads, self._params)
+            added = {} if self._compact is not None and self._runner.gives_indices else None
+            args = (self._count, active, self._masks, grads, self._params)
+            new = self._runner.update(*args) if added is None else self._runner.update(
+                *args, added=added
+            )
             for i, m in new.items():
+                if added is not None:
+                    if i in added:
+                        self._compact.add(i, added[i])
+                elif self._compact is not None:
+                    self._compact.add_mask(i, m, self._masks[i])
                 self._masks[i] = m
         if frozen_after is not None and self._count + 1 >= frozen_after:
             self._classify()
@@ -298,27 +344,50 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._select()
-        self._mask_grads()
-        snaps = self._snapshots()
         inner = _inner_step(self.inner_class)
-        if closure is None:
-            inner(self, **kwargs)
+        compact = self._compact
+        if compact is None:
+            self._mask_grads()
+            snaps = self._snapshots()
+            scope = contextlib.nullcontext()
         else:
-            first = [True]
+            scope = compact.inner_view(self, self._params)
+        with scope:
+            if closure is None:
+                inner(self, **kwargs)
+            else:
+                first = [True]
 
-            def replay():
-                if first[0]:  # the inner optimizer's first evaluation: reuse the one above
-                    first[0] = False
-                    return loss
-                with torch.enable_grad():
-                    out = closure()
-                self._mask_grads()
-                return out
+                def replay():
+                    if first[0]:  # the inner optimizer's first evaluation: reuse the one above
+                        first[0] = False
+                        return loss
+                    with torch.enable_grad():
+                        out = closure()
+                    if compact is None:
+                        self._mask_grads()
+                    else:
+                        compact.reload_grads(self._params)
+                    return out
 
-            inner(self, replay, **kwargs)
-        self._restore(snaps)
+                inner(self, replay, **kwargs)
+        if compact is None:
+            self._restore(snaps)
         self._count += 1
         return loss
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state: the inner optimizer's tensors, the masks and, with
+        ``compact=True``, the slot buffers with their state and bookkeeping."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        for m in self._masks:
+            if m is not None:
+                total += _dist.local(m).numel()
+        return total + (self._compact.nbytes() if self._compact is not None else 0)
 
     # -- after training ----------------------------------------------------------------------
     def post_train_work(self) -> None:
@@ -335,6 +404,20 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _place_state(self, param: torch.Tensor, group: int, key: str, value: Any) -> Any:
+        """A saved state value of ``param`` (a slot buffer of param group ``group``) moved to
+        its device/dtype the way torch's own ``load_state_dict`` would."""
+        policy = getattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", None)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if policy is not None:  # it reads fused/capturable from the group holding param id 0
+            packed = [{**g, "params": [0] if gi == group else []}
+                      for gi, g in enumerate(self.param_groups)]
+            return policy(param, value, 0, packed, key)
+        if key == "step":
+            return value
+        return value.to(device=param.device, dtype=param.dtype if value.is_floating_point() else None)
+
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"selective"``: method, step count and masks
         (per parameter ``"full"``, ``"empty"`` or the int64 flat indices of its selection)."""
@@ -343,6 +426,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for st, m in zip(self._status, self._masks):
             masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
         sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks}
+        if self._compact is not None:
+            sd[STATE_KEY]["compact"] = self._compact.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -382,10 +467,31 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"mask indices out of range for {self._paths[i]} {tuple(p.shape)}.")
             status.append(PARTIAL)
             tensors.append(_dist.mask_from_indices(p, idx))
+        if (self._compact is not None) != ("compact" in sel):
+            raise ValueError(
+                "state_dict was saved with compact="
+                f"{'compact' in sel} but this optimizer has compact={self._compact is not None}."
+            )
         super().load_state_dict(state_dict)
+        if self._compact is not None:
+            self._compact.load_state_dict(sel["compact"], self._place_state)
         self._status, self._masks = status, tensors
         self._count = int(sel["count"])
         self._runner.forget_masks()
         frozen_after = self._runner.method.frozen_after
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
+
+
+def _why_not_compact(inner_class, param_groups, params, paths, selectable, sharded,
+                     method: str) -> str | None:
+    """Why ``compact=True`` cannot reproduce the dense form here (None: it can)."""
+    if sharded:
+        return ("compact=True is not supported for DTensor/FSDP2-sharded parameters; use "
+                "compact=False.")
+    if method == "fft":
+        return "compact=True is pointless for full fine-tuning (every entry is selected)."
+    for p, path, ok in zip(params, paths, selectable):
+        if ok and not p.is_contiguous():
+            return f"compact=True needs contiguous parameters; {path} is not."
+    return compact_refusal(inner_class, param_groups)
