@@ -142,7 +142,8 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
         dense, bridge, compact = [], [], []
         for _ in range(3):  # alternate, take medians
             dense.append(_dense(width, layers, repeats))
-            bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps))
+            bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
+                                     compact=False))
             row["bridge_state_bytes"] = _selective.last_state_bytes
             compact.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
                                       compact=True))
