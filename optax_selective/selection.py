@@ -218,6 +218,54 @@ def top_k_indices(
     return _top_k_reference_indices(as_scores, k, k_max)
 
 
+# ---------------------------------------------------------------------- over shards
+#
+# A global top-k over scores split into shards (devices, processes, torch ranks) needs only
+# each shard's own top-k_max: the k <= k_max best entries of the whole are among the union of
+# the shards' top-k_max (a shard's local row-major order is the global order restricted to
+# that shard, so its tie order agrees too). ``shard_candidates`` gives one shard's candidates;
+# ``merge_candidates`` picks the global top-k from all of them with the tie rule above. Both
+# the torch FSDP2 runner and sharded JAX selection go through these two functions.
+
+
+def shard_candidates(
+    scores: Sequence[jax.Array | None], k_max: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One shard's top-``k_max`` entries as candidates for :func:`merge_candidates`.
+
+    ``scores`` are this shard's local arrays in leaf order (``None``: no part). Returns
+    ``k_max`` slots ``(value, leaf, index, valid)``: float32 score (``-inf`` in unused slots),
+    leaf position, row-major index in the *local* array, and whether the slot is used. The
+    caller turns local indices into indices in the whole leaf.
+    """
+    leaf, index, valid = top_k_indices(scores, k_max, k_max)
+    values = jnp.full((k_max,), NEG_INF, jnp.float32)
+    for i, s in _live(scores):
+        flat = _clean(s).reshape(-1)
+        values = jnp.where(valid & (leaf == i), flat[jnp.clip(index, 0, flat.size - 1)], values)
+    return values, leaf, index, valid
+
+
+def merge_candidates(
+    values: jax.Array, leaf: jax.Array, index: jax.Array, k: int | jax.Array, k_max: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k`` best of all shards' candidates, as ``k_max`` slots ``(leaf, index, valid)``.
+
+    ``values``, ``leaf`` and ``index`` (int32 index in the whole leaf) are the candidates of
+    every shard concatenated, in any order; each entry may appear once only (offer a replicated
+    leaf from one shard). The choice is :func:`top_k_masks`'s: highest score first, ties
+    (``-0.0 == 0.0``) to the lower ``(leaf, index)``, non-finite scores never, fewer than ``k``
+    if fewer are finite. Slots are in that order (best first).
+    """
+    inverted = ~order_key(values)  # non-finite: key 0, inverted all ones, sorts last
+    inverted, leaf, index = lax.sort(
+        (inverted, leaf.astype(jnp.int32), index.astype(jnp.int32)), num_keys=3
+    )
+    kk = min(k_max, int(values.shape[0]))
+    valid = (jnp.arange(kk) < k) & (inverted[:kk] != jnp.uint32(_ALL_BITS))
+    return _pad_slots(leaf[:kk], index[:kk], valid, k_max)
+
+
 # ------------------------------------------------------------------------- reference path
 
 

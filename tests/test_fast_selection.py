@@ -191,3 +191,57 @@ def test_rows_path_with_score_fn_matches_materialised_scores(kind):
                 assert g is None
             else:
                 np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def _blocks(shape, rows, cols):
+    """Row/column blocks of a 2-D shape: ``(row slice, col slice)`` pairs, some empty."""
+    r_cut = np.linspace(0, shape[0], rows + 1).astype(int)
+    c_cut = np.linspace(0, shape[1], cols + 1).astype(int)
+    return [
+        (slice(r_cut[i], r_cut[i + 1]), slice(c_cut[j], c_cut[j + 1]))
+        for i in range(rows)
+        for j in range(cols)
+    ]
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(0, 30),
+    slack=st.integers(0, 3),
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 3),
+    kind=st.sampled_from(["normal", "ties", "zeros"]),
+)
+@settings(max_examples=15, deadline=None)
+def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows, cols, kind):
+    # Each leaf is cut into rows x cols blocks (shards, some empty); every shard offers its own
+    # top-k_max, local indices are mapped into the leaf, and the merge must pick exactly the
+    # global top-k, ties included (the rule the FSDP2 runner and sharded JAX selection share).
+    shapes = [(7, 5), (6, 1), (3, 4)]
+    scores = make_scores(seed, shapes, kind)
+    k_max = k + slack
+    vals, leaves, indices = [], [], []
+    for b in range(rows * cols):
+        local = [s[_blocks(s.shape, rows, cols)[b]] for s in scores]
+        v, leaf, idx, valid = selection.shard_candidates([jnp.asarray(x) for x in local], k_max)
+        leaf, idx, valid = np.array(leaf), np.array(idx), np.array(valid)
+        assert (np.asarray(v)[~valid] == -np.inf).all()
+        for j in range(k_max):  # local (row, col) in the block -> row-major index in the leaf
+            rs, cs = _blocks(shapes[leaf[j]], rows, cols)[b]
+            width = max(1, cs.stop - cs.start)
+            r, c = divmod(int(idx[j]), width)
+            idx[j] = (rs.start + r) * shapes[leaf[j]][1] + cs.start + c if valid[j] else 0
+        vals.append(np.asarray(v))
+        leaves.append(leaf)
+        indices.append(idx)
+    order = np.random.default_rng(seed).permutation(sum(len(v) for v in vals))  # any order
+    merged = selection.merge_candidates(
+        jnp.asarray(np.concatenate(vals)[order]),
+        jnp.asarray(np.concatenate(leaves)[order]),
+        jnp.asarray(np.concatenate(indices)[order].astype(np.int32)),
+        k,
+        k_max,
+    )
+    got = selection.indices_to_masks([jnp.asarray(s) for s in scores], *merged)
+    for g, w in zip(got, numpy_top_k(scores, k)):
+        np.testing.assert_array_equal(np.asarray(g), w)
