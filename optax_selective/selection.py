@@ -108,11 +108,47 @@ def _clean(score: jax.Array) -> jax.Array:
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type splits it over more than one device (explicit mode).
+
+    Axes of size 1 do not count: an array "sharded" over a 1-device mesh is whole on that
+    device, and the fast paths (top_k, reshape, gather) run on it unchanged.
+    """
     try:
-        spec = jax.typeof(x).sharding.spec
+        sharding = jax.typeof(x).sharding
+        spec, sizes = sharding.spec, dict(sharding.mesh.shape)
     except Exception:  # noqa: BLE001 - older jax or non-array: treat as unsharded
         return False
-    return any(p is not None for p in spec)
+    for p in spec:
+        for axis in () if p is None else (p if isinstance(p, tuple) else (p,)):
+            if sizes.get(axis, 1) > 1:
+                return True
+    return False
+
+
+def _unsplit(x):
+    """``x`` retyped as unsharded if its explicit-mode type names only size-1 mesh axes.
+
+    Explicit mode refuses reshapes and gathers that would be free on such an array (its whole
+    value is on one device); the retyping moves no data. Anything else is returned as is.
+    """
+    if x is None or _explicitly_sharded(x):
+        return x
+    try:
+        sharding = jax.typeof(x).sharding
+        named = any(p is not None for p in sharding.spec)
+        explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
+    except Exception:  # noqa: BLE001 - not a typed array
+        return x
+    if not (named and explicit):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
+
+
+def _retype_like(out, ref):
+    """``out`` resharded to ``ref``'s explicit type when :func:`_unsplit` dropped it."""
+    if out is None or ref is None or _unsplit(ref) is ref:
+        return out
+    return jax.sharding.reshard(out, jax.typeof(ref).sharding)
 
 
 def _live(scores):
@@ -173,7 +209,9 @@ def top_k_masks(
         raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
     # One compiled program (cached per shapes) also when called eagerly, e.g. by PaFI's init:
     # op-by-op dispatch would write every intermediate of the O(N) passes to memory.
-    return _top_k_masks_jit(list(scores), jnp.asarray(k, jnp.int32), k_max, path)
+    inputs = [_unsplit(s) for s in scores] if path != "counting" else list(scores)
+    masks = _top_k_masks_jit(inputs, jnp.asarray(k, jnp.int32), k_max, path)
+    return [_retype_like(m, s) for m, s in zip(masks, scores)]
 
 
 @partial(jax.jit, static_argnums=(2, 3))
@@ -199,9 +237,11 @@ def top_k_indices(
     full score arrays. Not for explicitly sharded inputs (it gathers).
     """
     if score_fn is None:
+        scores = [_unsplit(s) for s in scores]
         live = [s for s in scores if s is not None and s.size > 0]
         as_scores = list(scores)
     else:
+        scores = [None if xs is None else tuple(_unsplit(x) for x in xs) for xs in scores]
         live = [xs[0] for xs in scores if xs is not None and xs[0].size > 0]
         as_scores = None
     if not live or k_max == 0:

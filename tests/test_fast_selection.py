@@ -245,3 +245,30 @@ def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows,
     got = selection.indices_to_masks([jnp.asarray(s) for s in scores], *merged)
     for g, w in zip(got, numpy_top_k(scores, k)):
         np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_one_device_explicit_mesh_takes_the_fast_paths():
+    # A 1-device mesh in explicit mode names an axis in the type but splits nothing: the paths
+    # for unsharded arrays must run (not the slower counting path), and select the same.
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(5)
+    a = np.round(rng.normal(size=(512, 256)), 1).astype(np.float32)
+    b = rng.normal(size=(256,)).astype(np.float32)
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        sa = jax.device_put(a, NamedSharding(mesh, P("x", None)))
+        sb = jax.device_put(b, NamedSharding(mesh, P("x")))
+        assert jax.typeof(sa).sharding.spec == P("x", None)
+        paths = {}
+
+        def select(s, k, k_max):
+            paths[k_max] = selection.choose_path(s, k_max)  # as seen on the traced values
+            return selection.top_k_masks(s, k, k_max)
+
+        for k_max in (16, 60_000):
+            got = jax.jit(select, static_argnums=2)([sa, sb], k_max - 3, k_max)
+            for g, w in zip(got, numpy_top_k([a, b], k_max - 3)):
+                np.testing.assert_array_equal(np.asarray(g), w)
+    assert paths == {16: "rows", 60_000: "radix"}, paths
