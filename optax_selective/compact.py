@@ -26,6 +26,10 @@ get the same updates alone and embedded among others). Everything else (``masked
 Adafactor, Muon or Shampoo, and any user-defined transformation) is refused with an error
 that points to ``compact=False``. :func:`register_elementwise` extends the allow-list.
 
+Sharding: the slot vectors and the inner state are replicated. Leaves split over devices in
+explicit mode are read and written per device block (see "gather / scatter by flat index"
+below), so no leaf is ever gathered; in auto mode XLA partitions the plain indexing.
+
 Memory: the mask (1 byte per parameter) plus 4 bytes per slot plus the inner state of the
 slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` bytes.
 """
@@ -39,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
+from optax_selective import selection
 from optax_selective._tree import is_float
 
 _COMBINATORS = {"chain", "named_chain", "with_extra_args_support"}
@@ -229,16 +235,162 @@ def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
     return groups
 
 
-def _check_not_explicitly_sharded(leaves) -> None:
-    for x in leaves:
-        spec = getattr(getattr(x, "sharding", None), "spec", None)
-        mesh = getattr(getattr(x, "sharding", None), "mesh", None)
-        explicit = any("Explicit" in str(t) for t in getattr(mesh, "axis_types", ()) or ())
-        if spec is not None and explicit and any(p is not None for p in spec):
+# -------------------------------------------------------- gather / scatter by flat index
+#
+# A leaf split over devices in explicit mode (``AxisType.Explicit``) is never gathered: each
+# device reads the slots that fall in its own block and the results are summed over the
+# devices that split the leaf (one nonzero term per slot, summed as integer bit patterns, so
+# exact, -0.0 and NaN payloads included); scattering writes each device's block locally.
+# Only O(cap) values and indices cross devices. Unsplit leaves use plain indexing.
+
+
+def _split(x) -> tuple[Any, Any] | None:
+    """``(mesh, spec)`` if ``x``'s type splits it over more than one device, else None."""
+    if not selection._explicitly_sharded(x):
+        return None
+    sharding = x.sharding if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.typeof(x).sharding
+    spec = tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
+    sizes = dict(sharding.mesh.shape)
+    for d, p in enumerate(spec):
+        parts = int(np.prod([sizes[a] for a in _axes(p)], dtype=np.int64))
+        if np.shape(x)[d] % parts:
             raise ValueError(
-                "compact=True gathers selected entries into small vectors, which is not "
-                "supported for explicitly sharded parameters yet. Pass compact=False."
+                f"compact=True needs explicitly sharded leaves whose dimensions divide evenly over "
+                f"the mesh, but a leaf of shape {np.shape(x)} has dimension {d} split "
+                f"{parts} ways. Pass compact=False (the dense inner state has no such limit)."
             )
+    return sharding.mesh, jax.sharding.PartitionSpec(*spec)
+
+
+def _axes(p) -> tuple[str, ...]:
+    return () if p is None else tuple(p) if isinstance(p, tuple) else (p,)
+
+
+def _block(mesh, spec, shape):
+    """Inside ``shard_map``: this device's block shape and its start along every dimension."""
+    sizes = dict(mesh.shape)
+    block, start = [], []
+    for n, p in zip(shape, spec):
+        parts, pos = 1, jnp.zeros([], jnp.int32)
+        for a in _axes(p):  # major to minor, as PartitionSpec tuples are laid out
+            pos = pos * sizes[a] + lax.axis_index(a)
+            parts *= sizes[a]
+        block.append(n // parts)
+        start.append(pos * (n // parts))
+    return tuple(block), start
+
+
+def _to_local(index, shape, block, start):
+    """Flat indices in the whole leaf -> ``(flat index in this block, inside this block)``."""
+    local = jnp.zeros_like(index)
+    inside = (index >= 0) & (index < int(np.prod(shape, dtype=np.int64)))
+    rest = index
+    for d in reversed(range(len(shape))):
+        coord = rest % shape[d] - start[d]
+        rest = rest // shape[d]
+        inside = inside & (coord >= 0) & (coord < block[d])
+        local = local + coord * int(np.prod(block[d + 1 :], dtype=np.int64))
+    return local, inside
+
+
+def _to_global(local, shape, block, start):
+    """Flat indices in this block -> flat indices in the whole leaf (int32)."""
+    out = jnp.zeros_like(local)
+    rest = local
+    for d in reversed(range(len(shape))):
+        out = out + (rest % block[d] + start[d]) * int(np.prod(shape[d + 1 :], dtype=np.int64))
+        rest = rest // block[d]
+    return out
+
+
+_BITS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+
+
+def _sum_one_term(x, axes):
+    """psum over ``axes`` of values that are zero bits on every device but (at most) one."""
+    if not axes:
+        return x
+    width = jnp.dtype(x.dtype).itemsize
+    bits = lax.bitcast_convert_type(x, _BITS[width])  # float64: a trailing dimension of 2
+    total = lax.psum(bits.astype(jnp.uint32), axes).astype(_BITS[width])
+    return lax.bitcast_convert_type(total, x.dtype)
+
+
+def _gather_leaf(x, index, ok, dtype):
+    """``x.reshape(-1)[index]`` where ``ok`` (replicated, like ``index``), zeros elsewhere."""
+    split = _split(x)
+    if split is None:
+        flat = jnp.reshape(selection._unsplit(x), (-1,))
+        size = flat.shape[0]
+        return jnp.where(ok, flat[jnp.clip(index, 0, size - 1)].astype(dtype), jnp.zeros((), dtype))
+    mesh, spec = split
+    shape = np.shape(x)
+    axes = tuple(a for p in spec for a in _axes(p))
+
+    def local(xb, index, ok):
+        block, start = _block(mesh, spec, shape)
+        where, inside = _to_local(index, shape, block, start)
+        flat = jnp.reshape(xb, (-1,))
+        got = flat[jnp.clip(where, 0, flat.shape[0] - 1)].astype(dtype)
+        return _sum_one_term(jnp.where(ok & inside, got, jnp.zeros((), dtype)), axes)
+
+    p0 = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, p0, p0), out_specs=p0)(x, index, ok)
+
+
+def _scatter_leaf(values, index, ok, like):
+    """Zeros shaped and sharded like ``like``, with ``values`` at the flat ``index`` where ``ok``."""
+    shape = np.shape(like)
+    size = int(np.prod(shape, dtype=np.int64))
+    split = _split(like)
+    if split is None:
+        target = jnp.where(ok, index, size)  # size: dropped
+        return jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop").reshape(shape)
+    mesh, spec = split
+
+    def local(values, index, ok):
+        block, start = _block(mesh, spec, shape)
+        where, inside = _to_local(index, shape, block, start)
+        n = int(np.prod(block, dtype=np.int64))
+        target = jnp.where(ok & inside, where, n)
+        return jnp.zeros((n,), values.dtype).at[target].set(values, mode="drop").reshape(block)
+
+    p0 = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(p0, p0, p0), out_specs=spec)(values, index, ok)
+
+
+def _nonzero_leaf(mask, most: int):
+    """The first ``most`` true flat indices of ``mask`` (ascending, int32) and how many are true.
+
+    Padding slots hold 0 and are past the count. For a split mask each device lists its own
+    block's first ``most`` and the devices exchange these lists only (O(devices * most)).
+    """
+    shape = np.shape(mask)
+    size = int(np.prod(shape, dtype=np.int64))
+    most = min(most, size)
+    split = _split(mask)
+    if split is None:
+        flat = jnp.reshape(selection._unsplit(mask), (-1,))
+        (idx,) = jnp.nonzero(flat, size=most, fill_value=0)
+        return idx.astype(jnp.int32), jnp.sum(flat, dtype=jnp.int32)
+    mesh, spec = split
+    axes = tuple(a for p in spec for a in _axes(p))
+    big = jnp.iinfo(jnp.int32).max
+
+    def local(mb):
+        block, start = _block(mesh, spec, shape)
+        flat = jnp.reshape(mb, (-1,))
+        n_local = min(most, flat.shape[0])
+        (idx,) = jnp.nonzero(flat, size=n_local, fill_value=0)
+        count = jnp.sum(flat, dtype=jnp.int32)
+        mine = jnp.where(jnp.arange(n_local) < count, _to_global(idx.astype(jnp.int32), shape, block, start), big)
+        every = jnp.sort(lax.all_gather(mine, axes, tiled=True, to='invarying'))[:most]
+        return jnp.where(every == big, 0, every), lax.psum(count, axes)
+
+    p0 = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=(p0, p0))(mask)
 
 
 def _gather(group: _Group, leaves, slots, dtype):
@@ -246,18 +398,15 @@ def _gather(group: _Group, leaves, slots, dtype):
     for i, off, size in zip(group.leaves, group.offsets, group.sizes):
         local = slots - off
         ok = (local >= 0) & (local < size)
-        flat = jnp.reshape(leaves[i], (-1,))
-        out = jnp.where(ok, flat[jnp.clip(local, 0, size - 1)].astype(dtype), out)
+        out = jnp.where(ok, _gather_leaf(leaves[i], local, ok, dtype), out)
     return out
 
 
-def _scatter(group: _Group, values, slots, shapes):
+def _scatter(group: _Group, values, slots, like):
     out = {}
     for i, off, size in zip(group.leaves, group.offsets, group.sizes):
         local = slots - off
-        target = jnp.where((local >= 0) & (local < size), local, size)  # size: dropped
-        dense = jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop")
-        out[i] = dense.reshape(shapes[i])
+        out[i] = _scatter_leaf(values, local, (local >= 0) & (local < size), like[i])
     return out
 
 
@@ -268,10 +417,18 @@ def _assign(slots, filled, gidx, valid):
     return slots.at[pos].set(gidx, mode="drop"), filled + jnp.sum(valid, dtype=jnp.int32)
 
 
+def _spans_processes(x) -> bool:
+    """Whether ``x`` is a concrete array that this process cannot read whole."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable
+
+
 def _slots_from_masks(group: _Group, masks):
     """Slots holding every true entry of ``masks`` (group leaves), in global order."""
-    concrete = not any(isinstance(masks[i], jax.core.Tracer) for i in group.leaves)
-    if concrete:  # the usual eager init: a host pass is far cheaper than a device cumsum
+    host = not any(
+        isinstance(masks[i], jax.core.Tracer) or _spans_processes(masks[i]) or _split(masks[i])
+        for i in group.leaves
+    )
+    if host:  # the usual eager init on one device: a host pass is far cheaper than on device
         found = np.concatenate(
             [np.flatnonzero(np.asarray(masks[i])) + off for i, off in zip(group.leaves, group.offsets)]
         ).astype(np.int32)
@@ -285,10 +442,9 @@ def _slots_from_masks(group: _Group, masks):
         return jnp.asarray(slots), jnp.asarray(found.size, jnp.int32)
     slots = jnp.full((group.cap,), -1, jnp.int32)
     filled = jnp.zeros([], jnp.int32)
-    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
-        (idx,) = jnp.nonzero(jnp.reshape(masks[i], (-1,)), size=min(group.cap, size), fill_value=0)
-        valid = jnp.arange(idx.shape[0]) < jnp.sum(masks[i], dtype=jnp.int32)
-        slots, filled = _assign(slots, filled, idx.astype(jnp.int32) + off, valid)
+    for i, off in zip(group.leaves, group.offsets):
+        idx, count = _nonzero_leaf(masks[i], group.cap)
+        slots, filled = _assign(slots, filled, idx + off, jnp.arange(idx.shape[0]) < count)
     return slots, filled
 
 
@@ -300,17 +456,22 @@ class CompactInner:
         self.budget = budget
 
     def init(self, param_leaves, mask_leaves) -> CompactState:
-        _check_not_explicitly_sharded(param_leaves)
+        if any(_spans_processes(x) for x in param_leaves):
+            # Several processes: run on device (the host cannot read the whole masks), once.
+            return jax.jit(self.init)(param_leaves, mask_leaves)
         groups = _groups(param_leaves, self.budget)
         slots, filled = zip(*[_slots_from_masks(g, mask_leaves) for g in groups]) if groups else ((), ())
         compact_params = tuple(_gather(g, param_leaves, s, g.dtype) for g, s in zip(groups, slots))
         return CompactState(tuple(slots), tuple(filled), self.inner.init(compact_params))
 
-    def add_entries(self, state: CompactState, leaves, new_entries=None, old_mask=None, new_mask=None):
+    def add_entries(
+        self, state: CompactState, leaves, new_entries=None, old_mask=None, new_mask=None, most=None
+    ):
         """Gives slots to entries that joined the mask this step.
 
         ``new_entries`` is ``(leaf, index, valid)`` as from ``selection.top_k_indices``; without
-        it, the new entries are found by comparing ``old_mask`` and ``new_mask`` (slower).
+        it, the new entries are found by comparing ``old_mask`` and ``new_mask`` (slower); at
+        most ``most`` of them per leaf (default: the slot count), e.g. ID3's ``k_max``.
         """
         groups = _groups(leaves, self.budget)
         self._check_groups(groups, state)
@@ -326,17 +487,15 @@ class CompactInner:
                 gidx = jnp.asarray(offset_of, jnp.int32)[leaf] + local
                 slots[j], filled[j] = _assign(slots[j], filled[j], gidx, in_group)
             else:
-                for i, off, size in zip(g.leaves, g.offsets, g.sizes):
-                    fresh = jnp.reshape(new_mask[i] & ~old_mask[i], (-1,))
-                    (idx,) = jnp.nonzero(fresh, size=min(g.cap, size), fill_value=0)
-                    valid = jnp.arange(idx.shape[0]) < jnp.sum(fresh, dtype=jnp.int32)
-                    slots[j], filled[j] = _assign(slots[j], filled[j], idx.astype(jnp.int32) + off, valid)
+                for i, off in zip(g.leaves, g.offsets):
+                    idx, count = _nonzero_leaf(new_mask[i] & ~old_mask[i], min(g.cap, most or g.cap))
+                    valid = jnp.arange(idx.shape[0]) < count
+                    slots[j], filled[j] = _assign(slots[j], filled[j], idx + off, valid)
         return state._replace(slots=tuple(slots), filled=tuple(filled))
 
     def update(self, grad_leaves, mask_leaves, state: CompactState, param_leaves, **extra_args):
         groups = _groups(grad_leaves, self.budget)
         self._check_groups(groups, state)
-        shapes = [np.shape(g) for g in grad_leaves]
         c_grads = tuple(_gather(g, grad_leaves, s, g.dtype) for g, s in zip(groups, state.slots))
         c_params = None
         if param_leaves is not None:
@@ -347,7 +506,7 @@ class CompactInner:
         c_updates, inner_state = self.inner.update(c_grads, state.inner_state, c_params, **extra_args)
         out: list[Any] = [None] * len(grad_leaves)
         for g, s, u in zip(groups, state.slots, c_updates):
-            out_g = _scatter(g, u, s, shapes)
+            out_g = _scatter(g, u, s, grad_leaves)
             for i in g.leaves:
                 out[i] = out_g[i]
         for i, x in enumerate(grad_leaves):

@@ -108,11 +108,47 @@ def _clean(score: jax.Array) -> jax.Array:
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type splits it over more than one device (explicit mode).
+
+    Axes of size 1 do not count: an array "sharded" over a 1-device mesh is whole on that
+    device, and the fast paths (top_k, reshape, gather) run on it unchanged.
+    """
     try:
-        spec = jax.typeof(x).sharding.spec
+        sharding = jax.typeof(x).sharding
+        spec, sizes = sharding.spec, dict(sharding.mesh.shape)
     except Exception:  # noqa: BLE001 - older jax or non-array: treat as unsharded
         return False
-    return any(p is not None for p in spec)
+    for p in spec:
+        for axis in () if p is None else (p if isinstance(p, tuple) else (p,)):
+            if sizes.get(axis, 1) > 1:
+                return True
+    return False
+
+
+def _unsplit(x):
+    """``x`` retyped as unsharded if its explicit-mode type names only size-1 mesh axes.
+
+    Explicit mode refuses reshapes and gathers that would be free on such an array (its whole
+    value is on one device); the retyping moves no data. Anything else is returned as is.
+    """
+    if x is None or _explicitly_sharded(x):
+        return x
+    try:
+        sharding = jax.typeof(x).sharding
+        named = any(p is not None for p in sharding.spec)
+        explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
+    except Exception:  # noqa: BLE001 - not a typed array
+        return x
+    if not (named and explicit):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
+
+
+def _retype_like(out, ref):
+    """``out`` resharded to ``ref``'s explicit type when :func:`_unsplit` dropped it."""
+    if out is None or ref is None or _unsplit(ref) is ref:
+        return out
+    return jax.sharding.reshard(out, jax.typeof(ref).sharding)
 
 
 def _live(scores):
@@ -173,7 +209,9 @@ def top_k_masks(
         raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
     # One compiled program (cached per shapes) also when called eagerly, e.g. by PaFI's init:
     # op-by-op dispatch would write every intermediate of the O(N) passes to memory.
-    return _top_k_masks_jit(list(scores), jnp.asarray(k, jnp.int32), k_max, path)
+    inputs = [_unsplit(s) for s in scores] if path != "counting" else list(scores)
+    masks = _top_k_masks_jit(inputs, jnp.asarray(k, jnp.int32), k_max, path)
+    return [_retype_like(m, s) for m, s in zip(masks, scores)]
 
 
 @partial(jax.jit, static_argnums=(2, 3))
@@ -199,9 +237,11 @@ def top_k_indices(
     full score arrays. Not for explicitly sharded inputs (it gathers).
     """
     if score_fn is None:
+        scores = [_unsplit(s) for s in scores]
         live = [s for s in scores if s is not None and s.size > 0]
         as_scores = list(scores)
     else:
+        scores = [None if xs is None else tuple(_unsplit(x) for x in xs) for xs in scores]
         live = [xs[0] for xs in scores if xs is not None and xs[0].size > 0]
         as_scores = None
     if not live or k_max == 0:
@@ -216,6 +256,54 @@ def top_k_indices(
     if as_scores is None:
         as_scores = [None if xs is None else score_fn(*xs) for xs in scores]
     return _top_k_reference_indices(as_scores, k, k_max)
+
+
+# ---------------------------------------------------------------------- over shards
+#
+# A global top-k over scores split into shards (devices, processes, torch ranks) needs only
+# each shard's own top-k_max: the k <= k_max best entries of the whole are among the union of
+# the shards' top-k_max (a shard's local row-major order is the global order restricted to
+# that shard, so its tie order agrees too). ``shard_candidates`` gives one shard's candidates;
+# ``merge_candidates`` picks the global top-k from all of them with the tie rule above. Both
+# the torch FSDP2 runner and sharded JAX selection go through these two functions.
+
+
+def shard_candidates(
+    scores: Sequence[jax.Array | None], k_max: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One shard's top-``k_max`` entries as candidates for :func:`merge_candidates`.
+
+    ``scores`` are this shard's local arrays in leaf order (``None``: no part). Returns
+    ``k_max`` slots ``(value, leaf, index, valid)``: float32 score (``-inf`` in unused slots),
+    leaf position, row-major index in the *local* array, and whether the slot is used. The
+    caller turns local indices into indices in the whole leaf.
+    """
+    leaf, index, valid = top_k_indices(scores, k_max, k_max)
+    values = jnp.full((k_max,), NEG_INF, jnp.float32)
+    for i, s in _live(scores):
+        flat = _clean(s).reshape(-1)
+        values = jnp.where(valid & (leaf == i), flat[jnp.clip(index, 0, flat.size - 1)], values)
+    return values, leaf, index, valid
+
+
+def merge_candidates(
+    values: jax.Array, leaf: jax.Array, index: jax.Array, k: int | jax.Array, k_max: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k`` best of all shards' candidates, as ``k_max`` slots ``(leaf, index, valid)``.
+
+    ``values``, ``leaf`` and ``index`` (int32 index in the whole leaf) are the candidates of
+    every shard concatenated, in any order; each entry may appear once only (offer a replicated
+    leaf from one shard). The choice is :func:`top_k_masks`'s: highest score first, ties
+    (``-0.0 == 0.0``) to the lower ``(leaf, index)``, non-finite scores never, fewer than ``k``
+    if fewer are finite. Slots are in that order (best first).
+    """
+    inverted = ~order_key(values)  # non-finite: key 0, inverted all ones, sorts last
+    inverted, leaf, index = lax.sort(
+        (inverted, leaf.astype(jnp.int32), index.astype(jnp.int32)), num_keys=3
+    )
+    kk = min(k_max, int(values.shape[0]))
+    valid = (jnp.arange(kk) < k) & (inverted[:kk] != jnp.uint32(_ALL_BITS))
+    return _pad_slots(leaf[:kk], index[:kk], valid, k_max)
 
 
 # ------------------------------------------------------------------------- reference path

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_selective import methods as _methods
+from optax_selective import selection as _selection
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner
 from optax_selective.methods._base import check_budget, check_int, frozen_update
@@ -130,13 +131,16 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
     """The wrapper form's update with compact inner state (optax_selective.compact)."""
     args = (old_mask, state.method_state, state.count, grads, params, selectable)
     inner_state = state.inner_state
-    if hasattr(method, "update_with_indices"):  # ID3: the new entries come with the mask
+    split = any(_selection._explicitly_sharded(g) for g in grads)
+    if hasattr(method, "update_with_indices") and not split:  # ID3: new entries come with the mask
         mask, method_state, added = method.update_with_indices(*args)
         inner_state = compact_tx.add_entries(inner_state, grads, new_entries=added)
-    else:
+    else:  # explicitly sharded leaves: the index form would gather scores; compare masks
         mask, method_state = method.update(*args)
         if getattr(method, "frozen_after", None) != 0 and method.update is not frozen_update:
-            inner_state = compact_tx.add_entries(inner_state, grads, old_mask=old_mask, new_mask=mask)
+            inner_state = compact_tx.add_entries(
+                inner_state, grads, old_mask=old_mask, new_mask=mask, most=getattr(method, "k_max", None)
+            )
     updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
     return updates, mask, method_state, inner_state
 

@@ -191,3 +191,84 @@ def test_rows_path_with_score_fn_matches_materialised_scores(kind):
                 assert g is None
             else:
                 np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def _blocks(shape, rows, cols):
+    """Row/column blocks of a 2-D shape: ``(row slice, col slice)`` pairs, some empty."""
+    r_cut = np.linspace(0, shape[0], rows + 1).astype(int)
+    c_cut = np.linspace(0, shape[1], cols + 1).astype(int)
+    return [
+        (slice(r_cut[i], r_cut[i + 1]), slice(c_cut[j], c_cut[j + 1]))
+        for i in range(rows)
+        for j in range(cols)
+    ]
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(0, 30),
+    slack=st.integers(0, 3),
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 3),
+    kind=st.sampled_from(["normal", "ties", "zeros"]),
+)
+@settings(max_examples=15, deadline=None)
+def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows, cols, kind):
+    # Each leaf is cut into rows x cols blocks (shards, some empty); every shard offers its own
+    # top-k_max, local indices are mapped into the leaf, and the merge must pick exactly the
+    # global top-k, ties included (the rule the FSDP2 runner and sharded JAX selection share).
+    shapes = [(7, 5), (6, 1), (3, 4)]
+    scores = make_scores(seed, shapes, kind)
+    k_max = k + slack
+    vals, leaves, indices = [], [], []
+    for b in range(rows * cols):
+        local = [s[_blocks(s.shape, rows, cols)[b]] for s in scores]
+        v, leaf, idx, valid = selection.shard_candidates([jnp.asarray(x) for x in local], k_max)
+        leaf, idx, valid = np.array(leaf), np.array(idx), np.array(valid)
+        assert (np.asarray(v)[~valid] == -np.inf).all()
+        for j in range(k_max):  # local (row, col) in the block -> row-major index in the leaf
+            rs, cs = _blocks(shapes[leaf[j]], rows, cols)[b]
+            width = max(1, cs.stop - cs.start)
+            r, c = divmod(int(idx[j]), width)
+            idx[j] = (rs.start + r) * shapes[leaf[j]][1] + cs.start + c if valid[j] else 0
+        vals.append(np.asarray(v))
+        leaves.append(leaf)
+        indices.append(idx)
+    order = np.random.default_rng(seed).permutation(sum(len(v) for v in vals))  # any order
+    merged = selection.merge_candidates(
+        jnp.asarray(np.concatenate(vals)[order]),
+        jnp.asarray(np.concatenate(leaves)[order]),
+        jnp.asarray(np.concatenate(indices)[order].astype(np.int32)),
+        k,
+        k_max,
+    )
+    got = selection.indices_to_masks([jnp.asarray(s) for s in scores], *merged)
+    for g, w in zip(got, numpy_top_k(scores, k)):
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_one_device_explicit_mesh_takes_the_fast_paths():
+    # A 1-device mesh in explicit mode names an axis in the type but splits nothing: the paths
+    # for unsharded arrays must run (not the slower counting path), and select the same.
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(5)
+    a = np.round(rng.normal(size=(512, 256)), 1).astype(np.float32)
+    b = rng.normal(size=(256,)).astype(np.float32)
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        sa = jax.device_put(a, NamedSharding(mesh, P("x", None)))
+        sb = jax.device_put(b, NamedSharding(mesh, P("x")))
+        assert jax.typeof(sa).sharding.spec == P("x", None)
+        paths = {}
+
+        def select(s, k, k_max):
+            paths[k_max] = selection.choose_path(s, k_max)  # as seen on the traced values
+            return selection.top_k_masks(s, k, k_max)
+
+        for k_max in (16, 60_000):
+            got = jax.jit(select, static_argnums=2)([sa, sb], k_max - 3, k_max)
+            for g, w in zip(got, numpy_top_k([a, b], k_max - 3)):
+                np.testing.assert_array_equal(np.asarray(g), w)
+    assert paths == {16: "rows", 60_000: "radix"}, paths

@@ -5,14 +5,18 @@ rows are split over the ranks (``Shard(0)`` on a 1-D mesh). :class:`ShardedMetho
 selects exactly what one process holding the whole model would select, without ever
 gathering a parameter, a gradient or a score:
 
-1. each rank scores its own shards with the shared ``optax_selective.selection`` code (the
-   same JAX functions the single-process path runs, through DLPack) and keeps its local
-   top-``k_max`` entries: the global top-``k`` is always among the union of these;
-2. the ranks exchange only these candidates, ``k_max`` (score, global index) pairs each, with
-   one ``all_gather``;
-3. every rank orders the candidates by global index and runs the same
-   ``selection.top_k_masks`` over them (ties go to the lower global index), so all ranks
-   agree, and each marks the chosen entries that fall in its own shards.
+1. each rank scores its own shards with the method's own scoring (``ID3.score``,
+   ``PaFI.init_scores``; the same JAX functions the single-process path runs, through DLPack)
+   and keeps its top-``k_max`` entries, ``selection.shard_candidates``: the global top-``k``
+   is always among the union of these;
+2. the ranks exchange only these candidates, ``k_max`` (score, leaf and index) pairs each,
+   with ``all_gather``;
+3. every rank runs ``selection.merge_candidates`` over them (ties go to the lower global
+   index), so all ranks agree, and each marks the chosen entries that fall in its own shards.
+
+No selection rule is stated here: scores, increments, budgets, BitFit's prefix
+(``BitFit.taken``) and the tie rule come from ``optax_selective``; this module only maps
+shards to global indices and moves candidates between ranks.
 
 Communication per ID3 step: ``world_size * k_max`` floats and int64 indices, with
 ``k_max = ceil(budget / max_steps)``; PaFI exchanges its ``budget`` candidates once at init.
@@ -46,17 +50,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
 
-_PAD_INDEX = torch.iinfo(torch.int64).max  # sorts after every real global index
 # Compiled once per shape; the rules themselves are the shared ones of ``selection``.
-_top_k_masks = jax.jit(selection.top_k_masks, static_argnames="k_max")
-_pafi_score = jax.jit(selection.smallest_magnitude_score)
-
-
-@jax.jit
-def _id3_score(grad, param, mask, exp, eps):
-    return selection.exclude(selection.d3_score(grad, param, exp, eps), mask)
+_shard_candidates = jax.jit(selection.shard_candidates, static_argnums=1)
+_merge_candidates = jax.jit(selection.merge_candidates, static_argnums=4)
+_INDEX_LIMIT = 2**31  # merge_candidates takes int32 indices within a leaf
 
 
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:
@@ -76,6 +74,7 @@ class _Shard:
     global_start: int  # global index of this rank's first entry (leaf offset + flat offset)
     numel: int  # entries held here
     owner: bool  # whether this rank speaks for these entries (False: a replica elsewhere does)
+    start: int = 0  # flat index, within its leaf, of this rank's first entry
 
 
 def _placement_kind(p: torch.Tensor) -> str:
@@ -114,7 +113,7 @@ class ShardedMethodRunner:
         params: Sequence[torch.Tensor],
         group: dist.ProcessGroup | None = None,
     ):
-        if method.name not in ("id3", "pafi", "bitfit", "fft"):
+        if method.name not in ("id3", "pafi", "bitfit", "fft"):  # the hooks used below
             raise NotImplementedError(f"no distributed selection for method {method.name!r}.")
         self.method = method
         self.layout = layout
@@ -133,6 +132,7 @@ class ShardedMethodRunner:
         self.world = dist.get_world_size(group) if initialized else 1
         self._shards = self._locate(params, kinds)
         self._b_eff = 0
+        self._score = jax.jit(method.score) if method.name == "id3" else None
 
     # -- where the entries are ---------------------------------------------------------------
     def _locate(self, params, kinds) -> list[_Shard]:
@@ -149,9 +149,14 @@ class ShardedMethodRunner:
                 if int(all_rows[:, i].sum()) != p.shape[0]:
                     raise NotImplementedError(f"parameter {i}: shards do not tile dim 0.")
                 start = int(all_rows[: self.rank, i].sum()) * row
-                shards.append(_Shard(offset + start, local(p).numel(), True))
+                shards.append(_Shard(offset + start, local(p).numel(), True, start))
             else:
                 shards.append(_Shard(offset, numel, self.rank == 0))
+            if numel >= _INDEX_LIMIT:
+                raise NotImplementedError(
+                    f"parameter {i} has {numel} entries; distributed selection indexes entries "
+                    "within a parameter with int32 (< 2**31)."
+                )
             offset += numel
         return shards
 
@@ -178,29 +183,30 @@ class ShardedMethodRunner:
         """Local masks of the global top-``k`` of ``scores`` (local JAX arrays, leaf order)."""
         # Replicated leaves: only one rank (the owner) offers their candidates.
         owned = [s if self._shards[i].owner else None for i, s in enumerate(scores)]
-        top = jax.block_until_ready(_top_k_masks(owned, k_max, k_max=k_max))
-        vals, gidx = [torch.full((k_max,), -torch.inf)], [torch.full((k_max,), _PAD_INDEX)]
-        for i, (s, t) in enumerate(zip(owned, top)):
-            if t is None:
-                continue
-            idx = torch.nonzero(torch.from_dlpack(t).reshape(-1)).reshape(-1).cpu()
-            vals.insert(-1, torch.from_dlpack(s).reshape(-1).cpu()[idx])
-            gidx.insert(-1, idx + self._shards[i].global_start)
-        vals, gidx = torch.cat(vals)[:k_max], torch.cat(gidx)[:k_max]  # <= k_max real ones
-        all_vals = self._all_gather(vals).reshape(-1)
-        all_gidx = self._all_gather(gidx).reshape(-1)
-        order = torch.argsort(all_gidx, stable=True)  # candidates in global index order
-        all_vals, all_gidx = all_vals[order], all_gidx[order]
-        (chosen,) = _top_k_masks([jnp.asarray(all_vals.numpy())], k, k_max=k_max)
-        picked = all_gidx[torch.from_numpy(np.array(chosen))]
+        vals, leaf, idx, _ = jax.block_until_ready(_shard_candidates(owned, k_max))
+        leaf = torch.from_numpy(np.array(leaf)).to(torch.int64)
+        starts = torch.tensor([sh.start for sh in self._shards] or [0], dtype=torch.int64)
+        idx = torch.from_numpy(np.array(idx)).to(torch.int64) + starts[leaf]  # index in the leaf
+        # One exchange of scores, one of (leaf, index) packed into int64.
+        all_vals = self._all_gather(torch.from_numpy(np.array(vals))).reshape(-1)
+        packed = self._all_gather((leaf << 32) | idx).reshape(-1)
+        leaf, idx, valid = _merge_candidates(
+            jnp.asarray(all_vals.numpy()),
+            jnp.asarray((packed >> 32).numpy().astype(np.int32)),
+            jnp.asarray((packed & 0xFFFFFFFF).numpy().astype(np.int32)),
+            k,
+            k_max,
+        )
+        valid = np.array(valid)
+        leaf, idx = np.array(leaf)[valid], np.array(idx)[valid].astype(np.int64)
         out: list[torch.Tensor | None] = []
-        for sh, s in zip(self._shards, scores):
+        for i, (sh, s) in enumerate(zip(self._shards, scores)):
             if s is None:
                 out.append(None)
                 continue
-            mine = picked[(picked >= sh.global_start) & (picked < sh.global_start + sh.numel)]
+            mine = idx[(leaf == i) & (idx >= sh.start) & (idx < sh.start + sh.numel)] - sh.start
             m = torch.zeros(sh.numel, dtype=torch.bool)
-            m[mine - sh.global_start] = True
+            m[torch.from_numpy(mine)] = True
             out.append(m)
         return out
 
@@ -209,26 +215,20 @@ class ShardedMethodRunner:
         """The method's first masks, placed like ``params``."""
         m, lay = self.method, self.layout
         if m.name == "fft":
-            flags = [s or c for s, c in zip(lay.selectable, lay.choose_all)]
-            if not any(flags):
-                raise ValueError(
-                    "fft: params has no floating-point leaves, so there is nothing to train."
-                )
-            return [self._full(p, f) for p, f in zip(params, flags)]
+            return [self._full(p, f) for p, f in zip(params, m.trained(lay))]
         masks = [self._full(p, c) for p, c in zip(params, lay.choose_all)]
         if m.name == "id3":
-            _base.check_not_full(m.name, m.budget, lay)
-            self._b_eff = _base.effective_budget(m.name, m.budget, lay, at_least=1)
+            self._b_eff = m.effective_budget(lay)
         elif m.name == "pafi":
-            _base.check_not_full(m.name, m.budget, lay)
-            b_eff = _base.effective_budget(m.name, m.budget, lay, at_least=0)
-            scores = [
-                _pafi_score(self._to_jax(p)) if ok else None
-                for p, ok in zip(params, lay.selectable)
-            ]
+            scores, b_eff = m.init_scores([self._to_jax(p) for p in params], lay)
             masks = self._merge(masks, params, self._select(scores, b_eff, b_eff))
         elif m.name == "bitfit":
-            masks = self._merge(masks, params, self._bitfit(params))
+            taken = m.taken(lay)
+            new = [
+                torch.arange(sh.start, sh.start + sh.numel) < t if t else None
+                for sh, t in zip(self._shards, taken)
+            ]
+            masks = self._merge(masks, params, new)
         return masks
 
     def update(
@@ -241,10 +241,9 @@ class ShardedMethodRunner:
     ) -> dict[int, torch.Tensor]:
         """One ID3 step over the leaves in ``active`` (fixed-mask methods: no change)."""
         m = self.method
-        if m.name != "id3" or count >= m.max_steps:
+        if m.name != "id3" or count >= m.frozen_after:
             return {i: masks[i] for i in active}
-        k = int(selection.id3_increment(jnp.int32(count), jnp.int32(self._b_eff), m.max_steps))
-        k_max = selection.max_increment(m.budget, m.max_steps)
+        k = int(m.increment(jnp.int32(count), jnp.int32(self._b_eff)))
         active_set = set(active)
         scores = []
         for i in range(len(params)):
@@ -252,9 +251,9 @@ class ShardedMethodRunner:
                 scores.append(None)
                 continue
             g, p, mk = (self._to_jax(t) for t in (grads[i], params[i], masks[i]))
-            scores.append(_id3_score(g, p, mk, m.exp, m.eps))
+            scores.append(self._score(g, p, mk))
         self.traces += 1
-        new = self._select(scores, k, k_max)
+        new = self._select(scores, k, m.k_max)
         return {
             i: self._like(
                 local(masks[i]) | new[i].reshape(local(masks[i]).shape).to(local(masks[i]).device),
@@ -286,25 +285,6 @@ class ShardedMethodRunner:
             else:
                 lm = local(mk)
                 out.append(self._like(lm | n.reshape(lm.shape).to(lm.device), p))
-        return out
-
-    def _bitfit(self, params) -> list[torch.Tensor | None]:
-        """BitFit's rule on global indices: bias leaves in leaf order, each taken from its
-        first entry, until ``B_eff`` entries are chosen."""
-        m, lay = self.method, self.layout
-        left = _base.effective_budget(m.name, m.budget, lay, at_least=0)
-        out: list[torch.Tensor | None] = []
-        offset = 0
-        for sh, path, shape, ok in zip(self._shards, lay.paths, lay.shapes, lay.selectable):
-            size = int(np.prod(shape, dtype=np.int64))
-            if not ok or left == 0 or not m.is_bias(path, shape):
-                out.append(None)
-            else:
-                take = min(size, left)
-                first = sh.global_start - offset  # flat index in the leaf of my first entry
-                out.append(torch.arange(first, first + sh.numel) < take)
-                left -= take
-            offset += size
         return out
 
 

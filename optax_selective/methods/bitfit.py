@@ -25,16 +25,28 @@ class BitFit:
     name: str = "bitfit"
     needs_params: bool = False
 
-    def init(self, params, layout: LeafLayout):
+    def taken(self, layout: LeafLayout) -> list[int]:
+        """How many leading (row-major) entries of each leaf BitFit selects, in leaf order.
+
+        The whole rule; the torch FSDP2 runner applies it to its shards' global indices.
+        """
         left = _base.effective_budget(self.name, self.budget, layout, at_least=0)
-        mask = _base.choose_all_mask(layout)
-        for i, (path, shape, ok) in enumerate(zip(layout.paths, layout.shapes, layout.selectable)):
+        out = []
+        for path, shape, ok in zip(layout.paths, layout.shapes, layout.selectable):
             if not ok or left == 0 or not self.is_bias(path, shape):
+                out.append(0)
                 continue
-            size = int(np.prod(shape, dtype=np.int64))
-            take = min(size, left)  # the last leaf may be taken partly: its first entries
-            mask[i] = (jnp.arange(size) < take).reshape(shape)
+            take = min(int(np.prod(shape, dtype=np.int64)), left)  # the last may be partial
+            out.append(take)
             left -= take
+        return out
+
+    def init(self, params, layout: LeafLayout):
+        mask = _base.choose_all_mask(layout)
+        for i, (shape, take) in enumerate(zip(layout.shapes, self.taken(layout))):
+            if take:
+                size = int(np.prod(shape, dtype=np.int64))
+                mask[i] = (jnp.arange(size) < take).reshape(shape)
         return mask, _base.EMPTY
 
     frozen_after = 0  # fixed at init

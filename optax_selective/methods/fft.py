@@ -15,10 +15,15 @@ class FFT:
     name: str = "fft"
     needs_params: bool = False
 
-    def init(self, params, layout: LeafLayout):
+    @staticmethod
+    def trained(layout: LeafLayout) -> list[bool]:
+        """Whether each leaf is selected (every floating-point leaf); errors if none is."""
         if layout.num_selectable + layout.num_choose_all == 0:
             raise ValueError("fft: params has no floating-point leaves, so there is nothing to train.")
-        flags = [s or c for s, c in zip(layout.selectable, layout.choose_all)]
+        return [s or c for s, c in zip(layout.selectable, layout.choose_all)]
+
+    def init(self, params, layout: LeafLayout):
+        flags = self.trained(layout)
         return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], _base.EMPTY
 
     frozen_after = 0  # fixed at init

@@ -33,18 +33,37 @@ class ID3:
         """The mask is frozen after ``max_steps`` updates."""
         return self.max_steps
 
-    def init(self, params, layout: LeafLayout):
+    # The rule in pieces, shared with the torch FSDP2 runner (torch_bridge.distributed), which
+    # scores its shards with `score` and merges candidates with selection.merge_candidates.
+    def effective_budget(self, layout: LeafLayout) -> int:
+        """``B_eff`` after checking the budget against the (whole) parameters."""
         _base.check_not_full(self.name, self.budget, layout)
-        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)
+        return _base.effective_budget(self.name, self.budget, layout, at_least=1)
+
+    def score(self, grad, param, mask):
+        """The D3 score with already selected entries excluded (elementwise)."""
+        return selection.exclude(selection.d3_score(grad, param, self.exp, self.eps), mask)
+
+    def increment(self, count, effective_budget):
+        """``k_t``: entries to add at update ``count``."""
+        return selection.id3_increment(count, effective_budget, self.max_steps)
+
+    @property
+    def k_max(self) -> int:
+        """Static bound on :meth:`increment`."""
+        return selection.max_increment(self.budget, self.max_steps)
+
+    def init(self, params, layout: LeafLayout):
+        b_eff = self.effective_budget(layout)
         return _base.choose_all_mask(layout), ID3State(jax.numpy.asarray(b_eff, jax.numpy.int32))
 
     def update(self, mask, state: ID3State, count, grads, params, selectable):
-        k = selection.id3_increment(count, state.effective_budget, self.max_steps)
-        k_max = selection.max_increment(self.budget, self.max_steps)
+        k = self.increment(count, state.effective_budget)
+        k_max = self.k_max
 
         def grow(mask):
             scores = [
-                selection.exclude(selection.d3_score(g, p, self.exp, self.eps), m) if ok else None
+                self.score(g, p, m) if ok else None
                 for g, p, m, ok in zip(grads, params, mask, selectable)
             ]
             new = selection.top_k_masks(scores, k, k_max)
@@ -57,15 +76,12 @@ class ID3:
     def update_with_indices(self, mask, state: ID3State, count, grads, params, selectable):
         """``update`` that also returns the entries added, as ``(leaf, index, valid)`` slots
         (what the compact inner state needs), without a pass to find them in the mask."""
-        k = selection.id3_increment(count, state.effective_budget, self.max_steps)
-        k_max = selection.max_increment(self.budget, self.max_steps)
-
-        def score(g, p, m):
-            return selection.exclude(selection.d3_score(g, p, self.exp, self.eps), m)
+        k = self.increment(count, state.effective_budget)
+        k_max = self.k_max
 
         def grow(mask):
             inputs = [(g, p, m) if ok else None for g, p, m, ok in zip(grads, params, mask, selectable)]
-            leaf, local, valid = selection.top_k_indices(inputs, k, k_max, score_fn=score)
+            leaf, local, valid = selection.top_k_indices(inputs, k, k_max, score_fn=self.score)
             # Set the new entries in place (no second mask and no OR pass over all entries).
             new = [
                 m if not ok else jax.numpy.reshape(

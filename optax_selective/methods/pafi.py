@@ -17,22 +17,31 @@ class PaFI:
     name: str = "pafi"
     needs_params: bool = False
 
-    def init(self, params, layout: LeafLayout):
+    def init_scores(self, params, layout: LeafLayout):
+        """``(scores, k)``: PaFI chooses the ``k`` highest of ``scores`` (``None``: no part).
+
+        Checks the budget against ``layout`` (the whole parameters); ``params`` may be local
+        shards, as in the torch FSDP2 runner, which merges the shards' candidates.
+        """
         _base.check_not_full(self.name, self.budget, layout)
         b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=0)
+        return _scores([p if ok else None for p, ok in zip(params, layout.selectable)]), b_eff
+
+    def init(self, params, layout: LeafLayout):
+        scores, b_eff = self.init_scores(params, layout)
         mask = _base.choose_all_mask(layout)
-        new = _smallest([p if ok else None for p, ok in zip(params, layout.selectable)], b_eff)
+        new = _smallest(scores, b_eff)
         return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
 
 
-def _smallest(params, k):
+def _smallest(scores, k):
     """The k smallest |θ|: the scores are written once by one compiled program, then the
     O(N) selection (compiled too) reads them; fusing both into one program made XLA redo
     the score work in every pass of the selection, about twice as slow."""
-    return selection.top_k_masks(_scores(params), k, k)
+    return selection.top_k_masks(scores, k, k)
 
 
 @jax.jit

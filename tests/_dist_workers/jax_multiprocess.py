@@ -1,6 +1,8 @@
 """One of N JAX processes training with ID3 on a mesh spanning all of them.
 
-Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES PORT OUT_DIR [OPT]
+
+OPT names one of ``common.optimizers()`` (default ``OPTIMIZER``, dense inner state).
 
 Started by tests/test_distributed_jax.py with 2 CPU devices per process (XLA_FLAGS). Each
 process writes ``rank{PROCESS_ID}.npz`` (the global mask after every step and the final
@@ -19,7 +21,7 @@ import jax
 OPTIMIZER = "id3_wrapper_adam_dense"
 
 
-def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
+def main(process_id: int, num_processes: int, port: int, out_dir: Path, name: str = OPTIMIZER) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
@@ -48,10 +50,8 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
     params = jax.tree.map(global_array, host_params, shardings)
     targets = jax.tree.map(global_array, host_targets, shardings)
 
-    # Dense inner state: the compact one's eager init reads the masks on the host, which a
-    # multi-process (not fully addressable) array does not allow.
-    tx = common.optimizers()[OPTIMIZER]
-    state = tx.init(params)
+    tx = common.optimizers()[name]
+    state = tx.init(params)  # eager: compact state must not read the masks on the host
     step = jax.jit(common.make_step(tx))
     gathered = {}
 
@@ -81,4 +81,4 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])

@@ -101,8 +101,8 @@ def _assert_same_sharding(x, ref):
 
 @pytest.mark.parametrize("name", EXPLICIT)
 def test_explicit_mode_matches_single_device_and_keeps_types(name):
-    """Explicit mode (``jax.set_mesh``, shardings in the types), dense inner state: compact
-    state refuses explicitly sharded params for now, with a message saying so."""
+    """Explicit mode (``jax.set_mesh``, shardings in the types), dense inner state: every
+    result equal bit for bit (compact state: below, to float tolerance)."""
     want = reference(name, compact=False)  # outside the mesh context: one device
     mesh = _mesh(AxisType.Explicit)
     with jax.set_mesh(mesh):
@@ -122,6 +122,58 @@ def test_explicit_mode_matches_single_device_and_keeps_types(name):
         _check_against_reference(name, out_params, states, want, check_placement)
 
 
+COMPACT = ["id3_wrapper_adam", "pafi", "bitfit"]
+
+
+@pytest.mark.parametrize("name", COMPACT)
+@pytest.mark.parametrize("jit_init", [False, True], ids=["eager-init", "jit-init"])
+def test_explicit_mode_compact_state_matches_single_device(name, jit_init):
+    """Compact inner state (the default) on explicitly sharded params: the same masks, bit for
+    bit, and the same params to float tolerance as the single-device compact run; masks keep
+    the params' sharding, the compact vectors are replicated, and the state's type is stable."""
+    want_params, want_masks = reference(name, compact=True)
+    mesh = _mesh(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        params, targets = common.make_params()
+        params, targets = _shard(params, mesh), _shard(targets, mesh)
+        out_params, states = _run(name, params, targets, jit_init=jit_init, compact=True)
+        types = [jax.tree.map(jax.typeof, s) for s in states]
+        assert all(t == types[0] for t in types), "the state's type changed during training"
+    assert len(states) == len(want_masks)
+    for t, (state, want) in enumerate(zip(states, want_masks)):
+        mask = osel.selected_mask(state)
+        common.assert_trees_identical(mask, want, f"{name} mask after step {t}")
+        for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(out_params)):
+            assert jax.typeof(m).sharding.spec == jax.typeof(p).sharding.spec
+            assert m.sharding.is_equivalent_to(p.sharding, m.ndim), (m.sharding, p.sharding)
+    for path, got in jax.tree_util.tree_leaves_with_path(out_params):
+        ref = want_params[path[0].key]
+        spec = tuple(jax.typeof(got).sharding.spec)
+        assert spec + (None,) * (got.ndim - len(spec)) == tuple(
+            common.specs()[path[0].key]
+        ) + (None,) * (got.ndim - len(common.specs()[path[0].key])), path
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=1e-6, err_msg=str(path))
+    initial = common.make_params()[0]
+    moved = sum(
+        int(np.sum(np.asarray(got) != initial[p[0].key]))
+        for p, got in jax.tree_util.tree_leaves_with_path(out_params)
+    )
+    assert 0 < moved <= common.BUDGET  # training happened, inside the budget
+    compact = states[-1].inner_state
+    for x in jax.tree.leaves(compact):
+        assert all(p is None for p in jax.typeof(x).sharding.spec), jax.typeof(x)
+    want_slots = reference_compact_slots(name)
+    for got, want in zip(compact.slots, want_slots):
+        assert np.array_equal(np.asarray(got), want), "slots differ from the single-device run"
+
+
+@functools.cache
+def reference_compact_slots(name):
+    params, targets = common.make_params()
+    _, states = _run(name, jax.device_put(params, jax.devices()[0]), targets, jit_init=False)
+    return [np.asarray(s) for s in states[-1].inner_state.slots]
+
+
 AUTO_GATHERS = pytest.mark.xfail(
     strict=True,
     reason="auto mode: XLA's partitioner reshards the scores for the rows/radix top-k paths "
@@ -138,24 +190,31 @@ AUTO_GATHERS = pytest.mark.xfail(
     ],
     ids=["id3-explicit", "pafi-explicit", "id3-auto"],
 )
-def test_selection_never_gathers_scores_or_params(name, mode):
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+def test_selection_never_gathers_scores_or_params(name, mode, compact):
     """No collective in the compiled program moves a leaf-sized array: the scores stay sharded.
 
     Every sharded leaf holds >= 2048 entries (256 per device); selecting needs only counts,
-    thresholds or up to k_max = 75 candidates per device to be exchanged.
+    thresholds or up to k_max = 75 candidates per device to be exchanged. Compact state moves
+    O(budget) values: the slots' gradients and parameters, and (ID3) each device's new indices.
     """
     mesh = _mesh(mode)
     with jax.set_mesh(mesh):
         params, targets = common.make_params()
         params, targets = _shard(params, mesh), _shard(targets, mesh)
-        tx = common.optimizers(compact=False)[name]
+        tx = common.optimizers(compact=compact)[name]
         if name == "pafi":  # PaFI selects at init
             compiled = jax.jit(tx.init).lower(params).compile()
         else:
             state = tx.init(params)
             compiled = jax.jit(common.make_step(tx)).lower(params, state, targets).compile()
     found = common.collectives(compiled.as_text())
-    too_big = [(op, n) for op, n in found if n >= common.WIDTH // 2]
+    limit = common.WIDTH // 2
+    if compact and name == "pafi":
+        # Compact init lists the mask's true entries: each device its own first `budget`, all
+        # exchanged once (8 * 300 indices here), O(devices * budget) and not O(leaf).
+        limit = 8 * common.BUDGET + 1
+    too_big = [(op, n) for op, n in found if n >= limit]
     assert not too_big, f"collectives moving (nearly) whole leaves: {too_big}"
 
 
