@@ -345,7 +345,15 @@ def _scatter_leaf(values, index, ok, like):
     shape = np.shape(like)
     size = int(np.prod(shape, dtype=np.int64))
     split = _split(like)
-    if split is None:
+    if split is None and len(shape) > 0:
+        # A scatter-*add* into zeros of the leaf's own shape (N-d indices, no reshape): XLA's
+        # algebraic simplifier then turns ``params + updates`` (``optax.apply_updates`` in the
+        # same jit) into an in-place scatter-add, so the full-size zeros are never written
+        # (CPU, 25M parameters: 1.6 ms instead of 95 ms). Slots are unique, so add == set.
+        idx = jnp.unravel_index(jnp.where(ok, index, 0), shape)
+        idx = (jnp.where(ok, idx[0], shape[0]),) + tuple(idx[1:])  # row shape[0]: dropped
+        return jnp.zeros(shape, values.dtype).at[idx].add(values, mode="drop")
+    if split is None:  # a scalar leaf
         target = jnp.where(ok, index, size)  # size: dropped
         return jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop").reshape(shape)
     mesh, spec = split
