@@ -37,3 +37,18 @@ def test_gpu_script_parses_and_documents_its_command():
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and "--budget-seconds" in r.stdout
+
+
+def test_torch_rows_time_dense_and_compact_bridge_and_count_state():
+    pytest.importorskip("torch")
+    from benchmarks import torch_rows
+
+    t = torch_rows.run("64x2", quick=True, repeats=2, reference=False)
+    (row,) = t["sizes"]
+    n, b = row["params"], row["budget"]
+    assert row["dense_adamw_ms"] > 0 and row["bridge_id3_ms"] > 0 and row["compact_id3_ms"] > 0
+    assert 8 * n <= row["dense_state_bytes"] <= 8 * n + 64  # AdamW: two moments per entry + steps
+    assert row["bridge_state_bytes"] >= 8 * n  # dense bridge: moments + masks
+    assert n <= row["compact_state_bytes"] <= n + 40 * b  # masks + O(budget) slots
+    md = torch_rows.markdown(t)
+    assert "| 0.01M |" in md and "not run" in md
