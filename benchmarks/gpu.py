@@ -6,7 +6,7 @@ Model: 15 x Linear(8192, 8192) in float32 (1.007B parameters, as in issue 4). Ev
 in its own subprocess (a clean device, its own peak-memory counter, its own timeout), in this
 order, until the time budget is spent: dense optax.adamw, JAX ID3 (compact wrapper around
 adamw), JAX PaFI (init and step), torch fused AdamW, torch foreach AdamW, torch bridge ID3
-(if importable), and the reference selective-optimizers==0.4 ID3 (if pip can install it;
+with compact and with dense inner state (if importable), and the reference selective-optimizers==0.4 ID3 (if pip can install it;
 the device machine may be offline, then it is reported as skipped). Prints a table and
 writes results.json. Step = one optimizer update incl. applying it, median of timed steps.
 Peak = device peak bytes in use (JAX memory_stats / torch.cuda.max_memory_allocated).
@@ -22,7 +22,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["jax_adamw", "jax_id3", "jax_pafi", "torch_fused", "torch_foreach", "bridge_id3", "reference_id3"]
+CASES = ["jax_adamw", "jax_id3", "jax_pafi", "torch_fused", "torch_foreach", "bridge_id3", "bridge_id3_dense",
+         "reference_id3"]
 
 
 def _jax_case(name, width, layers, budget_frac, max_steps, steps):
@@ -109,10 +110,11 @@ def _torch_case(name, width, layers, budget_frac, max_steps, steps, ref_dir=None
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     elif name == "torch_foreach":
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    elif name == "bridge_id3":
+    elif name in ("bridge_id3", "bridge_id3_dense"):
         from torch_bridge import get_selective_optimizer
 
-        opt = get_selective_optimizer(torch.optim.AdamW, "id3")(params, lr=1e-4, budget=budget, max_steps=max_steps, fused=True)
+        opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
+            params, lr=1e-4, budget=budget, max_steps=max_steps, fused=True, compact=name == "bridge_id3")
     else:
         import selective_optimizers.wrap as wrap
 
