@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 9, quick 2)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke test")
     ap.add_argument("--torch", choices=["auto", "off"], default="auto", help="torch rows if the bridge is installed")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads for the torch rows (default: torch's; 1 on a busy machine)")
     args = ap.parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats or (2 if args.quick else 9)
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             torch_rows = None
         if torch_rows is not None:
-            results["torch"] = torch_rows.run(sizes, quick=args.quick, repeats=repeats)
+            results["torch"] = torch_rows.run(sizes, quick=args.quick, repeats=repeats,
+                                              threads=args.torch_threads)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -97,10 +97,12 @@ def install_reference() -> str | None:
     return target
 
 
-def run_reference(target, width, layers, repeats, budget_frac, max_steps, device="cpu", timeout=900) -> dict | None:
+def run_reference(target, width, layers, repeats, budget_frac, max_steps, device="cpu", timeout=900,
+                  threads: int | None = None) -> dict | None:
     """Reference ID3 step and a dense AdamW step, timed in one fresh process."""
     code = (
-        "import sys, json; sys.path.insert(0, {t!r});"
+        (f"import torch; torch.set_num_threads({int(threads)});" if threads else "")
+        + "import sys, json; sys.path.insert(0, {t!r});"
         "import selective_optimizers.wrap as w;"
         "assert w.__file__.startswith({t!r}), w.__file__;"
         "from benchmarks.torch_rows import _selective, _dense;"
@@ -123,19 +125,25 @@ def run_reference(target, width, layers, repeats, budget_frac, max_steps, device
 
 
 def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max_steps: int = 100,
-        reference: bool = True) -> dict:
+        reference: bool = True, threads: int | None = None) -> dict:
     """Torch rows for every size; bridge and dense in this process, the reference in another.
 
     Every row is a median over 3 alternating rounds of ``repeats`` timed steps each; ID3 steps
-    are timed while it is still selecting (its most expensive phase)."""
+    are timed while it is still selecting (its most expensive phase). ``threads`` sets torch's
+    intra-op threads in both processes (on a shared machine, 2 OpenMP threads that spin while
+    the other is descheduled can make a 5 ms step take 400 ms; 1 thread avoids that)."""
     try:
         import torch  # noqa: F401
 
         from torch_bridge import get_selective_optimizer
     except ImportError as e:
         return {"skipped": f"torch bridge not available: {e}"}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     target = install_reference() if reference else None
-    out = {"reference": "selective-optimizers==0.4" if target else ("not installable here" if reference else "not run"), "sizes": []}
+    out = {"torch_threads": threads or __import__("torch").get_num_threads(), "reference": "selective-optimizers==0.4" if target else ("not installable here" if reference else "not run"), "sizes": []}
     for spec in sizes.split(","):
         width, layers = (int(v) for v in spec.lower().split("x"))
         row = {"width": width, "layers": layers, "params": layers * (width * width + width)}
@@ -156,7 +164,7 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
         row["bridge_over_dense"] = row["bridge_id3_ms"] / row["dense_adamw_ms"]
         row["compact_over_dense"] = row["compact_id3_ms"] / row["dense_adamw_ms"]
         if target:
-            ref = run_reference(target, width, layers, repeats, budget_frac, max_steps)
+            ref = run_reference(target, width, layers, repeats, budget_frac, max_steps, threads=threads)
             row["reference"] = ref
             if ref and "reference_id3_ms" in ref:
                 row["reference_over_dense"] = ref["reference_id3_ms"] / ref["dense_ms"]
@@ -170,7 +178,8 @@ def markdown(t: dict) -> str:
     if "skipped" in t:
         return f"Torch rows skipped: {t['skipped']}\n"
     lines = [
-        f"### Torch: ID3 with torch.optim.AdamW inner (budget 1%), reference {t['reference']}",
+        f"### Torch: ID3 with torch.optim.AdamW inner (budget 1%), reference {t['reference']}, "
+        f"{t.get('torch_threads', '?')} torch thread(s)",
         "",
         "| params | dense AdamW ms | ID3 ms (dense / compact) | ID3 / dense AdamW (dense / compact) "
         "| reference / dense AdamW | reference ID3 / ours (dense / compact) "
@@ -199,5 +208,7 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", default="512x4")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true", help="skip selective-optimizers==0.4")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = ap.parse_args()
-    print(markdown(run(a.sizes, quick=False, repeats=a.repeats, reference=not a.no_reference)))
+    print(markdown(run(a.sizes, quick=False, repeats=a.repeats, reference=not a.no_reference,
+                       threads=a.threads)))
