@@ -204,6 +204,7 @@ def _keyed_leaves(tree: Any, what: str) -> list[tuple[str, Any]]:
 
 
 def _method_name(state: Any) -> str:
+    # Each method's state type names it (ID3State, PaFIState, ...; see methods/_base.py).
     name = type(state.method_state).__name__
     if name.endswith("State") and name != "EmptyState":
         return name[: -len("State")].lower()
@@ -259,8 +260,9 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
       params: the fine-tuned parameters (a pytree, or a ``flax.nnx`` state of ``nnx.Param``).
       opt_state: any optimizer state holding exactly one selective transformation's state
         (chain, wrapper, ``MultiSteps``, ``nnx.Optimizer.opt_state``, ...).
-      method: the method name to record. By default it is read from the state where the state
-        says (``"id3"``), else ``"unknown"``; pass it to record e.g. ``"pafi"``.
+      method: the method name to record. By default it is read from the type of the method's
+        state (``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``), or
+        ``"unknown"`` for a method that keeps ``optax.EmptyState``.
 
     Returns:
       The summary.
@@ -269,7 +271,9 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
       >>> import jax.numpy as jnp, optax_selective as osel
       >>> params = {"w": jnp.array([0.5, -0.1, 2.0, 0.0])}
       >>> state = osel.selective_pafi(budget=2).init(params)
-      >>> s = osel.make_summary(params, state, method="pafi")
+      >>> s = osel.make_summary(params, state)
+      >>> s.method
+      'pafi'
       >>> s.leaves[0].key, s.leaves[0].indices.tolist(), s.leaves[0].values.tolist()
       ("['w']", [1, 3], [-0.10000000149011612, 0.0])
     """

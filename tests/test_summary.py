@@ -105,7 +105,9 @@ def test_summary_keys_are_tree_paths_and_values_match():
 
 def test_method_name_defaults():
     params = {"w": jnp.arange(4.0)}
-    assert osel.make_summary(params, osel.selective_pafi(budget=1).init(params)).method == "unknown"
+    assert osel.make_summary(params, osel.selective_pafi(budget=1).init(params)).method == "pafi"
+    assert osel.make_summary(params, osel.selective_pafi(budget=1).init(params),
+                             method="mine").method == "mine"
     id3 = optax.chain(osel.selective_id3(budget=1, max_steps=1), optax.sgd(1.0))
     assert osel.make_summary(params, id3.init(params)).method == "id3"
     with pytest.raises(TypeError, match="method"):
@@ -494,3 +496,19 @@ def test_summary_saved_on_cuda_loads_on_cpu(cuda_fixture):
         assert list(applied[key].devices())[0].platform == "cpu"
         np.testing.assert_array_equal(got.astype(np.float32)[mask], expected[f"p_{key}"][mask])
         np.testing.assert_array_equal(got[~mask], np.asarray(params[key])[~mask])
+
+
+@pytest.mark.parametrize("name", ["id3", "pafi", "bitfit", "fish", "random", "fft"])
+def test_make_summary_records_every_method_by_itself(name):
+    params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.ones(3)}
+    tx = {
+        "id3": lambda: osel.selective_id3(budget=3, max_steps=1),
+        "pafi": lambda: osel.selective_pafi(budget=3),
+        "bitfit": lambda: osel.selective_bitfit(budget=3),
+        "fish": lambda: osel.selective_fish(budget=3, fish_steps=1),
+        "random": lambda: osel.selective_random(budget=3, seed=0),
+        "fft": lambda: osel.selective_fft(),
+    }[name]()
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert osel.make_summary(params, state).method == name

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from optax_selective._tree import LeafLayout
 
@@ -102,4 +101,17 @@ def frozen_update(mask, state, count, grads, params, selectable):
     return mask, state
 
 
-EMPTY = optax.EmptyState()
+class PaFIState(NamedTuple):
+    """PaFI keeps no state of its own; the type names the method (``make_summary`` reads it)."""
+
+
+class BitFitState(NamedTuple):
+    """BitFit keeps no state of its own; the type names the method."""
+
+
+class RandomState(NamedTuple):
+    """The random mask keeps no state of its own; the type names the method."""
+
+
+class FFTState(NamedTuple):
+    """Full fine-tuning keeps no state of its own; the type names the method."""

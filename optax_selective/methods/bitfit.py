@@ -47,7 +47,7 @@ class BitFit:
             if take:
                 size = int(np.prod(shape, dtype=np.int64))
                 mask[i] = (jnp.arange(size) < take).reshape(shape)
-        return mask, _base.EMPTY
+        return mask, _base.BitFitState()
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

@@ -24,7 +24,7 @@ class FFT:
 
     def init(self, params, layout: LeafLayout):
         flags = self.trained(layout)
-        return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], _base.EMPTY
+        return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], _base.FFTState()
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

@@ -31,7 +31,7 @@ class PaFI:
         scores, b_eff = self.init_scores(params, layout)
         mask = _base.choose_all_mask(layout)
         new = _smallest(scores, b_eff)
-        return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
+        return [m if n is None else m | n for m, n in zip(mask, new)], _base.PaFIState()
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)

@@ -55,7 +55,7 @@ class RandomMask:
             for i, (shape, ok) in enumerate(zip(layout.shapes, layout.selectable))
         ]
         new = selection.top_k_masks(scores, b_eff, b_eff)
-        return [m if n is None else m | n for m, n in zip(mask, new)], _base.EMPTY
+        return [m if n is None else m | n for m, n in zip(mask, new)], _base.RandomState()
 
     frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
