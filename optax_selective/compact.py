@@ -28,7 +28,11 @@ that points to ``compact=False``. :func:`register_elementwise` extends the allow
 
 Sharding: the slot vectors and the inner state are replicated. Leaves split over devices in
 explicit mode are read and written per device block (see "gather / scatter by flat index"
-below), so no leaf is ever gathered; in auto mode XLA partitions the plain indexing.
+below), so no leaf is ever gathered. In auto mode under a multi-device mesh context
+(``selection.split_by_partitioner``) the leaves are indexed with N-d indices, which XLA
+partitions per block, and the mask's entries are listed through ``custom_partitioning``,
+which sees the real layout; without a context XLA partitions the plain flat indexing
+(correct, but it may reshard a leaf).
 
 Memory: the mask (1 byte per parameter) plus 4 bytes per slot plus the inner state of the
 slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` bytes.
