@@ -28,7 +28,11 @@ that points to ``compact=False``. :func:`register_elementwise` extends the allow
 
 Sharding: the slot vectors and the inner state are replicated. Leaves split over devices in
 explicit mode are read and written per device block (see "gather / scatter by flat index"
-below), so no leaf is ever gathered; in auto mode XLA partitions the plain indexing.
+below), so no leaf is ever gathered. In auto mode under a multi-device mesh context
+(``selection.split_by_partitioner``) the leaves are indexed with N-d indices, which XLA
+partitions per block, and the mask's entries are listed through ``custom_partitioning``,
+which sees the real layout; without a context XLA partitions the plain flat indexing
+(correct, but it may reshard a leaf).
 
 Memory: the mask (1 byte per parameter) plus 4 bytes per slot plus the inner state of the
 slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` bytes.
@@ -37,6 +41,7 @@ slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` byt
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
 
 from optax_selective import selection
 from optax_selective._tree import is_float
@@ -321,6 +327,8 @@ def _sum_one_term(x, axes):
 def _gather_leaf(x, index, ok, dtype):
     """``x.reshape(-1)[index]`` where ``ok`` (replicated, like ``index``), zeros elsewhere."""
     split = _split(x)
+    if split is None and np.ndim(x) > 0 and selection.split_by_partitioner([x]):
+        return _gather_leaf_auto(x, index, ok, dtype)
     if split is None:
         flat = jnp.reshape(selection._unsplit(x), (-1,))
         size = flat.shape[0]
@@ -338,6 +346,24 @@ def _gather_leaf(x, index, ok, dtype):
 
     p0 = jax.sharding.PartitionSpec()
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, p0, p0), out_specs=p0)(x, index, ok)
+
+
+def _gather_leaf_auto(x, index, ok, dtype):
+    """:func:`_gather_leaf` for a leaf that XLA's partitioner may split (auto mode).
+
+    Indexed with N-d indices (a flat view of a leaf split over two dimensions is not a
+    block of it, and reshaping would reshard it): the partitioner then gathers on each
+    device from its own block, zeros what lies outside it, and sums over the devices,
+    O(cap) values. The gather reads the leaf's bits as unsigned integers, so that sum of one
+    nonzero term is exact (-0.0 and NaN payloads included).
+    """
+    shape = np.shape(x)
+    size = int(np.prod(shape, dtype=np.int64))
+    width = jnp.dtype(x.dtype).itemsize
+    bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
+    idx = jnp.unravel_index(jnp.clip(index, 0, size - 1), shape)
+    got = lax.bitcast_convert_type(bits[idx], x.dtype).astype(dtype)
+    return jnp.where(ok, got, jnp.zeros((), dtype))
 
 
 def _scatter_leaf(values, index, ok, like):
@@ -379,11 +405,26 @@ def _nonzero_leaf(mask, most: int):
     size = int(np.prod(shape, dtype=np.int64))
     most = min(most, size)
     split = _split(mask)
+    if split is None and len(shape) > 0 and selection.split_by_partitioner([mask]):
+        both = _nonzero_partitioned(mask, most)
+        return both[:most], both[most]
     if split is None:
-        flat = jnp.reshape(selection._unsplit(mask), (-1,))
-        (idx,) = jnp.nonzero(flat, size=most, fill_value=0)
-        return idx.astype(jnp.int32), jnp.sum(flat, dtype=jnp.int32)
+        return _nonzero_whole(selection._unsplit(mask), most)
     mesh, spec = split
+    p0 = jax.sharding.PartitionSpec()
+    local = _nonzero_blocks(mesh, spec, shape, most, to="invarying")
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=(p0, p0))(mask)
+
+
+def _nonzero_whole(mask, most):
+    flat = jnp.reshape(mask, (-1,))
+    (idx,) = jnp.nonzero(flat, size=most, fill_value=0)
+    return idx.astype(jnp.int32), jnp.sum(flat, dtype=jnp.int32)
+
+
+def _nonzero_blocks(mesh, spec, shape, most, **all_gather_kw):
+    """The per-device body of a split nonzero: each device lists its block's first ``most``
+    true entries (as indices in the whole leaf), the lists are exchanged and merged."""
     axes = tuple(a for p in spec for a in _axes(p))
     big = jnp.iinfo(jnp.int32).max
 
@@ -394,11 +435,66 @@ def _nonzero_leaf(mask, most: int):
         (idx,) = jnp.nonzero(flat, size=n_local, fill_value=0)
         count = jnp.sum(flat, dtype=jnp.int32)
         mine = jnp.where(jnp.arange(n_local) < count, _to_global(idx.astype(jnp.int32), shape, block, start), big)
-        every = jnp.sort(lax.all_gather(mine, axes, tiled=True, to='invarying'))[:most]
-        return jnp.where(every == big, 0, every), lax.psum(count, axes)
+        if axes:
+            mine = lax.all_gather(mine, axes, tiled=True, **all_gather_kw)
+            count = lax.psum(count, axes)
+        every = jnp.sort(mine)[:most]
+        return jnp.where(every == big, 0, every), count
 
-    p0 = jax.sharding.PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=(p0, p0))(mask)
+    return local
+
+
+# Auto mode: a traced leaf's sharding is unknown when the step is traced, but XLA's
+# partitioner knows it. ``custom_partitioning`` hands it to ``_nonzero_partition``, which runs
+# the per-device body above on the real blocks (a single device runs the plain body).
+
+
+@partial(custom_partitioning, static_argnums=(1,))
+def _nonzero_cp(mask, most):
+    idx, count = _nonzero_whole(mask, most)
+    return jnp.concatenate([idx, count[None]])
+
+
+def _nonzero_partition(most, mesh, arg_shapes, result_shape):
+    del result_shape
+    (arg,) = arg_shapes
+    sharding, shape = arg.sharding, tuple(arg.shape)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not isinstance(sharding, jax.sharding.NamedSharding) or any(
+        n % int(np.prod([dict(mesh.shape)[a] for a in _axes(p)], dtype=np.int64))
+        for n, p in zip(shape, tuple(sharding.spec) + (None,) * len(shape))
+    ):  # no named layout, or uneven blocks: take the whole mask (correct, not O(budget))
+        return mesh, lambda m: _nonzero_cp.fun(m, most), replicated, (replicated,)
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    body = _nonzero_blocks(mesh, spec, shape, most)
+
+    def lower(mb):
+        idx, count = body(mb)
+        return jnp.concatenate([idx, count[None]])
+
+    return mesh, lower, replicated, (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),)
+
+
+def _nonzero_infer(most, mesh, arg_shapes, result_shape):
+    del most, arg_shapes, result_shape
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _nonzero_rule(most, mesh, operand_types, result_types):
+    """Shardy rule: the mask's dimensions are free factors, the output is its own factor."""
+    del most, mesh, result_types
+    return " ".join(f"d{i}" for i in range(len(operand_types[0].shape))) + " -> out"
+
+
+_nonzero_cp.def_partition(
+    _nonzero_partition, infer_sharding_from_operands=_nonzero_infer, sharding_rule=_nonzero_rule
+)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _nonzero_partitioned(mask, most):
+    """``(first most true flat indices, count)`` of ``mask`` as one int32 vector of most + 1."""
+    return _nonzero_cp(mask, most)
 
 
 def _gather(group: _Group, leaves, slots, dtype):
@@ -433,7 +529,10 @@ def _spans_processes(x) -> bool:
 def _slots_from_masks(group: _Group, masks):
     """Slots holding every true entry of ``masks`` (group leaves), in global order."""
     host = not any(
-        isinstance(masks[i], jax.core.Tracer) or _spans_processes(masks[i]) or _split(masks[i])
+        isinstance(masks[i], jax.core.Tracer)
+        or _spans_processes(masks[i])
+        or _split(masks[i])
+        or selection._spread(masks[i])
         for i in group.leaves
     )
     if host:  # the usual eager init on one device: a host pass is far cheaper than on device

@@ -78,9 +78,11 @@ def exclude(score: jax.Array, exclusion_mask: jax.Array) -> jax.Array:
 #   radix      large k (PaFI's init): two histogram passes (top and bottom 16 bits) over the
 #              order-preserving uint32 view of the scores find the exact k-th value T; then an
 #              elementwise pass picks key > T, plus ties with index <= a per-leaf cutoff.
-#   counting   explicitly sharded inputs: the same threshold found with reductions only
-#              (binary search on the uint32 key with count(key >= t)), because lax.top_k,
-#              reshape, gather, scatter and cumsum along a sharded axis are refused there.
+#   counting   sharded inputs: the same threshold found with reductions only (binary search
+#              on the uint32 key with count(key >= t)). Explicit mode refuses lax.top_k,
+#              reshape, gather, scatter and cumsum along a sharded axis; in auto mode (under
+#              a multi-device mesh context, see split_by_partitioner) XLA's partitioner would
+#              accept them but reshard the scores, while reductions stay on the shards.
 
 _SMALL = 1 << 14  # total entries at or below which the reference path is used
 _RADIX_ABOVE = 256  # top_k_masks uses the radix path when k_max > N / 256
@@ -123,6 +125,52 @@ def _explicitly_sharded(x: jax.Array) -> bool:
             if sizes.get(axis, 1) > 1:
                 return True
     return False
+
+
+def _auto_mesh_context() -> bool:
+    """Whether tracing runs under a mesh context (``jax.set_mesh``) that splits some
+    ``AxisType.Auto`` axis over more than one device.
+
+    In auto mode a traced value's type carries no sharding, so under ``jax.jit`` this is the
+    one thing known at trace time: XLA's partitioner will lay the arrays out over that mesh.
+    Inside ``shard_map`` the mapped axes are Manual and do not count.
+    """
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return False
+        auto = jax.sharding.AxisType.Auto
+        return any(t == auto and n > 1 for t, n in zip(mesh.axis_types, mesh.axis_sizes))
+    except Exception:  # noqa: BLE001 - older jax: no abstract mesh
+        return False
+
+
+def _spread(x) -> bool:
+    """Whether ``x`` is a concrete array split over several devices (any mode)."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def split_by_partitioner(xs) -> bool:
+    """Whether XLA's SPMD partitioner (auto mode) may split these arrays over devices.
+
+    True under a multi-device auto mesh context (:func:`_auto_mesh_context`) or when a concrete
+    array is already split over devices without an explicit-mode type. Selection then takes
+    the paths that partition without resharding a leaf: reductions and elementwise
+    operations (the counting top-k), N-d gathers and scatters at O(budget) indices, and
+    ``custom_partitioning`` where entries must be listed. Without a mesh context, a traced
+    value's placement is unknown at trace time and the fast single-device paths are traced.
+    """
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return False
+    if _auto_mesh_context():
+        return True
+    return any(_spread(x) and not _explicitly_sharded(x) for x in xs)
 
 
 def _unsplit(x):
@@ -170,6 +218,13 @@ def choose_path(scores: Sequence[jax.Array | None], k_max: int) -> str:
     live = _live(scores)
     if any(_explicitly_sharded(s) for _, s in live):
         return "counting"
+    if split_by_partitioner([s for _, s in live]) and all(jnp.dtype(s.dtype).itemsize <= 4 for _, s in live):
+        return "counting"  # auto mode over several devices: reductions partition cleanly
+    return _fast_path(live, k_max)
+
+
+def _fast_path(live, k_max: int) -> str:
+    """The fastest exact path for unsplit scores (static shapes only)."""
     if any(jnp.dtype(s.dtype).itemsize > 4 for _, s in live):
         return "reference"  # float64 scores: the uint32 key would round them
     total = sum(int(s.size) for _, s in live)
@@ -248,9 +303,9 @@ def top_k_indices(
         z = jnp.zeros((k_max,), jnp.int32)
         return z, z, jnp.zeros((k_max,), bool)
     shapes_only = [None if x is None else (x if score_fn is None else x[0]) for x in scores]
-    path = choose_path(shapes_only, k_max)
-    if path == "counting":
+    if any(_explicitly_sharded(s) for _, s in _live(shapes_only)):
         raise ValueError("top_k_indices does not support explicitly sharded scores; use top_k_masks.")
+    path = _fast_path(_live(shapes_only), k_max)
     if path in ("rows", "radix"):  # radix gives masks, not indices: rows is exact for any k
         return _top_k_rows(scores, k, k_max, score_fn)
     if as_scores is None:

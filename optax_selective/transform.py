@@ -131,11 +131,11 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
     """The wrapper form's update with compact inner state (optax_selective.compact)."""
     args = (old_mask, state.method_state, state.count, grads, params, selectable)
     inner_state = state.inner_state
-    split = any(_selection._explicitly_sharded(g) for g in grads)
+    split = any(_selection._explicitly_sharded(g) for g in grads) or _selection.split_by_partitioner(grads)
     if hasattr(method, "update_with_indices") and not split:  # ID3: new entries come with the mask
         mask, method_state, added = method.update_with_indices(*args)
         inner_state = compact_tx.add_entries(inner_state, grads, new_entries=added)
-    else:  # explicitly sharded leaves: the index form would gather scores; compare masks
+    else:  # sharded leaves: the index form would gather scores; compare masks
         mask, method_state = method.update(*args)
         if getattr(method, "frozen_after", None) != 0 and method.update is not frozen_update:
             inner_state = compact_tx.add_entries(

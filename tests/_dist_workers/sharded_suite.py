@@ -7,6 +7,7 @@ wrapper sets in a fresh interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -16,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_selective as osel
+from optax_selective import selection
 from tests._dist_workers import common
 
 
@@ -79,9 +81,11 @@ def _check_against_reference(name, params, states, want, check_placement):
     assert used == (common.NUM_ENTRIES if name == "fft" else common.BUDGET)
 
 
+@pytest.mark.parametrize("context", [False, True], ids=["no-mesh-context", "set-mesh"])
 @pytest.mark.parametrize("name", AUTO)
-def test_auto_mode_matches_single_device(name):
-    """Auto mode, params placed with NamedSharding, eager init, jitted steps.
+def test_auto_mode_matches_single_device(name, context):
+    """Auto mode, params placed with NamedSharding, eager init, jitted steps; with and
+    without ``jax.set_mesh`` (with it, selection takes the paths that stay on the shards).
 
     (A jitted init in auto mode cannot see the params' shardings, as for optax's own states:
     give it ``out_shardings``, or use explicit mode, tested below.)
@@ -89,7 +93,8 @@ def test_auto_mode_matches_single_device(name):
     mesh = _mesh(AxisType.Auto)
     params, targets = common.make_params()
     params, targets = _shard(params, mesh), _shard(targets, mesh)
-    params, states = _run(name, params, targets, jit_init=False)
+    with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+        params, states = _run(name, params, targets, jit_init=False)
     _check_against_reference(name, params, states, reference(name), _assert_same_sharding)
     if name == "id3_wrapper_adam_dense":  # the inner optimizer's moments: sharded like params
         jax.tree.map(_assert_same_sharding, states[-1].inner_state[0].mu, params)
@@ -174,21 +179,15 @@ def reference_compact_slots(name):
     return [np.asarray(s) for s in states[-1].inner_state.slots]
 
 
-AUTO_GATHERS = pytest.mark.xfail(
-    strict=True,
-    reason="auto mode: XLA's partitioner reshards the scores for the rows/radix top-k paths "
-    "(all-gathers of half a leaf here); explicit mode selects with reductions only",
-)
-
-
 @pytest.mark.parametrize(
     ("name", "mode"),
     [
         ("id3_wrapper_adam", AxisType.Explicit),
         ("pafi", AxisType.Explicit),
-        pytest.param("id3_wrapper_adam", AxisType.Auto, marks=AUTO_GATHERS),
+        ("id3_wrapper_adam", AxisType.Auto),
+        ("pafi", AxisType.Auto),
     ],
-    ids=["id3-explicit", "pafi-explicit", "id3-auto"],
+    ids=["id3-explicit", "pafi-explicit", "id3-auto", "pafi-auto"],
 )
 @pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
 def test_selection_never_gathers_scores_or_params(name, mode, compact):
@@ -216,6 +215,29 @@ def test_selection_never_gathers_scores_or_params(name, mode, compact):
         limit = 8 * common.BUDGET + 1
     too_big = [(op, n) for op, n in found if n >= limit]
     assert not too_big, f"collectives moving (nearly) whole leaves: {too_big}"
+
+
+def test_auto_mode_without_mesh_context_takes_the_fast_paths():
+    """Without ``jax.set_mesh`` a traced value's placement is unknown when the step is traced:
+    the single-device paths are traced (XLA then reshards, results are the same, tested
+    above). Under a multi-device auto mesh context the counting path is chosen; concrete
+    arrays split over devices are recognised without a context."""
+    mesh = _mesh(AxisType.Auto)
+    x = jax.device_put(np.ones((16, common.WIDTH), np.float32), NamedSharding(mesh, P("data", "model")))
+    seen = {}
+
+    def probe(a, key):
+        seen[key] = selection.choose_path([a], 16)
+        return a
+
+    jax.jit(functools.partial(probe, key="jit"))(x)
+    with jax.set_mesh(mesh):
+        jax.jit(functools.partial(probe, key="jit-set-mesh"))(x)
+        one = jax.make_mesh((1, 1), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(one):
+        jax.jit(functools.partial(probe, key="jit-1-device-mesh"))(np.ones((16, common.WIDTH), np.float32))
+    assert seen == {"jit": "rows", "jit-set-mesh": "counting", "jit-1-device-mesh": "rows"}
+    assert selection.choose_path([x], 16) == "counting"  # concrete, split over devices
 
 
 def test_collective_parser_sees_a_gather():
