@@ -169,7 +169,7 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
     calls = []
 
     def fake_run_one(fw, m, frac, lr, seed, split, n_eval, cfg, also_eval=None):
-        calls.append((m, frac, lr, seed, split))
+        calls.append((m, frac, lr, seed, split, fw))
         acc = 0.5 + lr + seed / 100 + (frac or 0)
         return {"framework": fw, "method": m, "budget_frac": frac, "lr": lr, "seed": seed,
                 "eval_split": split, "accuracy": acc, "encoder_params": 22713216,
@@ -178,8 +178,13 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
 
     monkeypatch.setattr(q, "run_one", fake_run_one)
     monkeypatch.setattr(q, "encoder_entries", lambda: (22713216, 31104))
-    payload = q.main(["--frameworks", "torch", "--methods", "id3,bitfit", "--out",
+    payload = q.main(["--frameworks", "torch,jax", "--methods", "id3,bitfit", "--out",
                       str(tmp_path), "--tag", "t"])
+    jax_runs = [r for r in payload["runs"] if r["framework"] == "jax"]
+    assert sorted((r["method"], r["seed"]) for r in jax_runs) == [("bitfit", 0), ("id3", 0)]
+    assert len(calls) == 19 + 2  # torch: 6 grid + 13 test runs; jax: 2
+    payload["runs"] = [r for r in payload["runs"] if r["framework"] == "torch"]
+    calls = [c for c in calls if c[-1] == "torch"]
     grid = [c for c in calls if c[4] == "dev"]
     test = [c for c in calls if c[4] == "test"]
     assert len(grid) == 6 and all(c[1] == 0.002 and c[3] == 0 for c in grid)
@@ -188,7 +193,7 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
         ("bitfit", 0.0005, 0), ("bitfit", 0.0005, 1), ("bitfit", 0.0005, 2),
         ("bitfit", 0.002, 1), ("bitfit", 0.002, 2)]
     assert len([c for c in test if c[0] == "id3"]) == 8
-    assert ("id3", 0.002, payload["chosen_lr"]["torch/id3"], 0, "test") not in test
+    assert ("id3", 0.002, payload["chosen_lr"]["torch/id3"], 0, "test", "torch") not in test
     runs = payload["runs"]
     assert len(runs) == 18 and all(r["eval_split"] == "test" for r in runs)
     (g,) = [r for r in runs if r.get("from_grid") and r["method"] == "id3"]
