@@ -13,7 +13,7 @@ Protocol (written here so the numbers can be reproduced):
 * learning rate: per method, the best dev accuracy over a small grid at the middle budget,
   seed 0; then every budget with every seed uses that learning rate;
 * JAX: the same comparison at one budget through the Flax port (``examples/minilm_flax.py``),
-  ``optax.chain(selective_<method>(...), optax.adam(lr))``, same learning rates.
+  ``optax.chain(selective_<method>(...), optax.adam(lr))``, same learning rates, seed 0.
 
 Cost cuts (none changes what a run trains or how it is scored, beyond float rounding):
 
@@ -31,6 +31,11 @@ Cost cuts (none changes what a run trains or how it is scored, beyond float roun
   so all budgets at or above the 31,104 bias entries train the same entries: such runs are
   made once and reported under each budget (marked ``same_run_as_budget``);
 * every run records its wall and process-CPU seconds.
+
+Trim to fit 2 h on 2 cores: the JAX-vs-PyTorch comparison runs seed 0 only (``jax_seeds``;
+``--jax-seeds 0,1,2`` for three). Estimated cost on 2 idle cores (a 181 s ID3 run before
+the cuts, scaled by A/B-measured ratios: 0.71 per training step, 0.49 per evaluation):
+21 grid + 47 torch test runs at 80-117 s, 4 JAX runs, about 1.8 h in all (README).
 
 ``--quick`` (one budget, one seed, no grid, a few dozen steps) is a smoke run of the whole
 pipeline for a 2-core CPU in minutes; its numbers are not a result. Run::
