@@ -108,6 +108,23 @@ def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module
     return model
 
 
+def selected_by_part(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Selected entries per kind of parameter (word embeddings, other embeddings, attention
+    matrices, feed-forward matrices, 1-D leaves (biases, LayerNorm), pooler, head)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, int] = {}
+    for p, m in zip(params, optimizer.get_masks()):
+        n = names.get(id(p), "?")
+        kind = ("head" if "classifier" in n else "pooler" if "pooler" in n
+                else "1-D (bias, LayerNorm)" if p.dim() <= 1
+                else "word embeddings" if "word_embeddings" in n
+                else "other embeddings" if "embeddings" in n
+                else "attention matrices" if "attention" in n else "feed-forward matrices")
+        out[kind] = out.get(kind, 0) + int(m.sum())
+    return out
+
+
 def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int, exp: float,
                    eps: float, seed: int = 0, inner: type = torch.optim.AdamW):
     """``inner`` (a ``torch.optim.Optimizer`` class taking ``lr`` and ``weight_decay``) is the
@@ -211,6 +228,7 @@ def finetune(
         # selected entries; ``changed`` can be lower (e.g. embedding rows never in a batch)
         selected = optimizer.get_budget_used()
         result["selected"] = selected
+        result["selected_by_part"] = selected_by_part(model, optimizer)
     if method in SELECTIVE and not check_summary:
         result.update(budget=budget, budget_used=selected, summary_bytes=None,
                       reload_equal=None)
