@@ -218,6 +218,7 @@ def write(out: Path, tag: str, payload: dict) -> None:
              f"- MiniLM on Rotten Tomatoes, budget {cfg['budget_frac']:.2%} of the encoder + "
              f"head, lr {cfg['lr']:g} for every arm, {cfg['steps']} steps, batch 16, "
              f"train rows {cfg['n_train']}, test rows {n_test or 'all'}, seeds {cfg['seeds']}",
+             *[f"- note: {n}" for n in payload.get("notes", [])],
              "", "| arm | test accuracy (mean ± sd) | per seed | train loss, last 20 steps |"
              " mean abs change of moved body entries |", "|---|---|---|---|---|"]
     for arm in cfg["arms"]:
