@@ -138,11 +138,32 @@ def selective_optimizer(model: torch.nn.Module, args: argparse.Namespace, budget
 # ------------------------------------------------------------------ loops and checks
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cuts a right-padded text batch to its longest row (dynamic padding).
+
+    Columns past the last ``attention_mask`` 1 of every row are padding in every row; BERT
+    masks them out of attention and its position embeddings are absolute, so dropping them
+    changes the outputs only by float rounding, and costs less the shorter the batch."""
+    if "attention_mask" not in batch:
+        return batch
+    width = max(1, int(batch["attention_mask"].sum(-1).max()))
+    return {k: v[:, :width] if v.dim() == 2 and k != "labels" else v for k, v in batch.items()}
+
+
+def dynamic_padding_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate`` then :func:`trim_padding`: a DataLoader ``collate_fn``."""
+    return trim_padding(torch.utils.data.default_collate(items))
+
+
 def train_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: int,
-               desc: str) -> list[float]:
-    """Plain loop: ``steps`` AdamW steps over shuffled batches; returns the losses."""
+               desc: str, collate: Callable | None = None) -> list[float]:
+    """Plain loop: ``steps`` AdamW steps over shuffled batches; returns the losses.
+
+    ``collate`` (e.g. :func:`dynamic_padding_collate`) only shapes the batches; the order of
+    the rows depends on ``seed`` alone."""
     gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
+                                         collate_fn=collate)
     device = next(model.parameters()).device
     losses: list[float] = []
     model.train()
@@ -180,16 +201,31 @@ def trainer_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: i
 
 
 @torch.no_grad()
-def predict(model, data, batch_size: int = 64) -> torch.Tensor:
-    """Logits over ``data`` in eval mode (on the CPU)."""
+def predict(model, data, batch_size: int = 64, *, by_length: bool = False) -> torch.Tensor:
+    """Logits over ``data`` in eval mode (on the CPU), in the order of ``data``.
+
+    ``by_length`` (text data with an ``attention_mask``): score the rows sorted by length,
+    each batch cut to its longest row (:func:`trim_padding`), so little time goes to padding;
+    the logits are put back in the order of ``data``."""
     model.eval()
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    order = None
+    if by_length:
+        lengths = torch.stack([data[i]["attention_mask"].sum() for i in range(len(data))])
+        order = torch.argsort(lengths, stable=True)
+        data = torch.utils.data.Subset(data, order.tolist())
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, collate_fn=dynamic_padding_collate if by_length else None)
     out = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         out.append(model(**batch).logits.cpu())
-    return torch.cat(out)
+    logits = torch.cat(out)
+    if order is None:
+        return logits
+    result = torch.empty_like(logits)
+    result[order] = logits
+    return result
 
 
 def labels_of(data: Iterable) -> np.ndarray:
@@ -197,10 +233,12 @@ def labels_of(data: Iterable) -> np.ndarray:
 
 
 def summary_round_trip(optimizer, model, rebuild: Callable[[], torch.nn.Module], eval_data,
-                       logits: torch.Tensor, path: str | None) -> tuple[bool, int]:
+                       logits: torch.Tensor, path: str | None,
+                       **predict_kwargs: Any) -> tuple[bool, int]:
     """Writes ``optimizer.get_summary(model)`` to disk, loads it into ``rebuild()`` (the
     pretrained model rebuilt with the same seed) and checks the outputs are identical.
-    Returns ``(identical, summary file size in bytes)``."""
+    ``predict_kwargs`` go to :func:`predict` (the same as for ``logits``, so the batches
+    match). Returns ``(identical, summary file size in bytes)``."""
     from selective_optimizers.load_store import (
         load_summary_from_disk,
         load_weights_from_summary,
@@ -215,7 +253,7 @@ def summary_round_trip(optimizer, model, rebuild: Callable[[], torch.nn.Module],
         loaded = load_summary_from_disk(path)
     fresh = rebuild()
     load_weights_from_summary(fresh, loaded)
-    return bool(torch.equal(predict(fresh, eval_data), logits)), size
+    return bool(torch.equal(predict(fresh, eval_data, **predict_kwargs), logits)), size
 
 
 def count_changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> int:

@@ -12,6 +12,8 @@ encoder's parameters plus the head. Runs offline::
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -43,13 +45,43 @@ class TextData(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
 
 
-def text_data(split: _common.TextSplit, max_length: int) -> TextData:
+@functools.lru_cache(maxsize=1)
+def tokenizer():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_common.minilm_path())
-    enc = tok(split.texts, padding="max_length", truncation=True, max_length=max_length,
-              return_tensors="np")
+    return AutoTokenizer.from_pretrained(_common.minilm_path())
+
+
+def text_data(split: _common.TextSplit, max_length: int) -> TextData:
+    enc = tokenizer()(split.texts, padding="max_length", truncation=True, max_length=max_length,
+                      return_tensors="np")
     return TextData({k: np.asarray(v, np.int64) for k, v in enc.items()}, split.labels)
+
+
+@functools.lru_cache(maxsize=8)
+def split_data(split: str, n: int | None, max_length: int) -> TextData:
+    """The first ``n`` rows of a Rotten Tomatoes split, tokenized once per process."""
+    return text_data(_common.take(_common.rotten_tomatoes()[split], n), max_length)
+
+
+_PRETRAINED: dict[int, torch.nn.Module] = {}
+
+
+def pretrained(seed: int) -> torch.nn.Module:
+    """A fresh copy of MiniLM with the 2-way head initialised under ``seed``.
+
+    The first call per seed loads the weights (``from_pretrained`` after
+    ``torch.manual_seed(seed)``); later calls deep-copy that model, which gives the same
+    parameters without reading the file again."""
+    if seed not in _PRETRAINED:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        torch.manual_seed(seed)
+        _PRETRAINED[seed] = AutoModelForSequenceClassification.from_pretrained(
+            _common.minilm_path(), num_labels=2)
+    return copy.deepcopy(_PRETRAINED[seed])
 
 
 def lora_rank_for(budget_body: int, model: torch.nn.Module) -> int:
@@ -61,12 +93,7 @@ def lora_rank_for(budget_body: int, model: torch.nn.Module) -> int:
 
 def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module:
     """MiniLM with a fresh 2-way head (seeded); for ``lora`` wrapped by peft, head trainable."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(_common.minilm_path(), num_labels=2)
+    model = pretrained(seed)
     if method != "lora":
         return model
     from peft import LoraConfig, get_peft_model
@@ -81,11 +108,29 @@ def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module
     return model
 
 
+def selected_by_part(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Selected entries per kind of parameter (word embeddings, other embeddings, attention
+    matrices, feed-forward matrices, 1-D leaves (biases, LayerNorm), pooler, head)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, int] = {}
+    for p, m in zip(params, optimizer.get_masks()):
+        n = names.get(id(p), "?")
+        kind = ("head" if "classifier" in n else "pooler" if "pooler" in n
+                else "1-D (bias, LayerNorm)" if p.dim() <= 1
+                else "word embeddings" if "word_embeddings" in n
+                else "other embeddings" if "embeddings" in n
+                else "attention matrices" if "attention" in n else "feed-forward matrices")
+        out[kind] = out.get(kind, 0) + int(m.sum())
+    return out
+
+
 def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int, exp: float,
-                   eps: float, seed: int = 0):
+                   eps: float, seed: int = 0, inner: type = torch.optim.AdamW):
+    """``inner`` (a ``torch.optim.Optimizer`` class taking ``lr`` and ``weight_decay``) is the
+    optimizer the selective wrapper drives, or the plain optimizer for fft/lora."""
     if method in ("fft", "lora"):
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                 weight_decay=0.0)
+        return inner([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     from selective_optimizers.wrap import get_selective_optimizer
 
     # weight_decay=0 as for fft/lora above and optax.adam in JAX (torch's AdamW default is 0.01)
@@ -96,7 +141,7 @@ def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int
         kwargs.update(fish_steps=min(FISH_STEPS, max_steps))
     elif method == "random":
         kwargs.update(seed=seed)
-    return get_selective_optimizer(torch.optim.AdamW, method)(
+    return get_selective_optimizer(inner, method)(
         params=tc.param_groups(model), **kwargs)
 
 
@@ -119,16 +164,22 @@ def finetune(
     trainer: bool = True,
     check_summary: bool = True,
     device: str = "cpu",
+    dynamic_padding: bool = True,
+    eval_batch_size: int = 128,
+    also_eval: dict[str, int | None] | None = None,
+    inner_optimizer: type = torch.optim.AdamW,
 ) -> dict[str, Any]:
     """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size.
 
     ``device="cuda"`` trains there (the summary check then needs ``check_summary=False``,
-    since the reloaded CPU model's outputs are compared bit for bit)."""
+    since the reloaded CPU model's outputs are compared bit for bit). ``dynamic_padding``
+    cuts every batch to its longest row and scores the eval rows sorted by length (same
+    results up to float rounding, less time on padding). ``also_eval`` (split -> rows)
+    scores the trained model on more splits too: ``result["also_accuracy"][split]``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    data = _common.rotten_tomatoes()
-    train = text_data(_common.take(data["train"], n_train), max_length)
-    evals = text_data(_common.take(data[eval_split], n_eval), max_length)
+    train = split_data("train", n_train, max_length)
+    evals = split_data(eval_split, n_eval, max_length)
 
     base = build_model("fft", seed)
     n_head = sum(p.numel() for p in base.classifier.parameters())
@@ -137,36 +188,54 @@ def finetune(
     model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
     optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
-                               exp=exp, eps=eps, seed=seed)
+                               exp=exp, eps=eps, seed=seed, inner=inner_optimizer)
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
+    collate = tc.dynamic_padding_collate if dynamic_padding else None
+    torch.manual_seed(seed)  # dropout draws depend on the seed only, not on what ran before
     t0 = time.perf_counter()
     if trainer:
         losses = tc.trainer_loop(model, optimizer, train, steps=steps, batch_size=batch_size,
-                                 seed=seed)
+                                 seed=seed, collate=collate)
     else:
         losses = tc.train_loop(model, optimizer, train, steps=steps, batch_size=batch_size,
-                               seed=seed, desc=f"torch {method}")
+                               seed=seed, desc=f"torch {method}", collate=collate)
     train_s = time.perf_counter() - t0
-    logits = tc.predict(model, evals)
-    acc = _common.accuracy(logits.argmax(-1).numpy(), evals.labels.numpy())
+
+    def score(data: TextData) -> tuple[torch.Tensor, float]:
+        out = tc.predict(model, data, eval_batch_size, by_length=dynamic_padding)
+        return out, _common.accuracy(out.argmax(-1).numpy(), data.labels.numpy())
+
+    logits, acc = score(evals)
+    also = {split: score(split_data(split, n, max_length))[1]
+            for split, n in (also_eval or {}).items()}
     changed = tc.count_changed(before, model)
+    with torch.no_grad():  # size of the change, body only (the head starts from random)
+        deltas = [(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()
+                  if n in before and ".classifier." not in f".{n}"]
+        delta = torch.cat(deltas)
+        moved = delta[delta != 0].abs()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {
         "framework": "torch", "method": method, "budget_frac": budget_frac, "lr": lr,
         "seed": seed, "steps": steps, "accuracy": acc, "losses": losses,
         "encoder_params": n_body, "head_params": n_head, "changed": changed,
-        "train_seconds": train_s,
+        "train_seconds": train_s, "also_accuracy": also, "n_eval_rows": len(evals),
+        "body_delta_l2": float(delta.norm()),
+        "body_delta_abs_mean": float(moved.mean()) if moved.numel() else 0.0,
+        "body_delta_abs_max": float(moved.max()) if moved.numel() else 0.0,
     }
     if method in SELECTIVE:
         # selected entries; ``changed`` can be lower (e.g. embedding rows never in a batch)
         selected = optimizer.get_budget_used()
         result["selected"] = selected
+        result["selected_by_part"] = selected_by_part(model, optimizer)
     if method in SELECTIVE and not check_summary:
         result.update(budget=budget, budget_used=selected, summary_bytes=None,
                       reload_equal=None)
     elif method in SELECTIVE:
         identical, size = tc.summary_round_trip(
-            optimizer, model, lambda: build_model(method, seed), evals, logits, summary)
+            optimizer, model, lambda: build_model(method, seed), evals, logits, summary,
+            batch_size=eval_batch_size, by_length=dynamic_padding)
         result.update(budget=budget, budget_used=selected, summary_bytes=size,
                       reload_equal=identical)
     else:  # fft: every entry; lora: the adapter + head, stored as a dense state dict
@@ -192,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--exp", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=0.1, help="ID3's eps (paper's best: 0.1 or 1)")
     p.add_argument("--summary", default=None, help="keep the summary file here")
+    p.add_argument("--no-dynamic-padding", dest="dynamic_padding", action="store_false",
+                   help="pad every batch to --max-length (default: to its longest row)")
     args = p.parse_args(argv)
     r = finetune(**{k.replace("-", "_"): v for k, v in vars(args).items()})
     k = max(1, len(r["losses"]) // 4)

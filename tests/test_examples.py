@@ -158,3 +158,48 @@ def test_scripts_run_from_any_directory(tmp_path):
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "usage:" in out.stdout
+
+
+def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, monkeypatch):
+    """The full protocol's bookkeeping with a fake trainer: the chosen grid run is the test run
+    at (middle budget, seed 0), and BitFit is trained once for all budgets above its bias
+    entries (31,104 of 22,713,216 in MiniLM)."""
+    from benchmarks.quality import run as q
+
+    calls = []
+
+    def fake_run_one(fw, m, frac, lr, seed, split, n_eval, cfg, also_eval=None):
+        calls.append((m, frac, lr, seed, split, fw))
+        acc = 0.5 + lr + seed / 100 + (frac or 0)
+        return {"framework": fw, "method": m, "budget_frac": frac, "lr": lr, "seed": seed,
+                "eval_split": split, "accuracy": acc, "encoder_params": 22713216,
+                "head_params": 770, "budget_used": 1,
+                "also_accuracy": {k: acc + 0.1 for k in (also_eval or {})}}
+
+    monkeypatch.setattr(q, "run_one", fake_run_one)
+    monkeypatch.setattr(q, "encoder_entries", lambda: (22713216, 31104))
+    payload = q.main(["--frameworks", "torch,jax", "--methods", "id3,bitfit", "--out",
+                      str(tmp_path), "--tag", "t"])
+    jax_runs = [r for r in payload["runs"] if r["framework"] == "jax"]
+    assert sorted((r["method"], r["seed"]) for r in jax_runs) == [("bitfit", 0), ("id3", 0)]
+    assert len(calls) == 19 + 2  # torch: 6 grid + 13 test runs; jax: 2
+    payload["runs"] = [r for r in payload["runs"] if r["framework"] == "torch"]
+    calls = [c for c in calls if c[-1] == "torch"]
+    grid = [c for c in calls if c[4] == "dev"]
+    test = [c for c in calls if c[4] == "test"]
+    assert len(grid) == 6 and all(c[1] == 0.002 and c[3] == 0 for c in grid)
+    # id3: 3 budgets x 3 seeds less the grid run; bitfit: 0.05% x 3 + 0.2% seeds 1, 2
+    assert sorted(c[:2] + c[3:4] for c in test if c[0] == "bitfit") == [
+        ("bitfit", 0.0005, 0), ("bitfit", 0.0005, 1), ("bitfit", 0.0005, 2),
+        ("bitfit", 0.002, 1), ("bitfit", 0.002, 2)]
+    assert len([c for c in test if c[0] == "id3"]) == 8
+    assert ("id3", 0.002, payload["chosen_lr"]["torch/id3"], 0, "test", "torch") not in test
+    runs = payload["runs"]
+    assert len(runs) == 18 and all(r["eval_split"] == "test" for r in runs)
+    (g,) = [r for r in runs if r.get("from_grid") and r["method"] == "id3"]
+    assert g["budget_frac"] == 0.002 and g["seed"] == 0
+    assert g["accuracy"] == pytest.approx(g["dev_accuracy"] + 0.1)  # its test score, not dev
+    same = [r for r in runs if r["method"] == "bitfit" and r["budget_frac"] == 0.01]
+    assert [r["same_run_as_budget"] for r in same] == [0.002] * 3
+    assert [r["accuracy"] for r in same] == [
+        r["accuracy"] for r in runs if r["method"] == "bitfit" and r["budget_frac"] == 0.002]
