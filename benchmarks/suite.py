@@ -134,7 +134,10 @@ def markdown(results: dict) -> str:
         "Step = jit(update + apply_updates), params and state donated; median of "
         f"{results['repeats']} interleaved steps. Ratio = step / dense optax.adamw step in the same run. "
         "Peak = XLA compiled memory of one step (arguments + outputs + temporaries - donated). "
-        "Init = eager `tx.init(params)`, median. Summary = orbax folder size on disk.",
+        "Init = eager `tx.init(params)`, median. Summary = orbax folder size on disk. "
+        + ("glibc's mmap threshold fixed (`benchmarks.common.steady_malloc`), so large "
+           "temporaries do not page-fault anew each step." if results.get("steady_malloc") else
+           "Allocator left at its defaults."),
         "",
     ]
     for size in results["sizes"]:
@@ -211,11 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for the torch rows (default: torch's; 1 on a busy machine)")
     args = ap.parse_args(argv)
+    steady = common.steady_malloc()
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats or (2 if args.quick else 9)
     results: dict = {
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
+        "steady_malloc": steady,
         "repeats": repeats,
         "budget_frac": args.budget_frac,
         "sizes": [],

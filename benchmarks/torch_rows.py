@@ -101,7 +101,8 @@ def run_reference(target, width, layers, repeats, budget_frac, max_steps, device
                   threads: int | None = None) -> dict | None:
     """Reference ID3 step and a dense AdamW step, timed in one fresh process."""
     code = (
-        (f"import torch; torch.set_num_threads({int(threads)});" if threads else "")
+        "from benchmarks.common import steady_malloc; steady_malloc();"
+        + (f"import torch; torch.set_num_threads({int(threads)});" if threads else "")
         + "import sys, json; sys.path.insert(0, {t!r});"
         "import selective_optimizers.wrap as w;"
         "assert w.__file__.startswith({t!r}), w.__file__;"
@@ -138,6 +139,9 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
         from torch_bridge import get_selective_optimizer
     except ImportError as e:
         return {"skipped": f"torch bridge not available: {e}"}
+    from benchmarks.common import steady_malloc
+
+    steady_malloc()  # see its docstring: same allocator behaviour for every case
     if threads:
         import torch
 
