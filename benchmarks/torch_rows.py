@@ -151,7 +151,7 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
     for spec in sizes.split(","):
         width, layers = (int(v) for v in spec.lower().split("x"))
         row = {"width": width, "layers": layers, "params": layers * (width * width + width)}
-        dense, bridge, compact = [], [], []
+        dense, bridge, compact, frozen = [], [], [], []
         for _ in range(3):  # alternate, take medians
             dense.append(_dense(width, layers, repeats))
             bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
@@ -160,6 +160,8 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
             compact.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
                                       compact=True))
             row["compact_state_bytes"] = _selective.last_state_bytes
+            frozen.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, 1,
+                                     compact=True))  # max_steps=1: every timed step is after it
         row["dense_state_bytes"] = _dense.last_state_bytes
         row["budget"] = max(1, int(row["params"] * budget_frac))
         row["dense_adamw_ms"] = float(np.median(dense))
@@ -167,6 +169,8 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
         row["compact_id3_ms"] = float(np.median(compact))
         row["bridge_over_dense"] = row["bridge_id3_ms"] / row["dense_adamw_ms"]
         row["compact_over_dense"] = row["compact_id3_ms"] / row["dense_adamw_ms"]
+        row["compact_frozen_ms"] = float(np.median(frozen))
+        row["compact_frozen_over_dense"] = row["compact_frozen_ms"] / row["dense_adamw_ms"]
         if target:
             ref = run_reference(target, width, layers, repeats, budget_frac, max_steps, threads=threads)
             row["reference"] = ref
@@ -187,8 +191,8 @@ def markdown(t: dict) -> str:
         "",
         "| params | dense AdamW ms | ID3 ms (dense / compact) | ID3 / dense AdamW (dense / compact) "
         "| reference / dense AdamW | reference ID3 / ours (dense / compact) "
-        "| state MB: AdamW / ID3 dense / ID3 compact |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| state MB: AdamW / ID3 dense / ID3 compact | compact ID3 after max_steps / dense AdamW |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     mb = 1e-6
     for r in t["sizes"]:
@@ -199,7 +203,7 @@ def markdown(t: dict) -> str:
             f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} / "
             f"{r['compact_id3_ms']:.2f} | {r['bridge_over_dense']:.2f}x / {r['compact_over_dense']:.2f}x | "
             f"{ref} | {rb} | {r['dense_state_bytes'] * mb:.1f} / {r['bridge_state_bytes'] * mb:.1f} / "
-            f"{r['compact_state_bytes'] * mb:.1f} |"
+            f"{r['compact_state_bytes'] * mb:.1f} | {r['compact_frozen_over_dense']:.2f}x |"
         )
     lines.append("")
     lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process. "
