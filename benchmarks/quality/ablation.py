@@ -19,13 +19,16 @@ large spread over seeds (``quality_fixedlr_h100.md``). Two suspects:
    much of a short run it trains fewer entries than PaFI (which has all of its budget from
    step 0), and late entries get few updates. The arm ``T=steps/10`` spends it 5x sooner.
 
-Arms (all: AdamW betas (0.9, 0.999), eps 1e-8, no weight decay; ID3 exp 1, eps 0.1; the
-same lr; the same data order and dropout draws for the same seed):
+Arms (all: AdamW betas (0.9, 0.999), eps 1e-8, no weight decay; ID3 exp 1, eps 0.1 unless
+the arm says otherwise; the same lr; the same data order and dropout draws for the same seed):
 
 * ``id3``: ID3 as in the benchmark (T = steps / 2, AdamW with the global step count);
 * ``id3 + entry-adam``: the same selection, :class:`EntryAdam` as the inner optimizer;
 * ``id3 T=steps/10``: AdamW, budget spent within the first tenth of training;
 * ``id3 T=steps/10 + entry-adam``;
+* ``id3 eps=1e-3``, ``id3 eps=1e-3 T=steps/10``, ``id3 exp=2``: the score's magnitude term
+  made to matter (eps 0.1 is about 3x the median |θ| of MiniLM, so the default score is
+  nearly |g| of one batch);
 * ``pafi``, ``pafi + entry-adam``: the fixed-mask reference at the same budget (for PaFI
   every entry starts at step 0 except embedding rows whose first gradient comes later).
 
@@ -116,6 +119,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "id3 + entry-adam": dict(method="id3", t_div=2, entry=True),
     "id3 T=steps/10": dict(method="id3", t_div=10, entry=False),
     "id3 T=steps/10 + entry-adam": dict(method="id3", t_div=10, entry=True),
+    # the score |g| / (|θ| + eps) ** exp: eps 0.1 is ~3x MiniLM's median |θ|, so the score is
+    # nearly |g|; a small eps (or exp 2) leans toward small weights, as PaFI does
+    "id3 eps=1e-3": dict(method="id3", t_div=2, entry=False, eps=1e-3),
+    "id3 eps=1e-3 T=steps/10": dict(method="id3", t_div=10, entry=False, eps=1e-3),
+    "id3 exp=2": dict(method="id3", t_div=2, entry=False, exp=2.0),
     "pafi": dict(method="pafi", t_div=None, entry=False),
     "pafi + entry-adam": dict(method="pafi", t_div=None, entry=True),
 }
@@ -172,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
             c0, w0 = time.process_time(), time.time()
             r = finetune(method=spec["method"], budget_frac=args.budget_frac, lr=args.lr,
                          seed=seed, steps=args.steps, batch_size=16, max_length=64,
-                         n_train=args.n_train, eval_split="test", n_eval=args.n_test, eps=0.1,
+                         n_train=args.n_train, eval_split="test", n_eval=args.n_test,
+                         eps=spec.get("eps", 0.1), exp=spec.get("exp", 1.0),
                          trainer=False, check_summary=False,
                          inner_optimizer=EntryAdam if spec["entry"] else torch.optim.AdamW,
                          **kw)
