@@ -166,10 +166,11 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
     entries (31,104 of 22,713,216 in MiniLM)."""
     from benchmarks.quality import run as q
 
-    calls = []
+    calls, eps_seen = [], []
 
-    def fake_run_one(fw, m, frac, lr, seed, split, n_eval, cfg, also_eval=None):
+    def fake_run_one(fw, m, frac, lr, seed, split, n_eval, cfg, also_eval=None, eps=None):
         calls.append((m, frac, lr, seed, split, fw))
+        eps_seen.append((m, eps))
         acc = 0.5 + lr + seed / 100 + (frac or 0)
         return {"framework": fw, "method": m, "budget_frac": frac, "lr": lr, "seed": seed,
                 "eval_split": split, "accuracy": acc, "encoder_params": 22713216,
@@ -182,12 +183,18 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
                       str(tmp_path), "--tag", "t"])
     jax_runs = [r for r in payload["runs"] if r["framework"] == "jax"]
     assert sorted((r["method"], r["seed"]) for r in jax_runs) == [("bitfit", 0), ("id3", 0)]
-    assert len(calls) == 19 + 2  # torch: 6 grid + 13 test runs; jax: 2
+    assert len(calls) == 20 + 2  # torch: 7 grid (id3: 2 lr x 2 eps) + 13 test runs; jax: 2
+    # ID3's eps is picked with its lr (a tie on dev: the smaller eps) and used for every
+    # ID3 run after the grid; the other methods never get one
+    assert payload["chosen_eps"] == {"torch/id3": 1e-3, "jax/id3": 1e-3}
+    id3_eps = [e for m, e in eps_seen if m == "id3"]
+    assert sorted(set(id3_eps[:4])) == [1e-3, 0.1] and set(id3_eps[4:]) == {1e-3}
+    assert all(e is None for m, e in eps_seen if m != "id3")
     payload["runs"] = [r for r in payload["runs"] if r["framework"] == "torch"]
     calls = [c for c in calls if c[-1] == "torch"]
     grid = [c for c in calls if c[4] == "dev"]
     test = [c for c in calls if c[4] == "test"]
-    assert len(grid) == 6 and all(c[1] == 0.002 and c[3] == 0 for c in grid)
+    assert len(grid) == 7 and all(c[1] == 0.002 and c[3] == 0 for c in grid)
     # id3: 3 budgets x 3 seeds less the grid run; bitfit: 0.05% x 3 + 0.2% seeds 1, 2
     assert sorted(c[:2] + c[3:4] for c in test if c[0] == "bitfit") == [
         ("bitfit", 0.0005, 0), ("bitfit", 0.0005, 1), ("bitfit", 0.0005, 2),

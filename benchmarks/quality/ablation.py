@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs = old["runs"]
         commands = old.get("commands", [old["command"]]) + [command]
         old_wall = old["wall_seconds"]
+        kept = {k: old[k] for k in ("analysis", "notes") if k in old}  # written by hand
+    else:
+        kept = {}
     for seed in seeds:  # seed-major: an interrupted run still has every arm for the first seeds
         for arm in arms:
             spec = ARMS[arm]
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                             lr=args.lr, n_train=args.n_train, n_test=args.n_test,
                             batch_size=16, max_length=64,
                             arms={a: ARMS[a] for a in ARMS if any(r["arm"] == a for r in runs)}),
-                complete=(seed, arm) == (seeds[-1], arms[-1]), runs=runs))
+                complete=(seed, arm) == (seeds[-1], arms[-1]), runs=runs, **kept))
     return {"runs": runs}
 
 
