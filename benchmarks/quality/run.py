@@ -36,7 +36,8 @@ Cost cuts (none changes what a run trains or how it is scored, beyond float roun
 Trim to fit 2 h on 2 cores: the JAX-vs-PyTorch comparison runs seed 0 only (``jax_seeds``;
 ``--jax-seeds 0,1,2`` for three). Estimated cost on 2 idle cores (a 181 s ID3 run before
 the cuts, scaled by measured ratios: 0.71-0.8 per training step, 0.49 per evaluation):
-21 grid + 47 torch test runs at 80-130 s, 4 JAX runs, 1.8-2.0 h in all (README).
+22 grid (ID3: 2 lr x 2 eps) + 47 torch test runs at 80-130 s, 4 JAX runs, 1.85-2.05 h in all
+(README).
 
 ``--quick`` (one budget, one seed, no grid, a few dozen steps) is a smoke run of the whole
 pipeline for a 2-core CPU in minutes; its numbers are not a result. Run::
