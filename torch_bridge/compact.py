@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from torch_bridge.safety import _nonzero  # "is this hyper-parameter set?", also for tensors
+
 ELEMENTWISE: tuple[type, ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -42,12 +44,6 @@ ELEMENTWISE: tuple[type, ...] = (
     torch.optim.NAdam,
     torch.optim.RAdam,
 )
-
-
-def _nonzero(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return bool((value != 0).any())
-    return bool(value)
 
 
 def compact_refusal(optimizer_class: type, param_groups: Sequence[dict[str, Any]]) -> str | None:
