@@ -13,26 +13,9 @@ import pytest
 from hypothesis import given, settings
 
 from optax_selective import selection
+from tests._reference import numpy_top_k
 
 PATHS = ["reference", "rows", "radix", "counting"]
-
-
-def numpy_top_k(scores, k):
-    """Sort all finite scores by (score desc, global index asc), take k (-0.0 == 0.0)."""
-    live = [s for s in scores if s is not None]
-    flat = np.concatenate([s.reshape(-1) for s in live]) if live else np.zeros(0, np.float32)
-    finite = np.isfinite(flat)
-    order = np.lexsort((np.arange(flat.size), -np.where(finite, flat, -np.inf)))
-    chosen = np.zeros(flat.size, bool)
-    chosen[[i for i in order if finite[i]][:k]] = True
-    out, off = [], 0
-    for s in scores:
-        if s is None:
-            out.append(None)
-            continue
-        out.append(chosen[off : off + s.size].reshape(s.shape))
-        off += s.size
-    return out
 
 
 def make_scores(seed, shapes, kind):

@@ -8,6 +8,7 @@ import pytest
 
 import optax_selective as osel
 from optax_selective.methods.random import random_keys
+from tests._reference import numpy_top_k
 
 
 def tree(seed=0):
@@ -38,19 +39,6 @@ def grads_like(params, rng, ties=False):
     return jax.tree.map(one, params)
 
 
-def numpy_top_k_global(scores, k):
-    """Reference: (score desc, global index asc) over the concatenation; finite only."""
-    flat = np.concatenate([s.reshape(-1) for s in scores])
-    order = [i for i in np.lexsort((np.arange(flat.size), -flat)) if np.isfinite(flat[i])][:k]
-    chosen = np.zeros(flat.size, bool)
-    chosen[order] = True
-    out, off = [], 0
-    for s in scores:
-        out.append(chosen[off : off + s.size].reshape(s.shape))
-        off += s.size
-    return out
-
-
 def mask_leaves(state):
     return [np.asarray(m) for m in jax.tree.leaves(osel.selected_mask(state))]
 
@@ -79,7 +67,7 @@ def test_fish_mask_is_numpy_fisher_top_k_with_choose_all(ties):
     sums = [
         sum(np.asarray(g[k], np.float32) ** 2 for g in grads) for k in ("a", "b")
     ]
-    want = numpy_top_k_global(sums, budget - 4)
+    want = numpy_top_k(sums, budget - 4)
     got = mask_leaves(state)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -226,7 +214,7 @@ def reference_random_mask(params, budget, seed, choose_all=None):
             keys.append((bits >> 8).astype(np.float64))
             where.append(i)
     b_eff = budget - sum(x.size for x, c in zip(leaves, flags) if c)
-    chosen = numpy_top_k_global(keys, b_eff)
+    chosen = numpy_top_k(keys, b_eff)
     out = [np.full(x.shape, bool(c)) for x, c in zip(leaves, flags)]
     for i, m in zip(where, chosen):
         out[i] = m

@@ -7,22 +7,7 @@ import numpy as np
 from hypothesis import given
 
 from optax_selective import selection
-
-
-def numpy_top_k(scores, k):
-    """Reference: sort all finite scores by (score desc, global index asc), take k."""
-    flat = np.concatenate([s.reshape(-1) for s in scores])
-    finite = np.isfinite(flat)
-    order = np.lexsort((np.arange(flat.size), -flat))
-    order = [i for i in order if finite[i]][:k]
-    chosen = np.zeros(flat.size, bool)
-    chosen[order] = True
-    out, off = [], 0
-    for s in scores:
-        out.append(chosen[off : off + s.size].reshape(s.shape))
-        off += s.size
-    return out
-
+from tests._reference import numpy_top_k
 
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
 
