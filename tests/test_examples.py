@@ -135,6 +135,19 @@ def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+    # resume: the earlier run is kept as it is and only the missing method is trained
+    main(["--quick", "--frameworks", "jax", "--methods", "pafi,bitfit", "--steps", "2",
+          "--out", str(tmp_path), "--tag", "t2", "--resume-from", str(tmp_path / "t.json")])
+    resumed = json.loads((tmp_path / "t2.json").read_text())
+    assert resumed["runs"][0] == run
+    assert [r["method"] for r in resumed["runs"]] == ["pafi", "bitfit"]
+    assert len(resumed["commands"]) == 2 and "--resume-from" in resumed["commands"][1]
+    assert resumed["wall_seconds"] > payload["wall_seconds"]
+    with pytest.raises(SystemExit, match="steps"):  # another protocol: refused
+        main(["--quick", "--frameworks", "jax", "--methods", "pafi", "--steps", "3",
+              "--out", str(tmp_path), "--tag", "t3", "--resume-from", str(tmp_path / "t.json")])
+
+
 # ---------------------------------------------------------------- command line
 
 

@@ -44,6 +44,10 @@ pipeline for a 2-core CPU in minutes; its numbers are not a result. Run::
 
     python -m benchmarks.quality.run --quick
     python -m benchmarks.quality.run            # the full protocol
+
+``--resume-from FILE`` continues an earlier run of the same configuration (an interrupted one,
+or one made for some methods only): its runs, dev grid and picked learning rates are kept and
+only what is missing is trained. The JSON lists every command that contributed.
 """
 
 from __future__ import annotations
@@ -224,11 +228,13 @@ def write_outputs(out: Path, tag: str, payload: dict) -> None:
              "", f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, test accuracy, "
              f"{len(cfg['seeds'])} seed(s) (JAX: seeds {cfg.get('jax_seeds', cfg['seeds'])}); "
              "mean ± sample std over seeds.", "",
-             f"- command: `{payload['command']}`",
+             *[f"- command: `{c}`" for c in payload.get("commands", [payload.get("command")])],
              f"- machine: {payload['machine']['cpu']}, {payload['machine']['cores_visible']} "
              f"cores visible, torch {payload['machine']['torch']}, jax {payload['machine']['jax']}"
              f" ({payload['machine']['jax_backend']}); GPU: {payload['machine']['gpu']}",
-             f"- date: {payload['date']}, wall time {payload['wall_seconds'] / 60:.1f} min",
+             f"- date: {payload['date']}, wall time {payload['wall_seconds'] / 60:.1f} min"
+             + (f" over {len(payload['commands'])} commands" if len(payload.get("commands", []))
+                > 1 else ""),
              f"- steps {cfg['steps']}, batch {cfg['batch_size']}, max length {cfg['max_length']},"
              f" train rows {cfg['n_train']}, test rows {payload['n_test_rows']}",
              f"- encoder parameters {payload.get('encoder_params')}, head (choose_all) "
@@ -298,6 +304,22 @@ def plot(path: Path, payload: dict) -> None:
     plt.close(fig)
 
 
+def resume(path: Path, cfg: dict, quick: bool) -> dict:
+    """An earlier output to continue from; refused unless it measured the same protocol."""
+    earlier = json.loads(path.read_text())
+    if earlier["config"] != cfg or earlier["quick"] != quick:
+        diff = sorted(k for k in {*cfg, *earlier["config"]}
+                      if cfg.get(k) != earlier["config"].get(k))
+        raise SystemExit(f"--resume-from {path}: its configuration differs from this run's in "
+                         f"{diff or ['quick']}; resume with the same options")
+    mine = machine()
+    if earlier["machine"]["cpu"] != mine["cpu"] or earlier["machine"]["gpu"] != mine["gpu"]:
+        raise SystemExit(f"--resume-from {path}: made on {earlier['machine']['cpu']} / GPU "
+                         f"{earlier['machine']['gpu']}, this is {mine['cpu']} / GPU {mine['gpu']};"
+                         " one table must come from one machine")
+    return earlier
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one budget, one seed, no grid")
@@ -310,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="comma list of seeds for the JAX runs (full protocol default: 0)")
     p.add_argument("--fixed-lr", action="store_true",
                    help="skip the dev grid; use the --quick learning rates (middle of each grid)")
+    p.add_argument("--resume-from", default=None, metavar="JSON",
+                   help="keep the runs, dev grid and picked lrs of this earlier output (same "
+                        "configuration) and train only what is missing")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     notes: list[str] = []
@@ -334,6 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
     chosen: dict[str, float] = {}
     chosen_eps: dict[str, float] = {}  # ID3's score eps, picked with its lr
     picked: dict[tuple, dict] = {}  # grid runs that double as test runs
+    earlier = resume(Path(args.resume_from), cfg, args.quick) if args.resume_from else None
+    if earlier:
+        runs, grid, notes = earlier["runs"], earlier["grid"], earlier["notes"] + notes
+        chosen, chosen_eps = earlier["chosen_lr"], earlier["chosen_eps"]
     mid = cfg["budgets"][len(cfg["budgets"]) // 2]
 
     def todo(fw):
@@ -345,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
     for fw in frameworks:
         for m in todo(fw):
             key = f"{fw}/{m}"
+            if key in chosen:  # picked by the run resumed from
+                continue
             if fw == "jax" and f"torch/{m}" in chosen:
                 chosen[key] = chosen[f"torch/{m}"]
                 if f"torch/{m}" in chosen_eps:
@@ -377,15 +408,19 @@ def main(argv: list[str] | None = None) -> dict:
     n_test = len(_common.take(_common.rotten_tomatoes()["test"], cfg["n_test"]).texts)
     command = " ".join(["python -m benchmarks.quality.run"] +
                        [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+    commands = [*earlier.get("commands", [earlier.get("command")]), command] if earlier else [
+        command]
+    wall_before = earlier["wall_seconds"] if earlier else 0.0
 
     def save(complete: bool) -> dict:
         payload = {
             "quick": args.quick,
             "complete": complete,
             "command": command,
+            "commands": commands,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
-            "wall_seconds": time.time() - t0,
+            "wall_seconds": wall_before + time.time() - t0,
             "config": cfg,
             "encoder_params": next((r["encoder_params"] for r in runs), None),
             "head_params": next((r["head_params"] for r in runs), None),
@@ -409,6 +444,10 @@ def main(argv: list[str] | None = None) -> dict:
             for frac in fracs:
                 seeds = cfg["seeds"] if fw == "torch" else cfg.get("jax_seeds", cfg["seeds"])
                 for seed in seeds:
+                    if any(r["framework"] == fw and r["method"] == m and r["seed"] == seed
+                           and r["eval_split"] == "test" and r["budget_frac"] == frac
+                           for r in runs):
+                        continue  # made by the run resumed from
                     same = None
                     if fw == "torch" and m == "bitfit" and frac is not None:
                         key = selection_key(m, frac, n_body, n_bias)
