@@ -97,6 +97,19 @@ def test_default_paths_for_large_inputs():
     assert selection.choose_path([jnp.zeros(100)], 5) == "reference"
 
 
+@pytest.mark.parametrize("c", [8, 16, 128, 4096])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_grouped_row_maxima_equal_a_plain_row_max(c, kind):
+    """The grouped one-pass row maxima are the plain maxima, with non-finite scores as -inf."""
+    (x,) = make_scores(c, [(16, c)], kind)
+    g, mask = np.abs(x), (np.arange(x.size).reshape(x.shape) % 7) == 0
+    score = lambda g, m: jnp.where(m, -jnp.inf, g * 2)  # noqa: E731
+    got = jax.jit(lambda g, m: selection._row_maxima((g, m), score))(g, mask)
+    want = np.where(mask, -np.inf, g * 2)
+    want = np.where(np.isfinite(want), want, -np.inf).max(axis=1)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_order_key_is_monotone_and_marks_non_finite():
     x = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, np.inf, np.nan], np.float32)
     key = np.asarray(selection.order_key(jnp.asarray(x))).astype(np.int64)
