@@ -6,6 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import warnings  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -290,3 +293,16 @@ def test_cpu_param_views_are_zero_copy():
     train(model, opt, 2)
     views = opt._runner._param_views
     assert views and all(v.unsafe_buffer_pointer() == p.data_ptr() for p, _, v in views.values())
+
+
+def test_cpu_grads_reach_jax_as_numpy_views_without_a_copy():
+    model = small_model()
+    opt = get_selective_optimizer(torch.optim.SGD, "id3")(model.parameters(), lr=0.1, budget=8, max_steps=4)
+    runner = opt._runner
+    g = torch.randn(4, 3)
+    view = runner.step_view(g)
+    assert isinstance(view, np.ndarray) and view.ctypes.data == g.data_ptr()
+    strided = runner.step_view(g.t())  # made contiguous first, still the same values
+    np.testing.assert_array_equal(strided, g.t().numpy())
+    bf16 = runner.step_view(g.to(torch.bfloat16))  # NumPy cannot view bfloat16: DLPack
+    assert isinstance(bf16, jax.Array) and bf16.dtype == jnp.bfloat16

@@ -34,10 +34,9 @@ Cost cuts (none changes what a run trains or how it is scored, beyond float roun
 * every run records its wall and process-CPU seconds.
 
 Trim to fit 2 h on 2 cores: the JAX-vs-PyTorch comparison runs seed 0 only (``jax_seeds``;
-``--jax-seeds 0,1,2`` for three). Estimated cost on 2 idle cores (a 181 s ID3 run before
-the cuts, scaled by measured ratios: 0.71-0.8 per training step, 0.49 per evaluation):
-22 grid (ID3: 2 lr x 2 eps) + 47 torch test runs at 80-130 s, 4 JAX runs, 1.85-2.05 h in all
-(README).
+``--jax-seeds 0,1,2`` for three). Measured on 2 idle cores (AMD EPYC, 2026-11-28): 22 grid
++ 47 torch test runs at 57-117 s and 4 JAX runs at 125-139 s, 97 min in all
+(``benchmarks/results/quality.md``).
 
 ``--quick`` (one budget, one seed, no grid, a few dozen steps) is a smoke run of the whole
 pipeline for a 2-core CPU in minutes; its numbers are not a result. Run::
@@ -226,8 +225,8 @@ def write_outputs(out: Path, tag: str, payload: dict) -> None:
         title += f" (INCOMPLETE: {len(runs)} runs so far)"
     lines = [title,
              "", f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes, test accuracy, "
-             f"{len(cfg['seeds'])} seed(s) (JAX: seeds {cfg.get('jax_seeds', cfg['seeds'])}); "
-             "mean ± sample std over seeds.", "",
+             f"{len(cfg['seeds'])} seed(s) (JAX: seeds {cfg.get('jax_seeds', cfg['seeds'])}; "
+             "n per cell); mean ± sample std over seeds.", "",
              *[f"- command: `{c}`" for c in payload.get("commands", [payload.get("command")])],
              f"- machine: {payload['machine']['cpu']}, {payload['machine']['cores_visible']} "
              f"cores visible, torch {payload['machine']['torch']}, jax {payload['machine']['jax']}"
@@ -307,9 +306,10 @@ def plot(path: Path, payload: dict) -> None:
 def resume(path: Path, cfg: dict, quick: bool) -> dict:
     """An earlier output to continue from; refused unless it measured the same protocol."""
     earlier = json.loads(path.read_text())
-    if earlier["config"] != cfg or earlier["quick"] != quick:
-        diff = sorted(k for k in {*cfg, *earlier["config"]}
-                      if cfg.get(k) != earlier["config"].get(k))
+    # more JAX seeds only add runs: every other setting must match
+    diff = sorted(k for k in {*cfg, *earlier["config"]}
+                  if k != "jax_seeds" and cfg.get(k) != earlier["config"].get(k))
+    if diff or earlier["quick"] != quick:
         raise SystemExit(f"--resume-from {path}: its configuration differs from this run's in "
                          f"{diff or ['quick']}; resume with the same options")
     mine = machine()
