@@ -52,3 +52,12 @@ def test_torch_rows_time_dense_and_compact_bridge_and_count_state():
     assert n <= row["compact_state_bytes"] <= n + 40 * b  # masks + O(budget) slots
     md = torch_rows.markdown(t)
     assert "| 0.01M |" in md and "not run" in md
+
+
+def test_selection_pass_benchmark_compares_both_forms_on_the_same_entries(capsys):
+    from benchmarks.selection_pass import main
+
+    (row,) = main(["--sizes", "256x2", "--rounds", "1"])
+    assert row["same_entries"] is True and row["entries"] == 2 * (256 * 256 + 256)
+    assert row["plain_ms"] > 0 and row["grouped_ms"] > 0
+    assert "| grouped / plain |" in capsys.readouterr().out
