@@ -58,6 +58,13 @@ class ID3:
         return _base.choose_all_mask(layout), ID3State(jax.numpy.asarray(b_eff, jax.numpy.int32))
 
     def update(self, mask, state: ID3State, count, grads, params, selectable):
+        shapes = [g if ok else None for g, ok in zip(grads, selectable)]
+        typed = any(x is not None and selection._unsplit(x) is not x for x in (*shapes, *mask))
+        if not typed and selection.choose_path(shapes, self.k_max) != "counting":
+            # Unsharded (and no explicit-mode types): the indices form scores inside the
+            # selection pass (no full score arrays written) and sets the new entries in place.
+            mask, state, _ = self.update_with_indices(mask, state, count, grads, params, selectable)
+            return mask, state
         k = self.increment(count, state.effective_budget)
         k_max = self.k_max
 
