@@ -134,7 +134,6 @@ def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
     assert "QUICK" in table and "| pafi |" in table and payload["machine"]["cpu"] in table
     assert (tmp_path / "t.png").stat().st_size > 1000
 
-
     # resume: the earlier run is kept as it is and only the missing method is trained
     main(["--quick", "--frameworks", "jax", "--methods", "pafi,bitfit", "--steps", "2",
           "--out", str(tmp_path), "--tag", "t2", "--resume-from", str(tmp_path / "t.json")])

@@ -59,10 +59,9 @@ class ID3:
 
     def update(self, mask, state: ID3State, count, grads, params, selectable):
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]
-        typed = any(x is not None and selection._unsplit(x) is not x for x in (*shapes, *mask))
-        if not typed and selection.choose_path(shapes, self.k_max) != "counting":
-            # Unsharded (and no explicit-mode types): the indices form scores inside the
-            # selection pass (no full score arrays written) and sets the new entries in place.
+        if selection.choose_path(shapes, self.k_max) != "counting":
+            # Not split over devices: the indices form scores inside the selection pass (no
+            # full score arrays written) and sets the new entries in place.
             mask, state, _ = self.update_with_indices(mask, state, count, grads, params, selectable)
             return mask, state
         k = self.increment(count, state.effective_budget)
@@ -90,10 +89,13 @@ class ID3:
             inputs = [(g, p, m) if ok else None for g, p, m, ok in zip(grads, params, mask, selectable)]
             leaf, local, valid = selection.top_k_indices(inputs, k, k_max, score_fn=self.score)
             # Set the new entries in place (no second mask and no OR pass over all entries).
+            # A mask typed over size-1 mesh axes is whole on one device: write it untyped, as
+            # top_k_masks does, and give the result the mask's type back.
             new = [
-                m if not ok else jax.numpy.reshape(
-                    jax.numpy.reshape(m, (-1,)).at[jax.numpy.where(valid & (leaf == i), local, m.size)]
-                    .set(True, mode="drop"), m.shape)
+                m if not ok else selection._retype_like(jax.numpy.reshape(
+                    jax.numpy.reshape(selection._unsplit(m), (-1,))
+                    .at[jax.numpy.where(valid & (leaf == i), local, m.size)]
+                    .set(True, mode="drop"), m.shape), m)
                 for i, (m, ok) in enumerate(zip(mask, selectable))
             ]
             return new, (leaf, local, valid)
