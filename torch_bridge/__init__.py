@@ -14,6 +14,7 @@ Example:
 
 import torch_bridge._jax_env  # noqa: F401  (first: before anything imports jax)
 from optax_selective.verify import VerificationError
+from torch_bridge._install import warn_if_foreign
 from torch_bridge.legacy import convert_legacy_summary, read_legacy_summary
 from torch_bridge.methods import METHOD_NAMES
 from torch_bridge.optimizer import SelectiveOptimizer, get_selective_optimizer
@@ -24,6 +25,8 @@ from torch_bridge.summary import (
     make_summary,
     write_summary_to_disk,
 )
+
+warn_if_foreign()  # the real selective-optimizers installed over our `selective_optimizers`
 
 __all__ = [
     "METHOD_NAMES",
