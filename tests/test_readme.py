@@ -26,3 +26,14 @@ def test_readme_quick_start_runs(title, tmp_path, monkeypatch):
     exec(compile(code, f"README.md: {title}", "exec"), {"__name__": "__readme__"})
     if "torch" in title.lower():
         assert (tmp_path / "summary.pt").stat().st_size > 0
+
+
+def test_readme_links_to_files_that_exist():
+    import re
+
+    root = README.parent
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [t for t in targets if "://" not in t]
+    assert local, "the README should link to the docs"
+    missing = [t for t in local if not (root / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
