@@ -14,6 +14,12 @@ from optax_selective.transform import SelectiveState
 def find_selective_state(opt_state: Any) -> SelectiveState:
     """The one :class:`SelectiveState` inside ``opt_state`` (chain, MultiSteps, nnx, ...).
 
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> tx = optax.MultiSteps(optax.chain(osel.selective_pafi(budget=1), optax.sgd(0.1)), 2)
+      >>> int(osel.find_selective_state(tx.init({"w": jnp.ones(3)})).count)
+      0
+
     Raises:
       ValueError: if there is none, or more than one.
     """
@@ -32,7 +38,14 @@ def find_selective_state(opt_state: Any) -> SelectiveState:
 
 
 def selected_mask(opt_state: Any) -> Any:
-    """The bool mask pytree (shaped like params): true where an entry may change."""
+    """The bool mask pytree (shaped like params): true where an entry may change.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> state = osel.selective_pafi(budget=1).init({"w": jnp.array([2.0, -0.5, 1.0])})
+      >>> osel.selected_mask(state)["w"].tolist()
+      [False, True, False]
+    """
     return find_selective_state(opt_state).mask
 
 
