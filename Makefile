@@ -29,7 +29,7 @@ bench: $(STAMP)
 
 # The documentation site (mkdocs-material + mkdocstrings), built strict: any warning fails.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site $(ARGS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out bench_out site
