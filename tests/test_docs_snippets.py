@@ -25,6 +25,7 @@ def test_the_guides_have_runnable_blocks():
     assert {"guides/flax.md#0", "guides/flax.md#1"} <= set(BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_docs_block_runs(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that save files write them here
