@@ -56,7 +56,16 @@ _INDEX_DTYPES = {"int32": np.dtype(np.int32), "int64": np.dtype(np.int64)}
 
 
 class SummaryFormatError(ValueError):
-    """A summary folder is missing, corrupt, truncated or not a summary at all."""
+    """A summary folder is missing, corrupt, truncated or not a summary at all.
+
+    Example:
+      >>> import tempfile, optax_selective as osel
+      >>> try:
+      ...     osel.load_summary(tempfile.mkdtemp())   # an empty folder is no summary
+      ... except osel.SummaryFormatError as e:
+      ...     print("refused")
+      refused
+    """
 
 
 def index_dtype(size: int) -> np.dtype:
@@ -79,6 +88,13 @@ class SummaryLeaf:
       indices: 1-D int32 (int64 for leaves of 2**31 entries or more) flat row-major indices,
         strictly increasing.
       values: 1-D array of ``dtype``, the entries at ``indices``.
+
+    Example:
+      >>> import numpy as np, optax_selective as osel
+      >>> leaf = osel.SummaryLeaf("['w']", (2, 2), np.dtype(np.float32),
+      ...                         np.array([1, 2], np.int32), np.array([0.5, -1.0], np.float32))
+      >>> leaf.nbytes
+      16
     """
 
     key: str
@@ -152,6 +168,13 @@ class SparseSummary:
       budget_used: number of entries selected (the total length of all ``indices``).
       method: the selection method's name, e.g. ``"id3"``.
       version: the optax-selective version that made the summary.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"w": jnp.array([0.5, -0.1, 2.0])}
+      >>> summary = osel.make_summary(params, osel.selective_pafi(budget=1).init(params))
+      >>> summary.budget_used, summary.method, [leaf.key for leaf in summary.leaves]
+      (1, 'pafi', ["['w']"])
     """
 
     leaves: tuple[SummaryLeaf, ...]
