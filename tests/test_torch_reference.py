@@ -146,9 +146,14 @@ def test_reads_a_0_4_summary(ref_dir, tmp_path):
     load_weights_from_summary(fresh, legacy)
     for (n, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
-    # the safe loader refuses it and says where to go
-    with pytest.raises(SummaryMismatchError, match="read_legacy_summary"):
-        load_summary_from_disk(path)
+    # load_summary_from_disk reads it too (through the same safe reader), with 0.4's attributes
+    again = load_summary_from_disk(path)
+    assert again.budget_used == 30 and len(again.values) == len(again.pointers) == 6
+    assert again.shapes[0] == model[0].weight.shape and len(again.bn_metadata) == 1
+    fresh = bn_model()
+    load_weights_from_summary(fresh, again)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                 model.state_dict().values()))
     # a model it does not fit: raises, model untouched
     other = mlp()
     before = copy.deepcopy(other.state_dict())
