@@ -422,7 +422,8 @@ def _read_safetensors(path: str) -> Summary:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
     if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-        raise bad(f"its header claims {n} bytes (file of {size})")
+        raise bad(f"it is neither a safetensors summary nor a torch.save zip (its first 8 "
+                  f"bytes claim a header of {n} bytes, the file has {size})")
     try:
         with safe_open(path, framework="pt") as f:
             meta_text = (f.metadata() or {}).get(_META_KEY)
