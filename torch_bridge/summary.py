@@ -520,11 +520,23 @@ def load_summary_from_disk(path: Any) -> Summary:
       FileNotFoundError: if there is no file at ``path``.
       SummaryMismatchError: naming the file and the problem, if it is not a valid summary.
     """
+    path = os.fspath(path)
+    for attempt in range(3):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no summary file at {path}")
+        before = os.stat(path).st_ino
+        try:
+            return _load_once(path)
+        except SummaryMismatchError:
+            # A concurrent write renamed a new file in between the reads of this one.
+            if attempt == 2 or not os.path.exists(path) or os.stat(path).st_ino == before:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_once(path: str) -> Summary:
     from torch_bridge._safe_zip import LegacyRecord, is_zip, read_torch_zip
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no summary file at {path}")
     if not is_zip(path):
         return _read_safetensors(path)
     obj = read_torch_zip(path)
