@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import struct
-import sys
 import zipfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -371,5 +370,12 @@ def test_summary_keeps_0_4_attributes():
                                                              s.pointers[0][:, 1]])
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_torch_save_of_a_summary_stays_weights_only_loadable(tmp_path):
+    model = small_model()
+    s = a_summary(model)
+    path = tmp_path / "by_hand.pt"
+    torch.save(s, path)  # users who saved summaries themselves, as in 0.4
+    plain = torch.load(path, weights_only=True)
+    assert plain["budget_used"] == 4
+    assert load_summary_from_disk(path).pointers[0].tolist() == [[0, 0], [0, 2], [1, 2]]
+    assert copy.deepcopy(s).budget_used == 4

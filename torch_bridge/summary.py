@@ -36,6 +36,8 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import copy
 import hashlib
 import json
 import math
@@ -80,6 +82,17 @@ class Summary(dict):
     Note that ``summary.values`` is 0.4's list of value tensors; the dict's own values are
     ``dict.values(summary)``.
     """
+
+    def __reduce__(self):
+        # Pickles as an OrderedDict, so torch.save(summary) stays readable by
+        # torch.load(weights_only=True), which refuses classes of other packages.
+        return (collections.OrderedDict, (list(self.items()),))
+
+    def __copy__(self) -> Summary:
+        return Summary(self)
+
+    def __deepcopy__(self, memo: dict) -> Summary:
+        return Summary(copy.deepcopy(dict(self), memo))
 
     def _legacy(self) -> bool:
         return self.get("format") == LEGACY_FORMAT
