@@ -148,10 +148,13 @@ def foreign_folder(tmp_path):
 
 
 def test_errors_do_not_list_foreign_folders(tmp_path):
-    folder = foreign_folder(tmp_path)
-    err = refused(folder, "could not read its metadata")
-    for name in ("secret_plan", "private_key", "notes_confidential"):
-        assert name not in str(err)
+    plain = tmp_path / "project"
+    (plain / "secret_project").mkdir(parents=True)  # orbax's own error listed sub-folders
+    (plain / "secret_plan.txt").write_text("x")
+    for folder in (plain, foreign_folder(tmp_path)):
+        err = refused(folder, "could not read its metadata")
+        for name in ("secret_plan", "private_key", "notes_confidential", "secret_project"):
+            assert name not in str(err)
 
 
 def test_overwrite_never_replaces_what_is_not_a_summary(tmp_path):
