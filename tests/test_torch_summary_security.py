@@ -379,3 +379,22 @@ def test_torch_save_of_a_summary_stays_weights_only_loadable(tmp_path):
     assert plain["budget_used"] == 4
     assert load_summary_from_disk(path).pointers[0].tolist() == [[0, 0], [0, 2], [1, 2]]
     assert copy.deepcopy(s).budget_used == 4
+
+
+def test_0_4_values_of_another_dtype_are_refused_with_the_cast_to_use(tmp_path, monkeypatch):
+    model = small_model()
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    path = tmp_path / "fp32.pt"
+    write_04(monkeypatch, path, [model[0].weight.data[mask], None, None, None],
+             [mask.nonzero(), None, None, None], [model[0].weight.shape, None, None, None],
+             bn_04(model), 3)
+    s = load_summary_from_disk(path)
+    half = small_model(1)
+    half[0].to(torch.float64)
+    with pytest.raises(SummaryMismatchError, match="values are torch.float32, the model's "
+                                                   "parameter is torch.float64"):
+        load_weights_from_summary(half, s)
+    s["values"] = [None if v is None else v.to(p.dtype) for v, p in zip(s["values"],
+                                                                        half.parameters())]
+    load_weights_from_summary(half, s)
+    assert torch.equal(half[0].weight[mask], model[0].weight[mask].double())

@@ -158,6 +158,13 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Su
             continue
         if tuple(shape) != tuple(p.shape):
             raise SummaryMismatchError(f"{name}: 0.4 summary shape {shape}, model shape {tuple(p.shape)}.")
+        if val.dtype != p.dtype:
+            raise SummaryMismatchError(
+                f"{name}: the 0.4 summary's values are {val.dtype}, the model's parameter is "
+                f"{p.dtype} (0.4 cast them silently). Load it onto the model in the dtype it was "
+                "trained in, or cast the values first: summary['values'] = [None if v is None "
+                "else v.to(p.dtype) for v, p in zip(summary['values'], model.parameters())]."
+            )
         strides = torch.tensor(
             [math.prod(p.shape[d + 1:]) for d in range(p.dim())], dtype=torch.int64
         )
