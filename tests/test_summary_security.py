@@ -176,3 +176,26 @@ def test_overwrite_replaces_a_summary(saved):
     osel.save_summary(saved, other, overwrite=True)
     assert osel.load_summary(saved).method == "id3"
     assert os.listdir(saved.parent) == ["summary"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_folders_only_raise_summary_format_error(saved, tmp_path):
+    """Random byte flips and truncations of any file: each load returns the summary or raises
+    SummaryFormatError naming the folder."""
+    files = sorted(p for p in saved.rglob("*") if p.is_file())
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        f = files[int(rng.integers(0, len(files)))]
+        original = f.read_bytes()
+        bad = bytearray(original)
+        if trial % 3 == 0 or not bad:
+            bad = bad[: int(rng.integers(0, len(bad) + 1))]
+        else:
+            bad[int(rng.integers(0, len(bad)))] = int(rng.integers(0, 256))
+        f.write_bytes(bytes(bad))
+        try:
+            osel.load_summary(saved)
+        except osel.SummaryFormatError as e:
+            assert str(saved) in str(e)
+        finally:
+            f.write_bytes(original)

@@ -10,6 +10,7 @@ import zipfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
@@ -398,3 +399,35 @@ def test_0_4_values_of_another_dtype_are_refused_with_the_cast_to_use(tmp_path, 
                                                                         half.parameters())]
     load_weights_from_summary(half, s)
     assert torch.equal(half[0].weight[mask], model[0].weight[mask].double())
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch.save", "0.4"])
+def test_damaged_files_only_raise_summary_mismatch(tmp_path, monkeypatch, kind):
+    """Random byte flips and truncations: each load either returns a valid summary or raises
+    SummaryMismatchError naming the file (never AttributeError, KeyError, EOFError, ...)."""
+    model = small_model()
+    src = tmp_path / "src.pt"
+    if kind == "safetensors":
+        write_summary_to_disk(src, a_summary(model))
+    elif kind == "torch.save":
+        torch.save(dict(a_summary(model)), src)
+    else:
+        mask = torch.tensor([[True, False, True], [False, False, True]])
+        write_04(monkeypatch, src, [model[0].weight.data[mask], None, None, None],
+                 [mask.nonzero(), None, None, None], [model[0].weight.shape, None, None, None],
+                 bn_04(model), 3)
+    data = src.read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "damaged.pt"
+    for trial in range(200):
+        bad = bytearray(data)
+        if trial % 4 == 0:
+            bad = bad[: int(rng.integers(0, len(bad)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                bad[int(rng.integers(0, len(bad)))] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(bad))
+        try:
+            load_summary_from_disk(path)
+        except SummaryMismatchError as e:
+            assert str(path) in str(e)

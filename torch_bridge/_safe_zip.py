@@ -157,6 +157,20 @@ def is_zip(path: Any) -> bool:
 
 
 def read_torch_zip(path: Any) -> Any:
+    """See :func:`_read_torch_zip`; any other failure of a damaged file is reported the same
+    way, as a ``SummaryMismatchError`` naming the file."""
+    try:
+        return _read_torch_zip(path)
+    except (SummaryMismatchError, MemoryError, FileNotFoundError, PermissionError,
+            IsADirectoryError):
+        raise
+    except Exception as e:  # zipfile raises many types for damaged archives
+        raise SummaryMismatchError(
+            f"{os.fspath(path)} is a damaged zip archive ({type(e).__name__}: {str(e)[:120]})."
+        ) from None
+
+
+def _read_torch_zip(path: Any) -> Any:
     """The object a plain ``torch.save`` zip holds, read without ``torch.load``.
 
     Raises:

@@ -444,7 +444,7 @@ def _read_safetensors(path: str) -> Summary:
                 raise bad("its safetensors metadata has no optax_selective entry")
             try:
                 meta = json.loads(meta_text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise bad("its metadata is not valid JSON") from None
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise bad(f"its metadata does not say format {FORMAT!r}")
