@@ -174,3 +174,19 @@ def test_legacy_reader_refuses_other_globals(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         read_legacy_summary(path)
     assert not marker.exists()
+
+
+def test_a_0_4_optimizer_state_is_named_with_how_to_continue(ref_dir):
+    model = mlp()
+    with reference(ref_dir) as (wrap, _):
+        ref = wrap.get_selective_optimizer(torch.optim.Adam, "pafi")(model.parameters(), lr=0.05,
+                                                                     budget=10, verify=False)
+        model(torch.ones(2, 6)).sum().backward()
+        ref.step()
+        state = copy.deepcopy(ref.state_dict())
+    ours = get_selective_optimizer(torch.optim.Adam, "pafi")(mlp().parameters(), lr=0.05,
+                                                             budget=10)
+    with pytest.raises(ValueError, match="selective-optimizers 0.4 optimizer state.*build a new "
+                                         "selective optimizer"):
+        ours.load_state_dict(state)
+    assert ours.count == 0 and not ours.state
