@@ -736,7 +736,7 @@ def _load_once(path: str) -> SparseSummary:
     import orbax.checkpoint as ocp
 
     meta = _check_meta(path, _read_json(path))
-    _check_links(path, 64 + 8 * len(meta["leaves"]))
+    _check_links(path, 1024 + 16 * len(meta["leaves"]))
     expected = {}
     for m in meta["leaves"]:
         if m["count"] > 0:
