@@ -199,3 +199,14 @@ def test_damaged_folders_only_raise_summary_format_error(saved, tmp_path):
             assert str(saved) in str(e)
         finally:
             f.write_bytes(original)
+
+
+def test_overwrite_without_the_atomic_swap_still_replaces(saved, monkeypatch):
+    """Where renameat2 is unavailable (not Linux), the old folder is renamed aside first."""
+    from optax_selective import _atomic
+
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    other = osel.SparseSummary(a_summary().leaves[1:], 2, "bitfit")
+    osel.save_summary(saved, other, overwrite=True)
+    assert osel.load_summary(saved).method == "bitfit"
+    assert os.listdir(saved.parent) == ["summary"]
