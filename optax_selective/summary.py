@@ -36,7 +36,14 @@ from optax_selective._version import __version__
 from optax_selective.inspect import find_selective_state
 
 FORMAT_NAME = "optax_selective.SparseSummary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digests cover key, shape and dtype too; version 1 folders still load
+_READABLE_VERSIONS = (1, 2)
+_MAX_JSON_BYTES = 64 * 2**20
+_MAX_ZARRAY_BYTES = 64 * 2**10
+_MAX_CHUNKS = 4096
+_ZARR_DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "bfloat16": "bfloat16",
+                "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+                "int32": "<i4", "int64": "<i8"}
 _INT32_LIMIT = 2**31
 
 # Leaf dtypes a summary may hold, by the name written to disk. Names are looked up here and
@@ -141,6 +148,11 @@ class SummaryLeaf:
                 f"SummaryLeaf {self.key}: indices must be strictly increasing and within "
                 f"[0, {size}) for shape {shape}."
             )
+        # Own read-only copies: once checked, the entries cannot be changed in place (an index
+        # set to -1 afterwards would otherwise be applied as "the last entry").
+        indices, values = np.array(indices), np.array(values)
+        indices.flags.writeable = False
+        values.flags.writeable = False
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "indices", indices)
@@ -152,7 +164,17 @@ class SummaryLeaf:
         return int(self.indices.nbytes + self.values.nbytes)
 
     def digest(self) -> str:
-        """SHA-256 of the indices and values bytes, used to detect corrupt files."""
+        """SHA-256 over the leaf's key, shape, dtype and index dtype (as JSON) and its indices
+        and values bytes; a file whose data or metadata was changed no longer matches it."""
+        head = [self.key, list(self.shape), self.dtype.name, self.indices.dtype.name]
+        h = hashlib.sha256(json.dumps(head).encode())
+        h.update(b"\0")
+        h.update(np.ascontiguousarray(self.indices).tobytes())
+        h.update(np.ascontiguousarray(self.values).tobytes())
+        return h.hexdigest()
+
+    def _digest_v1(self) -> str:
+        # format_version 1 files: the digest covered the indices and values bytes only.
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.indices).tobytes())
         h.update(np.ascontiguousarray(self.values).tobytes())
@@ -446,15 +468,22 @@ def _array_name(i: int) -> str:
 def save_summary(
     path: str | os.PathLike, summary: SparseSummary, *, overwrite: bool = False
 ) -> None:
-    """Writes ``summary`` to the folder ``path`` with orbax-checkpoint.
+    """Writes ``summary`` to the folder ``path`` with orbax-checkpoint, atomically.
 
     Leaves with no entries are kept in the JSON metadata only (orbax refuses zero-size
     arrays). Path keys live in the JSON; the arrays get safe names ``leaf_0000``, ...
 
+    The folder is written under a temporary name next to ``path`` (``.NAME.optax-selective-
+    tmp-*``), flushed to disk, and then moved to ``path``; an existing summary there is
+    swapped out in one atomic step (Linux ``renameat2``) and deleted. So a reader, or a crash
+    at any point, sees the old summary or the new one, never a mix or nothing, and of two
+    concurrent writers the last to finish wins. Run it in one process.
+
     Args:
       path: folder to create; it must not exist unless ``overwrite=True``.
       summary: the summary to write.
-      overwrite: replace an existing folder.
+      overwrite: replace an existing summary folder. Anything else at ``path`` (a file, a
+        folder that is not a summary) is never replaced: ``FileExistsError``.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp, optax_selective as osel
@@ -465,13 +494,21 @@ def save_summary(
       >>> osel.load_summary(path).leaves[0].indices.tolist()
       [1]
     """
+    import shutil
+
     import orbax.checkpoint as ocp
+
+    from optax_selective._atomic import fsync_tree, replace_dir, temp_sibling
 
     if not isinstance(summary, SparseSummary):
         raise TypeError(f"summary must be a SparseSummary, got {type(summary).__name__}.")
     path = _abs_path(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+        why = _not_replaceable(path)
+        if why:
+            raise FileExistsError(why)
     meta_leaves, arrays = [], {}
     for i, leaf in enumerate(summary.leaves):
         name = _array_name(i) if leaf.indices.size else None
@@ -499,8 +536,31 @@ def save_summary(
     items = {"metadata": ocp.args.JsonSave(meta)}
     if arrays:
         items["arrays"] = ocp.args.PyTreeSave(arrays)
-    with _checkpointer() as ckptr:
-        ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+    tmp = temp_sibling(path)
+    try:
+        with _checkpointer() as ckptr:
+            ckptr.save(tmp, ocp.args.Composite(**items))
+        fsync_tree(tmp)
+        replace_dir(tmp, path, overwrite=overwrite, is_replaceable=_not_replaceable)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _not_replaceable(path: str) -> str | None:
+    """Why ``save_summary(overwrite=True)`` must not replace what is at ``path`` (None: it is
+    a summary folder). Never lists what the folder holds."""
+    refuse = (f"{path} exists and is not an optax_selective summary folder; overwrite=True "
+              "only replaces summaries. Remove it yourself or choose another path.")
+    if os.path.islink(path) or not os.path.isdir(path):
+        return refuse
+    try:
+        meta = _read_json(path)
+    except SummaryFormatError:
+        return refuse
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        return refuse
+    return None
 
 
 def _checkpointer():
@@ -522,19 +582,50 @@ def _bad(path: str, why: str) -> SummaryFormatError:
     return SummaryFormatError(f"{path} is not a valid optax_selective summary: {why}")
 
 
-def _short(e: Exception, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}"
+def _short(e: Exception, limit: int = 200) -> str:
+    # First line only: orbax and tensorstore messages can quote paths and file listings.
+    text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _inside(root: str, p: str) -> bool:
+    real = os.path.realpath(p)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _regular_file(path: str, rel: str, limit: int) -> bytes:
+    """The bytes of ``path/rel``: a regular file inside the folder, at most ``limit`` bytes."""
+    f = os.path.join(path, rel)
+    if not os.path.lexists(f):
+        raise FileNotFoundError(rel)
+    if not _inside(os.path.realpath(path), f) or not os.path.isfile(f):
+        raise _bad(path, f"{rel} is not a regular file inside the summary folder")
+    size = os.path.getsize(f)
+    if size > limit:
+        raise _bad(path, f"{rel} has {size} bytes (at most {limit} expected)")
+    with open(f, "rb") as fh:
+        return fh.read(limit + 1)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        raw = _regular_file(path, os.path.join("metadata", "metadata"), _MAX_JSON_BYTES)
+    except FileNotFoundError:
+        raise _bad(path, "could not read its metadata (no metadata/metadata file)") from None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(path, f"its metadata is not valid JSON ({e})") from None
 
 
 def _check_meta(path: str, meta: Any) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise _bad(path, f"its metadata does not say format {FORMAT_NAME!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise _bad(
             path,
             f"format_version {meta.get('format_version')!r} is not supported (this library "
-            f"reads version {FORMAT_VERSION}); upgrade optax-selective.",
+            f"reads versions {list(_READABLE_VERSIONS)}); upgrade optax-selective.",
         )
     fields = {"method": str, "version": str, "budget_used": int, "leaves": list}
     for name, typ in fields.items():
@@ -548,6 +639,7 @@ def _check_meta(path: str, meta: Any) -> dict:
         "count": int,
         "sha256": str,
     }
+    names = set()
     for j, leaf in enumerate(meta["leaves"]):
         if not isinstance(leaf, dict):
             raise _bad(path, f"metadata leaf {j} is not an object")
@@ -562,53 +654,136 @@ def _check_meta(path: str, meta: Any) -> dict:
                 f"leaf {leaf['key']}: unsupported dtype {leaf['dtype']!r} or index "
                 f"dtype {leaf['index_dtype']!r}",
             )
-        if leaf["count"] > 0 and not (
-            isinstance(leaf.get("array"), str) and leaf["array"].startswith("leaf_")
-        ):
-            raise _bad(path, f"leaf {leaf['key']}: has {leaf['count']} entries but no array name")
+        shape = leaf["shape"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _bad(path, f"leaf {leaf['key']}: shape {shape!r} is not a list of ints >= 0")
+        if not 0 <= leaf["count"] <= _size(shape):
+            raise _bad(path, f"leaf {leaf['key']}: count {leaf['count']} does not fit shape "
+                             f"{shape}")
+        if leaf["count"] > 0:
+            name = leaf.get("array")
+            if not (isinstance(name, str) and len(name) <= 32 and name.startswith("leaf_")
+                    and name[5:].isdigit()) or name in names:
+                raise _bad(path, f"leaf {leaf['key']}: has {leaf['count']} entries but no "
+                                 "valid array name of its own")
+            names.add(name)
     return meta
+
+
+def _check_stored_array(path: str, rel: str, count: int, dtype: str) -> None:
+    """Checks the zarr metadata of one stored array against the (digest-covered) JSON before
+    orbax reads it, so a forged file cannot make the reader allocate more than the JSON
+    declares (``count`` entries, itself at most the leaf's size)."""
+    try:
+        raw = _regular_file(path, os.path.join(rel, ".zarray"), _MAX_ZARRAY_BYTES)
+        zarray = json.loads(raw)
+    except FileNotFoundError:
+        raise _bad(path, f"could not read its arrays ({rel} has no .zarray)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _bad(path, f"could not read its arrays ({rel}/.zarray is not JSON)") from None
+    if not isinstance(zarray, dict):
+        raise _bad(path, f"could not read its arrays ({rel}/.zarray is not an object)")
+    shape, chunks = zarray.get("shape"), zarray.get("chunks")
+    if shape != [count]:
+        raise _bad(path, f"leaf array {rel}: expected {count} entries, its stored array has "
+                         f"shape {str(shape)[:40]}")
+    if not (isinstance(chunks, list) and len(chunks) == 1 and isinstance(chunks[0], int)
+            and 0 < chunks[0] <= max(count, 1) and -(-count // chunks[0]) <= _MAX_CHUNKS):
+        raise _bad(path, f"leaf array {rel}: stored in chunks {str(chunks)[:40]}, expected at "
+                         f"most {_MAX_CHUNKS} chunks of its {count} entries")
+    if zarray.get("dtype") != _ZARR_DTYPES[dtype]:
+        raise _bad(path, f"leaf array {rel}: stored dtype {str(zarray.get('dtype'))[:20]!r}, "
+                         f"the metadata says {dtype}")
+    for c in range(-(-count // chunks[0])):
+        chunk = os.path.join(path, rel, str(c))
+        if os.path.lexists(chunk) and (
+                not _inside(os.path.realpath(path), chunk) or not os.path.isfile(chunk)):
+            raise _bad(path, f"{rel}/{c} is not a regular file inside the summary folder")
+
+
+def _check_links(path: str, limit: int) -> None:
+    """Refuses symbolic links that leave the folder; walks at most ``limit`` entries."""
+    root, seen = os.path.realpath(path), 0
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            seen += 1
+            if seen > limit:
+                raise _bad(path, f"it holds more than {limit} files")
+            p = os.path.join(folder, name)
+            if os.path.islink(p) and not _inside(root, p):
+                rel = os.path.relpath(p, path)
+                raise _bad(path, f"{rel} is a symbolic link out of the summary folder")
 
 
 def load_summary(path: str | os.PathLike) -> SparseSummary:
     """Reads a summary written by :func:`save_summary`, onto the host (NumPy arrays).
 
     Only JSON and array data are read; no code from the folder runs. Works whatever device
-    saved the summary. Every leaf's digest, shape, dtype and index range is checked.
+    saved the summary. Before any array is read, the JSON metadata is checked and every stored
+    array's shape, chunking, dtype and size on disk is compared with it, so a forged folder
+    is refused in milliseconds with bounded memory. Then every leaf's SHA-256 (over its key,
+    shape, dtype, indices and values), index range and order are checked. Symbolic links out
+    of the folder are refused. The returned arrays are read-only.
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      SummaryFormatError: (a ``ValueError``) if the folder is corrupt, truncated or not a
-        summary, naming the path and what is wrong.
+      SummaryFormatError: (a ``ValueError``) if the folder is corrupt, truncated, forged or not
+        a summary, naming the path and what is wrong (never listing what the folder holds).
 
     Example: see :func:`save_summary`.
     """
+    path = _abs_path(path)
+    for attempt in range(3):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no summary folder at {path}")
+        before = _identity(path)
+        try:
+            return _load_once(path)
+        except SummaryFormatError:
+            # A concurrent save_summary swapped a new folder in while this one was read: read
+            # the new one (the digests caught the mix).
+            if attempt == 2 or _identity(path) == before:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_once(path: str) -> SparseSummary:
     import orbax.checkpoint as ocp
 
-    path = _abs_path(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no summary folder at {path}")
-    with _checkpointer() as ckptr:
-        try:
-            meta = ckptr.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-            meta = meta["metadata"]
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(path, f"its metadata is not valid JSON ({e})") from e
-        except Exception as e:  # orbax raises many types for missing or broken files
-            raise _bad(path, f"could not read its metadata ({_short(e)})") from e
-        meta = _check_meta(path, meta)
-        expected = {
-            m["array"]: {
+    meta = _check_meta(path, _read_json(path))
+    _check_links(path, 1024 + 16 * len(meta["leaves"]))
+    expected = {}
+    for m in meta["leaves"]:
+        if m["count"] > 0:
+            name = m["array"]
+            if not os.path.isdir(os.path.join(path, "arrays", f"{name}.values")):
+                raise _bad(path, f"array {name!r} is missing from its arrays folder")
+            _check_stored_array(path, os.path.join("arrays", f"{name}.indices"), m["count"],
+                                m["index_dtype"])
+            _check_stored_array(path, os.path.join("arrays", f"{name}.values"), m["count"],
+                                m["dtype"])
+            expected[name] = {
                 "indices": ocp.RestoreArgs(restore_type=np.ndarray),
                 "values": ocp.RestoreArgs(restore_type=np.ndarray),
             }
-            for m in meta["leaves"]
-            if m["count"] > 0
-        }
-        arrays: dict = {}
-        for name in expected:  # clearer than orbax's error for a folder with arrays missing
-            if not os.path.isdir(os.path.join(path, "arrays", f"{name}.values")):
-                raise _bad(path, f"array {name!r} is missing from {os.path.join(path, 'arrays')}")
-        if expected:
+    arrays: dict = {}
+    if expected:
+        try:
+            for rel in ("_METADATA", "_CHECKPOINT_METADATA"):
+                for where in (os.path.join("arrays", rel), rel):
+                    if os.path.lexists(os.path.join(path, where)):
+                        _regular_file(path, where, _MAX_JSON_BYTES)
+        except FileNotFoundError:  # pragma: no cover - checked with lexists above
+            pass
+        with _checkpointer() as ckptr:
             try:
                 arrays = ckptr.restore(
                     path,
@@ -645,10 +820,11 @@ def load_summary(path: str | os.PathLike) -> SparseSummary:
             leaf = SummaryLeaf(m["key"], tuple(m["shape"]), dtype, idx, vals)
         except (TypeError, ValueError) as e:
             raise _bad(path, str(e)) from e
-        if leaf.digest() != m["sha256"]:
+        digest = leaf.digest() if meta["format_version"] >= 2 else leaf._digest_v1()
+        if digest != m["sha256"]:
             raise _bad(
                 path,
-                f"leaf {m['key']}: its data does not match the recorded SHA-256 "
+                f"leaf {m['key']}: its data or metadata does not match the recorded SHA-256 "
                 "(the files were changed or truncated)",
             )
         leaves.append(leaf)

@@ -146,9 +146,14 @@ def test_reads_a_0_4_summary(ref_dir, tmp_path):
     load_weights_from_summary(fresh, legacy)
     for (n, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
-    # the safe loader refuses it and says where to go
-    with pytest.raises(SummaryMismatchError, match="read_legacy_summary"):
-        load_summary_from_disk(path)
+    # load_summary_from_disk reads it too (through the same safe reader), with 0.4's attributes
+    again = load_summary_from_disk(path)
+    assert again.budget_used == 30 and len(again.values) == len(again.pointers) == 6
+    assert again.shapes[0] == model[0].weight.shape and len(again.bn_metadata) == 1
+    fresh = bn_model()
+    load_weights_from_summary(fresh, again)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                 model.state_dict().values()))
     # a model it does not fit: raises, model untouched
     other = mlp()
     before = copy.deepcopy(other.state_dict())
@@ -169,3 +174,19 @@ def test_legacy_reader_refuses_other_globals(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         read_legacy_summary(path)
     assert not marker.exists()
+
+
+def test_a_0_4_optimizer_state_is_named_with_how_to_continue(ref_dir):
+    model = mlp()
+    with reference(ref_dir) as (wrap, _):
+        ref = wrap.get_selective_optimizer(torch.optim.Adam, "pafi")(model.parameters(), lr=0.05,
+                                                                     budget=10, verify=False)
+        model(torch.ones(2, 6)).sum().backward()
+        ref.step()
+        state = copy.deepcopy(ref.state_dict())
+    ours = get_selective_optimizer(torch.optim.Adam, "pafi")(mlp().parameters(), lr=0.05,
+                                                             budget=10)
+    with pytest.raises(ValueError, match="selective-optimizers 0.4 optimizer state.*build a new "
+                                         "selective optimizer"):
+        ours.load_state_dict(state)
+    assert ours.count == 0 and not ours.state

@@ -19,7 +19,9 @@ from torch_bridge.legacy import convert_legacy_summary, read_legacy_summary
 from torch_bridge.methods import METHOD_NAMES
 from torch_bridge.optimizer import SelectiveOptimizer, get_selective_optimizer
 from torch_bridge.summary import (
+    Summary,
     SummaryMismatchError,
+    UnsafeFileError,
     load_summary_from_disk,
     load_weights_from_summary,
     make_summary,
@@ -38,6 +40,8 @@ __all__ = [
     "load_weights_from_summary",
     "read_legacy_summary",
     "convert_legacy_summary",
+    "Summary",
     "SummaryMismatchError",
+    "UnsafeFileError",
     "VerificationError",
 ]

@@ -1,113 +1,150 @@
-"""Reading summaries written by selective-optimizers 0.4, without unpickling arbitrary objects.
+"""Reading summaries written by selective-optimizers 0.4, without running anything in the file.
 
 0.4 saved a pickled ``selective_optimizers.load_store.SelectivePeftSummary`` dataclass with
-``torch.save``; loading it with ``torch.load(weights_only=False)`` can run any code the file
-names. :func:`read_legacy_summary` instead unpickles with a restricted ``pickle.Unpickler``
-whose ``find_class`` allows exactly: that dataclass (rebuilt as a plain dict, the class is
-never imported), ``torch._utils._rebuild_tensor_v2``, ``torch.Size``,
-``collections.OrderedDict`` and torch's storage types. Anything else raises
-``pickle.UnpicklingError``.
+``torch.save``. Such a file is never given to ``torch.load`` (which sends TorchScript archives
+to ``torch.jit.load`` and can run their code): :func:`read_legacy_summary` checks the zip's
+directory and reads ``data.pkl`` and the tensor storages itself with a restricted unpickler
+(:mod:`torch_bridge._safe_zip`). Then every field is checked: each pointer row lies inside
+its parameter's shape in every dimension, rows are strictly increasing in row-major order (no
+duplicates), pointer tensors are ``(entries, ndim)``, values are finite and as many as the
+pointers, and ``budget_used`` equals the entries present.
+
+:func:`~torch_bridge.summary.load_summary_from_disk` does the same for a 0.4 file, so 0.4's
+``load_weights_from_summary(model, load_summary_from_disk(path))`` keeps working.
 
 Example:
   >>> legacy = read_legacy_summary("summary_04.pt")          # doctest: +SKIP
+  >>> legacy.budget_used, legacy.pointers[0].shape             # doctest: +SKIP
   >>> load_weights_from_summary(model, legacy)                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import collections
 import math
-import pickle
-import types
 from typing import Any
 
 import torch
 
-from torch_bridge.summary import FORMAT, FORMAT_VERSION, SummaryMismatchError, _dtype_name
+from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
+from torch_bridge._safe_zip import LegacyRecord, RestrictedUnpickler, read_torch_zip
+from torch_bridge.summary import (
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_FORMAT,
+    Summary,
+    _dtype_name,
+    check_summary,
+)
 
-LEGACY_FORMAT = "selective_optimizers-0.4"
-_LEGACY_CLASS = ("selective_optimizers.load_store", "SelectivePeftSummary")
+__all__ = ["read_legacy_summary", "convert_legacy_summary", "RestrictedUnpickler",
+           "UnsafeFileError", "LEGACY_FORMAT"]
 _FIELDS = ("values", "pointers", "shapes", "bn_metadata", "budget_used")
 
 
-class _LegacyRecord:
-    """Stand-in for the 0.4 dataclass: only keeps the pickled field dict."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.fields = state
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    _LEGACY_CLASS: _LegacyRecord,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch", "Size"): torch.Size,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that resolves only the globals a 0.4 summary needs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: a selective-optimizers 0.4 summary needs "
-                "only tensors and the SelectivePeftSummary record."
-            ) from None
-
-
-def _load(file: Any, **kwargs: Any) -> Any:
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-_PICKLE_MODULE = types.ModuleType("torch_bridge.legacy_pickle")
-_PICKLE_MODULE.Unpickler = RestrictedUnpickler
-_PICKLE_MODULE.load = _load
-
-
-def read_legacy_summary(path: Any) -> dict[str, Any]:
-    """Reads a selective-optimizers 0.4 summary file into a plain dict, onto the CPU.
+def read_legacy_summary(path: Any) -> Summary:
+    """Reads a selective-optimizers 0.4 summary file, onto the CPU, running nothing from it.
 
     Returns:
-      ``{"format": "selective_optimizers-0.4", "values", "pointers", "shapes",
-      "bn_metadata", "budget_used"}`` with the 0.4 fields as lists (one entry per
-      ``model.parameters()``, ``None`` where nothing was selected) and ``shapes`` as tuples.
-      Pass it to ``load_weights_from_summary`` or :func:`convert_legacy_summary`.
+      A :class:`~torch_bridge.summary.Summary` with ``format="selective_optimizers-0.4"`` and
+      0.4's fields as keys and attributes: ``values``, ``pointers`` (``(n, ndim)`` int64
+      ``mask.nonzero()`` rows) and ``shapes`` (one entry per ``model.parameters()``, ``None``
+      where nothing was selected), ``bn_metadata`` and ``budget_used``. Pass it to
+      ``load_weights_from_summary`` or :func:`convert_legacy_summary`.
 
     Raises:
-      pickle.UnpicklingError: if the file names any other global (it is not a 0.4 summary,
-        or it tries to run code).
+      SummaryMismatchError: naming the file and the problem: not a plain torch.save zip (a
+        TorchScript archive, say), not a ``SelectivePeftSummary``, or a field that breaks the
+        checks above. A file naming any other Python global raises the subclass
+        ``UnsafeFileError`` (also a ``pickle.UnpicklingError``) before anything runs.
     """
-    obj = torch.load(path, map_location="cpu", pickle_module=_PICKLE_MODULE, weights_only=False)
-    if not isinstance(obj, _LegacyRecord) or not isinstance(obj.fields, dict):
-        raise SummaryMismatchError(f"{path} does not hold a SelectivePeftSummary.")
-    fields = obj.fields
+    obj = read_torch_zip(path)
+    if not isinstance(obj, LegacyRecord):
+        raise SummaryMismatchError(f"{path} does not hold a selective-optimizers 0.4 "
+                                   "SelectivePeftSummary.")
+    return legacy_from_record(path, obj)
+
+
+def legacy_from_record(path: Any, record: LegacyRecord) -> Summary:
+    """Checks the fields of an unpickled 0.4 record; see :func:`read_legacy_summary`."""
+
+    def bad(why: str) -> SummaryMismatchError:
+        return SummaryMismatchError(f"{path}: selective-optimizers 0.4 summary {why}.")
+
+    fields = getattr(record, "fields", None)
+    if not isinstance(fields, dict):
+        raise bad("has no field dict")
     missing = [f for f in _FIELDS if f not in fields]
     if missing:
-        raise SummaryMismatchError(f"{path}: SelectivePeftSummary lacks fields {missing}.")
-    out: dict[str, Any] = {"format": LEGACY_FORMAT}
-    out["values"] = list(fields["values"])
-    out["pointers"] = list(fields["pointers"])
-    out["shapes"] = [None if s is None else tuple(int(d) for d in s) for s in fields["shapes"]]
-    out["bn_metadata"] = [dict(m) for m in fields["bn_metadata"]]
-    out["budget_used"] = int(fields["budget_used"])
-    if not len(out["values"]) == len(out["pointers"]) == len(out["shapes"]):
-        raise SummaryMismatchError(f"{path}: values, pointers and shapes differ in length.")
-    return out
+        raise bad(f"lacks fields {missing}")
+    lists = {f: fields[f] for f in ("values", "pointers", "shapes", "bn_metadata")}
+    for f, v in lists.items():
+        if not isinstance(v, list):
+            raise bad(f"field {f!r} is not a list")
+    values, pointers, shapes = lists["values"], lists["pointers"], lists["shapes"]
+    if not len(values) == len(pointers) == len(shapes):
+        raise bad("has values, pointers and shapes of different lengths")
+    budget_used = fields["budget_used"]
+    if not isinstance(budget_used, int) or isinstance(budget_used, bool) or budget_used < 0:
+        raise bad(f"budget_used {budget_used!r} is not an int >= 0")
+    out_shapes: list[tuple[int, ...] | None] = []
+    total = 0
+    for i, (val, ptr, shape) in enumerate(zip(values, pointers, shapes)):
+        if shape is not None:
+            if not isinstance(shape, (tuple, list)) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise bad(f"shapes[{i}] {shape!r} is not a shape")
+            shape = tuple(shape)
+        out_shapes.append(shape)
+        if val is None and ptr is None:
+            continue
+        if val is None or ptr is None or shape is None:
+            raise bad(f"entry {i} has only some of values, pointers and shape")
+        if not isinstance(val, torch.Tensor) or not isinstance(ptr, torch.Tensor):
+            raise bad(f"entry {i}: values and pointers must be tensors")
+        n = val.numel()
+        if ptr.dtype != torch.int64 or tuple(ptr.shape) != (n, len(shape)) or val.dim() != 1:
+            raise bad(f"entry {i}: pointers must be an int64 ({n}, {len(shape)}) tensor and "
+                      f"values 1-D, got pointers {tuple(ptr.shape)} {ptr.dtype} and values "
+                      f"{tuple(val.shape)}")
+        if not val.is_floating_point() or (n and not bool(torch.isfinite(val.float()).all())):
+            raise bad(f"entry {i}: values must be finite floating-point numbers")
+        if n:
+            dims = torch.tensor(shape, dtype=torch.int64)
+            if bool((ptr < 0).any()) or bool((ptr >= dims).any()):
+                raise bad(f"entry {i}: a pointer lies outside the shape {shape} "
+                          "(checked per dimension)")
+            strides = torch.tensor([math.prod(shape[d + 1:]) for d in range(len(shape))],
+                                   dtype=torch.int64)
+            flat = (ptr * strides).sum(dim=1)
+            if n > 1 and not bool((flat[1:] > flat[:-1]).all()):
+                raise bad(f"entry {i}: pointers repeat or are out of row-major order "
+                          "(0.4 writes mask.nonzero(), strictly increasing)")
+        total += n
+    if budget_used != total:
+        raise bad(f"says budget_used={budget_used} but holds {total} entries")
+    bn = []
+    for j, meta in enumerate(lists["bn_metadata"]):
+        if not isinstance(meta, dict) or not all(
+                isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in meta.items()):
+            raise bad(f"bn_metadata[{j}] is not a dict of tensors")
+        bn.append(dict(meta))
+    return Summary(format=LEGACY_FORMAT, values=list(values), pointers=list(pointers),
+                   shapes=out_shapes, bn_metadata=bn, budget_used=budget_used)
 
 
-def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """Turns a :func:`read_legacy_summary` dict into a summary of ``model`` (named entries).
+def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Summary:
+    """Turns a 0.4 summary (from :func:`read_legacy_summary`) into a summary of ``model``.
 
     0.4 summaries are positional: entry ``i`` belongs to the ``i``-th of
     ``model.parameters()``, ``pointers`` are ``mask.nonzero()`` rows, and ``bn_metadata``
     follows the ``BatchNorm1d/2d/3d`` modules in ``model.modules()`` order.
 
     Raises:
-      SummaryMismatchError: if the counts or shapes do not fit ``model``.
+      SummaryMismatchError: if the counts, shapes or dtypes do not fit ``model``.
     """
+    if not isinstance(legacy, dict) or legacy.get("format") != LEGACY_FORMAT:
+        raise SummaryMismatchError("convert_legacy_summary needs a summary from "
+                                   "read_legacy_summary or load_summary_from_disk of a 0.4 file.")
     named = list(model.named_parameters())
     if len(legacy["values"]) != len(named):
         raise SummaryMismatchError(
@@ -121,7 +158,13 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> di
             continue
         if tuple(shape) != tuple(p.shape):
             raise SummaryMismatchError(f"{name}: 0.4 summary shape {shape}, model shape {tuple(p.shape)}.")
-        ptr = ptr.to(torch.int64).reshape(-1, p.dim())
+        if val.dtype != p.dtype:
+            raise SummaryMismatchError(
+                f"{name}: the 0.4 summary's values are {val.dtype}, the model's parameter is "
+                f"{p.dtype} (0.4 cast them silently). Load it onto the model in the dtype it was "
+                "trained in, or cast the values first: summary['values'] = [None if v is None "
+                "else v.to(p.dtype) for v, p in zip(summary['values'], model.parameters())]."
+            )
         strides = torch.tensor(
             [math.prod(p.shape[d + 1:]) for d in range(p.dim())], dtype=torch.int64
         )
@@ -130,7 +173,7 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> di
             "position": pos,
             "shape": list(p.shape),
             "dtype": _dtype_name(p.dtype),
-            "indices": flat,
+            "indices": flat.to(torch.int32 if p.numel() < 2**31 else torch.int64),
             "values": val.reshape(-1),
         }
     bn_modules = [
@@ -146,12 +189,15 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> di
     for (mod_name, _), meta in zip(bn_modules, legacy["bn_metadata"]):
         for key, t in meta.items():
             buffers[f"{mod_name}.{key}" if mod_name else key] = t
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library_version": "selective-optimizers 0.4",
-        "method": "unknown (selective-optimizers 0.4)",
-        "budget_used": int(legacy["budget_used"]),
-        "params": params,
-        "buffers": buffers,
-    }
+    out = Summary(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        library_version="selective-optimizers 0.4",
+        method="unknown (selective-optimizers 0.4)",
+        budget_used=int(legacy["budget_used"]),
+        num_params=len(named),
+        params=params,
+        buffers=buffers,
+    )
+    check_summary(out, "the converted 0.4 summary")
+    return out

@@ -40,6 +40,7 @@ from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.methods import build_method, check_method_name
 from torch_bridge.safety import restore_scope
+from torch_bridge.state_check import check_state, legacy_state_message
 
 FULL, EMPTY, PARTIAL = "full", "empty", "partial"
 STATE_KEY = "selective"
@@ -425,56 +426,50 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         masks: list[Any] = []
         for st, m in zip(self._status, self._masks):
             masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
-        sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks}
+        sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks,
+                         "budget": self._budget, "shapes": [list(p.shape) for p in self._params]}
         if self._compact is not None:
             sd[STATE_KEY]["compact"] = self._compact.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict saved by :meth:`state_dict` of the same kind of optimizer."""
+        """Loads a state dict saved by :meth:`state_dict` of the same kind of optimizer.
+
+        Everything is checked before anything changes (see :mod:`torch_bridge.state_check`):
+        the same method, budget and parameter shapes, masks within the budget, a step count
+        >= 0, inner state of the parameters' shapes. On any mismatch a ``ValueError`` names it
+        and the optimizer is left exactly as it was.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
         state_dict = dict(state_dict)
         sel = state_dict.pop(STATE_KEY, None)
         if sel is None:
-            raise ValueError(
+            raise ValueError(legacy_state_message(state_dict) or (
                 f"state_dict has no {STATE_KEY!r} entry: it was not saved by a selective "
                 "optimizer, so the masks and step count cannot be restored."
-            )
+            ))
         method = self._runner.method.name
-        if sel.get("method") != method:
-            raise ValueError(f"state_dict was saved by method {sel.get('method')!r}, not {method!r}.")
-        if method == "fish" and 0 < int(sel["count"]) < self._runner.method.frozen_after:
+        if isinstance(sel, dict) and method == "fish" and isinstance(sel.get("count"), int) \
+                and 0 < sel["count"] < self._runner.method.frozen_after:
             raise ValueError(  # the running Fisher sum is not part of the state dict
                 f"state_dict was saved during FISH scoring (after {int(sel['count'])} of "
                 f"{self._runner.method.frozen_after} fish_steps), so its Fisher sum is lost; "
                 "save after the first fish_steps steps, or restart scoring from step 0."
             )
-        masks = sel["masks"]
-        if len(masks) != len(self._params):
-            raise ValueError(
-                f"state_dict holds masks for {len(masks)} parameters, the optimizer has "
-                f"{len(self._params)}."
-            )
-        status, tensors = [], []
-        for i, (entry, p) in enumerate(zip(masks, self._params)):
-            if isinstance(entry, str):
-                if entry not in (FULL, EMPTY):
-                    raise ValueError(f"bad mask entry {entry!r} for {self._paths[i]}.")
-                status.append(entry)
-                tensors.append(None)
-                continue
-            idx = torch.as_tensor(entry, dtype=torch.int64).reshape(-1)
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
-                raise ValueError(f"mask indices out of range for {self._paths[i]} {tuple(p.shape)}.")
-            status.append(PARTIAL)
-            tensors.append(_dist.mask_from_indices(p, idx))
-        if (self._compact is not None) != ("compact" in sel):
-            raise ValueError(
-                "state_dict was saved with compact="
-                f"{'compact' in sel} but this optimizer has compact={self._compact is not None}."
-            )
-        super().load_state_dict(state_dict)
-        if self._compact is not None:
-            self._compact.load_state_dict(sel["compact"], self._place_state)
+        status, tensors = check_state(self, sel, state_dict)
+        kept = (self.state, self.param_groups,
+                [] if self._compact is None else
+                [(b, b.members, b.filled, b.state) for b in self._compact.buffers.values()])
+        try:
+            super().load_state_dict(state_dict)
+            if self._compact is not None:
+                self._compact.load_state_dict(sel["compact"], self._place_state)
+        except BaseException:
+            self.state, self.param_groups = kept[0], kept[1]
+            for b, members, filled, st in kept[2]:
+                b.members, b.filled, b.state = members, filled, st
+            raise
         self._status, self._masks = status, tensors
         self._count = int(sel["count"])
         self._runner.forget_masks()

@@ -1,0 +1,190 @@
+"""Checks a selective optimizer's state dict before ``load_state_dict`` changes anything.
+
+A state dict is refused with a ``ValueError`` that names the mismatch when it was saved over
+other parameter shapes, with another budget, with masks holding more entries than the budget
+(or duplicate or out-of-range entries), with a negative or non-integer step count, with inner
+optimizer state of other shapes, or by selective-optimizers 0.4. The optimizer is then left
+exactly as it was (see ``SelectiveOptimizer.load_state_dict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FULL, EMPTY, PARTIAL = "full", "empty", "partial"
+
+# Inner optimizers whose per-parameter state tensors all have the parameter's shape.
+SAME_SHAPE_STATE: tuple[type, ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
+    torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.Adadelta, torch.optim.ASGD, torch.optim.Rprop,
+)
+
+
+def legacy_state_message(state_dict: dict[str, Any]) -> str | None:
+    """The explanation for a selective-optimizers 0.4 optimizer state (None if it is not one)."""
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, list) and any(isinstance(g, dict) and "chosen_masks" in g for g in groups):
+        return (
+            "state_dict is a selective-optimizers 0.4 optimizer state (its param_groups carry "
+            "'chosen_masks'); this version stores masks and step counts differently and cannot "
+            "resume it. To continue: load the trained weights (the model checkpoint, or "
+            "load_weights_from_summary with the 0.4 summary) into the model and build a new "
+            "selective optimizer, which selects its entries again from there; or finish the run "
+            "with selective-optimizers 0.4."
+        )
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_state(opt: Any, sel: Any, state_dict: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """Validates the ``"selective"`` entry ``sel`` and the inner state of ``state_dict`` against
+    the optimizer ``opt``; returns the status and masks to install. Raises ``ValueError``."""
+    from torch_bridge import distributed as _dist
+
+    params, paths, layout = opt._params, opt._paths, opt._layout
+    if not isinstance(sel, dict) or not {"method", "count", "masks"} <= set(sel):
+        raise ValueError("state_dict['selective'] must be a dict with 'method', 'count' and "
+                         "'masks' (as SelectiveOptimizer.state_dict writes).")
+    method = opt._runner.method.name
+    if sel["method"] != method:
+        raise ValueError(f"state_dict was saved by method {sel['method']!r}, not {method!r}.")
+    count = sel["count"]
+    if not _is_int(count) or count < 0:
+        raise ValueError(f"state_dict step count {count!r} must be an int >= 0.")
+    budget = opt._budget
+    if "budget" in sel and sel["budget"] != budget:
+        raise ValueError(
+            f"state_dict was saved with budget {sel['budget']}, this optimizer has budget "
+            f"{budget}; build the optimizer with budget={sel['budget']} to resume."
+        )
+    if "shapes" in sel:
+        shapes = sel["shapes"]
+        if not isinstance(shapes, list) or len(shapes) != len(params):
+            raise ValueError(
+                f"state_dict was saved over {len(shapes) if isinstance(shapes, list) else '?'} "
+                f"parameters, this optimizer has {len(params)}."
+            )
+        for path, s, p in zip(paths, shapes, params):
+            if list(s) != list(p.shape):
+                raise ValueError(f"{path}: state_dict was saved for shape {tuple(s)}, the "
+                                 f"optimizer's parameter has shape {tuple(p.shape)}.")
+    masks = sel["masks"]
+    if not isinstance(masks, list) or len(masks) != len(params):
+        n = len(masks) if isinstance(masks, list) else "?"
+        raise ValueError(f"state_dict holds masks for {n} parameters, the optimizer has "
+                         f"{len(params)}.")
+    status, tensors, total = [], [], 0
+    for i, (entry, p) in enumerate(zip(masks, params)):
+        can_select = layout.selectable[i] or layout.choose_all[i]
+        if isinstance(entry, str):
+            if entry not in (FULL, EMPTY):
+                raise ValueError(f"bad mask entry {entry!r} for {paths[i]}.")
+            if entry == FULL:
+                if not can_select:
+                    raise ValueError(f"{paths[i]}: state_dict selects all of it, but this "
+                                     "optimizer cannot train it (frozen or not floating point).")
+                total += p.numel()
+            elif layout.choose_all[i]:
+                raise ValueError(f"{paths[i]}: state_dict selects none of it, but it is in a "
+                                 "choose_all group here.")
+            status.append(entry)
+            tensors.append(None)
+            continue
+        idx = torch.as_tensor(entry)
+        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{paths[i]}: mask entries must be a 1-D int64 tensor of flat "
+                             f"indices, got {tuple(idx.shape)} {idx.dtype}.")
+        idx = idx.to(torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+            raise ValueError(f"mask indices out of range for {paths[i]} {tuple(p.shape)}.")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{paths[i]}: mask indices repeat or are not increasing.")
+        if idx.numel() and not layout.selectable[i]:
+            raise ValueError(f"{paths[i]}: state_dict selects entries of it, but this optimizer "
+                             "cannot select it (frozen, not floating point, or choose_all).")
+        total += idx.numel()
+        status.append(PARTIAL)
+        tensors.append(_dist.mask_from_indices(p, idx))
+    if budget is not None and total > budget:
+        raise ValueError(
+            f"state_dict masks hold {total} selected entries, more than this optimizer's budget "
+            f"{budget}."
+        )
+    if (opt._compact is not None) != ("compact" in sel):
+        raise ValueError(
+            "state_dict was saved with compact="
+            f"{'compact' in sel} but this optimizer has compact={opt._compact is not None}."
+        )
+    _check_inner_state(opt, state_dict)
+    if opt._compact is not None:
+        _check_compact(opt, sel["compact"], status, tensors)
+    return status, tensors
+
+
+def _check_inner_state(opt: Any, state_dict: dict[str, Any]) -> None:
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("state_dict['state'] must be a dict.")
+    if not issubclass(opt.inner_class, SAME_SHAPE_STATE):
+        return
+    for key, per_param in state.items():
+        if not _is_int(key) or not 0 <= key < len(opt._params) or not isinstance(per_param, dict):
+            continue  # torch itself keeps entries it cannot map; nothing of ours reads them
+        p = opt._params[key]
+        for name, v in per_param.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{opt._paths[key]}: state_dict's {opt.inner_class.__name__} state "
+                    f"{name!r} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)} (saved "
+                    "over other parameters?)."
+                )
+
+
+def _check_compact(opt: Any, saved: Any, status: list[str], masks: list[Any]) -> None:
+    compact = opt._compact
+    if not isinstance(saved, list) or len(saved) != len(compact.buffers):
+        n = len(saved) if isinstance(saved, list) else "?"
+        raise ValueError(
+            f"state_dict holds {n} compact slot buffers, this optimizer has "
+            f"{len(compact.buffers)}: was it saved with compact=True on the same parameters?"
+        )
+    for (key, buf), s in zip(compact.buffers.items(), saved):
+        if not isinstance(s, dict) or not {"group", "dtype", "capacity", "leaves", "indices",
+                                           "state"} <= set(s):
+            raise ValueError("a compact slot buffer of state_dict is malformed.")
+        if s["group"] != key[0] or s["dtype"] != str(key[1]).removeprefix("torch."):
+            raise ValueError(
+                f"compact slot buffer saved for group {s['group']} ({s['dtype']}), expected "
+                f"group {key[0]} ({key[1]})."
+            )
+        if s["capacity"] != buf.capacity:
+            raise ValueError(
+                f"compact state saved with {s['capacity']} slots; this optimizer has "
+                f"{buf.capacity} (different budget or parameters?)."
+            )
+        leaves, indices = torch.as_tensor(s["leaves"]), torch.as_tensor(s["indices"])
+        if leaves.dim() != 1 or leaves.shape != indices.shape or leaves.numel() > buf.capacity:
+            raise ValueError(f"compact slot buffer of group {key[0]}: leaves and indices must be "
+                             f"1-D, of equal length, at most {buf.capacity}.")
+        for leaf in torch.unique(leaves).tolist():
+            if compact._key_of.get(leaf) != key:
+                raise ValueError(f"compact slot buffer of group {key[0]} names parameter {leaf}, "
+                                 "which does not belong to it.")
+            idx = indices[leaves == leaf].to(torch.int64)
+            p, m = opt._params[leaf], masks[leaf]
+            if int(idx.min()) < 0 or int(idx.max()) >= p.numel():
+                raise ValueError(f"compact slot indices out of range for {opt._paths[leaf]}.")
+            selected = status[leaf] == FULL or (
+                m is not None and bool(m.reshape(-1)[idx].all()))
+            if not selected or idx.unique().numel() != idx.numel():
+                raise ValueError(f"compact slots of {opt._paths[leaf]} do not match its mask.")
+        for name, v in s["state"].items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != (buf.capacity,):
+                raise ValueError(f"compact state {name!r} has shape {tuple(v.shape)}, expected "
+                                 f"({buf.capacity},).")
