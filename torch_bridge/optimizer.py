@@ -317,9 +317,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _snapshots(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         snaps = []
-        scopes = [restore_scope(self.inner_class, g) for g in self.param_groups]
+        scopes: dict[tuple[int, torch.dtype], str] = {}  # the scope depends on the dtype too
         for p, gi, st, m in zip(self._params, self._group_of, self._status, self._masks):
-            scope = scopes[gi]
+            if (gi, p.dtype) not in scopes:
+                scopes[gi, p.dtype] = restore_scope(self.inner_class, self.param_groups[gi], p.dtype)
+            scope = scopes[gi, p.dtype]
             if st == FULL or scope == "none" or (scope == "with_grad" and p.grad is None):
                 continue
             snaps.append((p, m, p.detach().clone()))
