@@ -67,3 +67,25 @@ def test_restore_copy_only_where_the_inner_step_can_move_unselected_entries():
     assert restore_scope(torch.optim.Adam, group, torch.float16) == "with_grad"
     assert restore_scope(torch.optim.Adam, {**group, "eps": 1e-4}, torch.float16) == "none"
     assert restore_scope(torch.optim.SGD, {"weight_decay": 0.0}, torch.float16) == "none"
+
+
+# -- ID3's exponent: any finite value --------------------------------------------------------------
+def test_id3_takes_a_negative_exp_through_get_selective_optimizer():
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    cls = get_selective_optimizer(torch.optim.SGD, "id3")
+    opt = cls(model.parameters(), lr=0.1, budget=20, max_steps=4, exp=-1, eps=1e-3, verify=True)
+    assert opt.method.exp == -1.0
+    train(model, opt, 4)
+    assert opt.get_budget_used() == 20 and unselected_changes(model, before, opt) == 0
+    opt.post_train_work()
+
+
+def test_exp_minus_one_ranks_by_gradient_times_magnitude():
+    # exp=-1: score |g| * (|θ| + eps); exp=+1 would prefer the small weight instead
+    w = torch.nn.Parameter(torch.tensor([0.01, 4.0, 1.0]))
+    opt = get_selective_optimizer(torch.optim.SGD, "id3")([w], lr=0.1, budget=1, max_steps=1,
+                                                           exp=-1.0, eps=0.0)
+    w.grad = torch.tensor([1.0, 1.0, 2.0])  # scores 0.01, 4, 2
+    opt.step()
+    assert opt.get_masks()[0].tolist() == [False, True, False]
