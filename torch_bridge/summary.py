@@ -10,8 +10,9 @@ weights_only=True)`` reads it and never runs code from the file)::
                        "values": the parameter's values there}},
      "buffers": {name: tensor}}   # BatchNorm running statistics, as the reference carries
 
-``name`` and ``position`` come from ``model.named_parameters()``. Indices are int32 unless the
-parameter has 2**31 entries or more. Applying a summary checks every name, position, shape,
+``name`` and ``position`` come from ``model.named_parameters()`` (names without the
+``_orig_mod`` segments of ``torch.compile`` wrappers, see :mod:`torch_bridge.names`). Indices
+are int32 unless the parameter has 2**31 entries or more. Applying a summary checks every name, position, shape,
 dtype and index first and changes nothing if any check fails.
 
 Example:
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from optax_selective._version import __version__
+from torch_bridge import names as _names
 from torch_bridge.distributed import selected_entries
 
 FORMAT = "optax_selective.torch_summary"
@@ -50,7 +52,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def batchnorm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The running statistics of every BatchNorm module of ``model``, by buffer name."""
     out = {}
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in _names.named_modules(model):
         if not isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             continue
         for b in ("running_mean", "running_var", "num_batches_tracked"):
@@ -72,7 +74,7 @@ def make_summary(
     Raises:
       ValueError: if a parameter with selected entries is not a parameter of ``model``.
     """
-    where = {id(p): (pos, name) for pos, (name, p) in enumerate(model.named_parameters())}
+    where = {id(p): (pos, name) for pos, (name, p) in enumerate(_names.named_parameters(model))}
     entries: dict[str, Any] = {}
     used = 0
     for i, (p, m) in enumerate(zip(params, masks)):
@@ -132,7 +134,7 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
 
         summary = convert_legacy_summary(summary, model)
     _check_format(summary)
-    named = {name: (pos, p) for pos, (name, p) in enumerate(model.named_parameters())}
+    named = {name: (pos, p) for pos, (name, p) in enumerate(_names.named_parameters(model))}
     plan = []
     for name, e in summary["params"].items():
         if name not in named:
