@@ -203,7 +203,7 @@ BAD = [
     (dict(method="pafi", budget=-3), ValueError, "got -3"),
     (dict(method="pafi", budget=2.5), TypeError, "budget must be an int, got 2.5"),
     (dict(method="pafi", budget=True), TypeError, "got True"),
-    (dict(method="id3", budget=10, max_steps=2, exp=float("inf")), ValueError, "exp must be finite, got inf"),
+    (dict(method="id3", budget=10, max_steps=2, exp=float("inf")), ValueError, "exp must be .*finite.*got inf"),
     (dict(method="id3", budget=10, max_steps=2, eps=-1e-3), ValueError, "eps must be >= 0, got -0.001"),
     (dict(method="id3", budget=27, max_steps=2, head=True), ValueError, "hold 27 entries but budget is 27"),
     (dict(method="pafi", budget=20, head=True), ValueError, "hold 27 entries but budget is 20"),

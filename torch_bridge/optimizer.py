@@ -411,7 +411,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         (``BudgetShortfallWarning``) if fewer entries than the budget were selected, with the
         likely cause. With ``verify=True`` it then raises ``VerificationError`` if the budget
         was exceeded or an unselected entry changed since construction, and prints
-        ``Verification successful: ...`` otherwise.
+        ``Verification successful: ...`` otherwise. With FSDP2/DTensor parameters every rank
+        must call it, as :meth:`get_summary` (it counts the selection across ranks).
 
         Example:
           >>> import torch
