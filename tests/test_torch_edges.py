@@ -54,6 +54,18 @@ def test_float16_unselected_entries_stay_bit_identical(opt_cls, method):
     assert not any(bool(p.isnan().any()) for p in model.parameters())
 
 
+def test_float16_dense_and_compact_forms_give_the_same_parameters():
+    out = {}
+    for compact in (False, True):
+        model = small_model(torch.float16)
+        opt = get_selective_optimizer(torch.optim.Adam, "id3")(
+            model.parameters(), lr=0.01, budget=12, max_steps=3, compact=compact)
+        assert opt.compact is compact
+        train(model, opt, 4, dtype=torch.float16)
+        out[compact] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
 def test_eps_zero_in_float32_is_restored_too():
     model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
