@@ -235,12 +235,14 @@ def markdown(t: dict) -> str:
         ref = f"{r['reference_over_dense']:.2f}x" if "reference_over_dense" in r else "n/a"
         rb = (f"{r['reference_over_bridge']:.1f}x / {r['reference_over_compact']:.1f}x"
               if "reference_over_bridge" in r else "n/a")
+        compile_cell = (f"{r['bridge_compile_s']:.2f} ({r['bridge_xla_compiles']})"
+                        if "bridge_compile_s" in r else "n/a")  # rows saved before it was timed
         lines.append(
             f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} / "
             f"{r['compact_id3_ms']:.2f} | {r['bridge_over_dense']:.2f}x / {r['compact_over_dense']:.2f}x | "
             f"{ref} | {rb} | {r['dense_state_bytes'] * mb:.1f} / {r['bridge_state_bytes'] * mb:.1f} / "
             f"{r['compact_state_bytes'] * mb:.1f} | {r['compact_frozen_over_dense']:.2f}x | "
-            f"{r['bridge_compile_s']:.2f} ({r['bridge_xla_compiles']}) |"
+            f"{compile_cell} |"
         )
     lines.append("")
     lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process. "
