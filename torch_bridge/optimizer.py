@@ -547,7 +547,7 @@ def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, 
         explicit = "weight_decay" in sig.bind_partial(params, *args, **kwargs).arguments
     except (KeyError, TypeError, ValueError):  # no such argument, or arguments torch will refuse
         return
-    if explicit or isinstance(default, torch.Tensor) or not default:
+    if explicit or default is inspect.Parameter.empty or isinstance(default, torch.Tensor) or not default:
         return
     groups = params if isinstance(params, list) else []
     if groups and all(isinstance(g, dict) and "weight_decay" in g for g in groups):
