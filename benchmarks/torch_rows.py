@@ -6,11 +6,16 @@ The reference is installed at run time into a temporary folder with
 whose ``sys.path`` starts with that folder (its code is never copied here; its package name
 is the same as our compatibility package, hence the separate process). Each process also
 times its own dense AdamW step, so every ratio compares steps timed in the same process.
+
+Each row also reports the bridge's JAX compile time (tracing, lowering and XLA compilation of
+the shared method's update, summed from ``jax.monitoring``'s compile events while the
+optimizer takes its steps) and how many XLA compilations that was: one per optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +24,31 @@ import tempfile
 import time
 
 import numpy as np
+
+# jax.monitoring duration events of one jit compilation: trace, lower, XLA compile
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compile_time():
+    """Yields a dict that collects the compile seconds and XLA compilations of the bridge's
+    selection update (``MethodRunner._update*``) in the block."""
+    import jax
+
+    out = {"seconds": 0.0, "compiles": 0}
+
+    def listen(event, secs, fun_name="", **kw):
+        if event in _COMPILE_EVENTS and "_update" in str(fun_name):  # the method's update only
+            out["seconds"] += secs
+            out["compiles"] += event == _COMPILE_EVENTS[-1]
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield out
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _model(width: int, layers: int, device: str = "cpu"):
@@ -151,11 +181,14 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
     for spec in sizes.split(","):
         width, layers = (int(v) for v in spec.lower().split("x"))
         row = {"width": width, "layers": layers, "params": layers * (width * width + width)}
-        dense, bridge, compact, frozen = [], [], [], []
+        dense, bridge, compact, frozen, compile_s, compiles = [], [], [], [], [], []
         for _ in range(3):  # alternate, take medians
             dense.append(_dense(width, layers, repeats))
-            bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
-                                     compact=False))
+            with compile_time() as ct:
+                bridge.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac,
+                                         max_steps, compact=False))
+            compile_s.append(ct["seconds"])
+            compiles.append(ct["compiles"])
             row["bridge_state_bytes"] = _selective.last_state_bytes
             compact.append(_selective(get_selective_optimizer, width, layers, repeats, budget_frac, max_steps,
                                       compact=True))
@@ -170,6 +203,8 @@ def run(sizes: str, *, quick: bool, repeats: int, budget_frac: float = 0.01, max
         row["bridge_over_dense"] = row["bridge_id3_ms"] / row["dense_adamw_ms"]
         row["compact_over_dense"] = row["compact_id3_ms"] / row["dense_adamw_ms"]
         row["compact_frozen_ms"] = float(np.median(frozen))
+        row["bridge_compile_s"] = float(np.median(compile_s))
+        row["bridge_xla_compiles"] = max(compiles)
         row["compact_frozen_over_dense"] = row["compact_frozen_ms"] / row["dense_adamw_ms"]
         if target:
             ref = run_reference(target, width, layers, repeats, budget_frac, max_steps, threads=threads)
@@ -191,23 +226,29 @@ def markdown(t: dict) -> str:
         "",
         "| params | dense AdamW ms | ID3 ms (dense / compact) | ID3 / dense AdamW (dense / compact) "
         "| reference / dense AdamW | reference ID3 / ours (dense / compact) "
-        "| state MB: AdamW / ID3 dense / ID3 compact | compact ID3 after max_steps / dense AdamW |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| state MB: AdamW / ID3 dense / ID3 compact | compact ID3 after max_steps / dense AdamW "
+        "| ID3 compile s (XLA compiles) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     mb = 1e-6
     for r in t["sizes"]:
         ref = f"{r['reference_over_dense']:.2f}x" if "reference_over_dense" in r else "n/a"
         rb = (f"{r['reference_over_bridge']:.1f}x / {r['reference_over_compact']:.1f}x"
               if "reference_over_bridge" in r else "n/a")
+        compile_cell = (f"{r['bridge_compile_s']:.2f} ({r['bridge_xla_compiles']})"
+                        if "bridge_compile_s" in r else "n/a")  # rows saved before it was timed
         lines.append(
             f"| {r['params'] / 1e6:.2f}M | {r['dense_adamw_ms']:.2f} | {r['bridge_id3_ms']:.2f} / "
             f"{r['compact_id3_ms']:.2f} | {r['bridge_over_dense']:.2f}x / {r['compact_over_dense']:.2f}x | "
             f"{ref} | {rb} | {r['dense_state_bytes'] * mb:.1f} / {r['bridge_state_bytes'] * mb:.1f} / "
-            f"{r['compact_state_bytes'] * mb:.1f} | {r['compact_frozen_over_dense']:.2f}x |"
+            f"{r['compact_state_bytes'] * mb:.1f} | {r['compact_frozen_over_dense']:.2f}x | "
+            f"{compile_cell} |"
         )
     lines.append("")
     lines.append("Reference ratios are timed against a dense AdamW step in the reference's own process. "
-                 "ID3 steps are timed while it is still selecting.")
+                 "ID3 steps are timed while it is still selecting; its compile time (JAX tracing, "
+                 "lowering and XLA compilation of the selection update, once per optimizer) is "
+                 "not part of the step times.")
     return "\n".join(lines) + "\n"
 
 

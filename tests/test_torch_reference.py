@@ -98,7 +98,7 @@ def test_fixed_methods_select_the_same_entries(ref_dir, method, budget, choose_a
 
 
 @pytest.mark.parametrize("choose_all", [False, True])
-@pytest.mark.parametrize("exp,eps", [(1.0, 1e-3), (0.0, 1e-8)])
+@pytest.mark.parametrize("exp,eps", [(1.0, 1e-3), (0.0, 1e-8), (-1.0, 1e-3), (2.0, 1e-3)])
 def test_id3_matches_when_budget_divides_max_steps(ref_dir, choose_all, exp, eps):
     max_steps, b_eff = 4, 24
     budget = b_eff + (27 if choose_all else 0)

@@ -138,7 +138,11 @@ class MethodRunner:
             self.to_jax(p) if ok else None for p, ok in zip(params, self.layout.selectable)
         ]
         with jax.default_device(self._jax_device):
-            masks, self.method_state = self.method.init(jparams, self.layout)
+            masks, state = self.method.init(jparams, self.layout)
+        # Committed to the selection device, like the state ``update`` returns: jax.jit keys
+        # its compiled functions on committed-ness too, so an uncommitted first state would
+        # compile ``update`` a second time at step 1.
+        self.method_state = jax.device_put(state, self._jax_device)
         masks = jax.block_until_ready(masks)
         self._jax_masks.clear()
         return [self.to_torch(m, p.device) for m, p in zip(masks, params)]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge._safe_zip import LegacyRecord, RestrictedUnpickler, read_torch_zip
 from torch_bridge.summary import (
@@ -145,7 +146,7 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Su
     if not isinstance(legacy, dict) or legacy.get("format") != LEGACY_FORMAT:
         raise SummaryMismatchError("convert_legacy_summary needs a summary from "
                                    "read_legacy_summary or load_summary_from_disk of a 0.4 file.")
-    named = list(model.named_parameters())
+    named = list(_names.named_parameters(model))
     if len(legacy["values"]) != len(named):
         raise SummaryMismatchError(
             f"the 0.4 summary has {len(legacy['values'])} parameters, the model {len(named)}."
@@ -177,7 +178,7 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Su
             "values": val.reshape(-1),
         }
     bn_modules = [
-        (n, m) for n, m in model.named_modules()
+        (n, m) for n, m in _names.named_modules(model)
         if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))
     ]
     if len(bn_modules) != len(legacy["bn_metadata"]):

@@ -6,12 +6,12 @@ constructor arguments a torch user passes and builds the matching method object.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from optax_selective import methods as _methods
 from optax_selective.methods._base import check_budget, check_int
 from optax_selective.methods.random import SEED_BOUND
-from optax_selective.transform import _check_nonnegative
 
 METHOD_NAMES = ("id3", "pafi", "bitfit", "fish", "random", "fft")
 
@@ -78,5 +78,10 @@ def build_method(
     for arg, value in (("exp", exp), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"id3: {arg} must be a number, got {value!r}.")
-        _check_nonnegative(arg, value)
+        if not math.isfinite(value):
+            raise ValueError(f"id3: {arg} must be finite, got {value!r}.")
+    # Any finite exp (the ID3 paper sweeps exp in {-2, -1, 1, 2}; 0.4 took any); eps >= 0 so
+    # |θ| + eps never crosses zero.
+    if eps < 0:
+        raise ValueError(f"id3: eps must be >= 0, got {eps!r}.")
     return _methods.ID3(budget=budget, max_steps=max_steps, exp=float(exp), eps=float(eps))

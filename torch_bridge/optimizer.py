@@ -25,6 +25,7 @@ gradient in a step are never selected in that step and never changed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from optax_selective._tree import LeafLayout
+from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -74,6 +76,10 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         when the method is id3 and is passed to the inner optimizer otherwise;
       * ``verify`` (default False): keep a host copy of the parameters and check in
         :meth:`post_train_work` that the budget held and nothing unselected moved.
+      * the inner optimizer's own arguments are honoured, ``weight_decay`` included (it acts
+        on the selected entries only; selective-optimizers 0.4 forced it to 0). A nonzero
+        default such as AdamW's 0.01 is announced with a warning unless ``weight_decay`` is
+        passed.
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
         is one mask byte per entry plus O(budget) and the inner step costs O(budget). It gives
@@ -85,12 +91,13 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
       >>> import torch
       >>> model = torch.nn.Linear(4, 2)
       >>> cls = get_selective_optimizer(torch.optim.AdamW, "id3")
-      >>> opt = cls(model.parameters(), lr=1e-2, budget=4, max_steps=2)
+      >>> opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, budget=4, max_steps=2)
       >>> for _ in range(2):
       ...     opt.zero_grad(); model(torch.ones(3, 4)).sum().backward(); opt.step()
       >>> opt.get_budget_used()
       4
-      >>> opt = cls(model.parameters(), lr=1e-2, budget=4, max_steps=2, compact=True)
+      >>> opt = cls(model.parameters(), lr=1e-2, weight_decay=0.0, budget=4, max_steps=2,
+      ...           compact=True)
       >>> opt.state_nbytes() < 8 * sum(p.numel() for p in model.parameters())
       True
     """
@@ -153,6 +160,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps,
             fish_steps=fish_steps, seed=seed,
         )
+        if not isinstance(params, torch.Tensor):
+            params = list(params)  # read twice: for the announcement below, then by torch
+        _announce_default_weight_decay(self.inner_class, params, args, kwargs)
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
         self._setup(method, None if budget is None else int(budget), verify, compact)
@@ -213,6 +223,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
         self._initial = _verify.snapshot(params) if verify else None
+        self._shortfall_warned = False
         self._zero = {}
         if method.frozen_after == 0:
             self._classify()
@@ -318,9 +329,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _snapshots(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         snaps = []
-        scopes = [restore_scope(self.inner_class, g) for g in self.param_groups]
+        scopes: dict[tuple[int, torch.dtype], str] = {}  # the scope depends on the dtype too
         for p, gi, st, m in zip(self._params, self._group_of, self._status, self._masks):
-            scope = scopes[gi]
+            if (gi, p.dtype) not in scopes:
+                scopes[gi, p.dtype] = restore_scope(self.inner_class, self.param_groups[gi], p.dtype)
+            scope = scopes[gi, p.dtype]
             if st == FULL or scope == "none" or (scope == "with_grad" and p.grad is None):
                 continue
             snaps.append((p, m, p.detach().clone()))
@@ -392,17 +405,58 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     # -- after training ----------------------------------------------------------------------
     def post_train_work(self) -> None:
-        """With ``verify=True``: raise ``VerificationError`` if the budget was exceeded or an
-        unselected entry changed since construction. Does nothing otherwise."""
+        """Prints the budget line (as selective-optimizers 0.4 did) and, with ``verify=True``,
+        checks the promise.
+
+        Prints ``Budget allocated: <budget>, budget used: <used>``; warns once
+        (``BudgetShortfallWarning``) if fewer entries than the budget were selected, with the
+        likely cause. With ``verify=True`` it then raises ``VerificationError`` if the budget
+        was exceeded or an unselected entry changed since construction, and prints
+        ``Verification successful: ...`` otherwise. With FSDP2/DTensor parameters every rank
+        must call it, as :meth:`get_summary` (it counts the selection across ranks).
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(4, 2)
+          >>> opt = get_selective_optimizer(torch.optim.SGD, "pafi")(
+          ...     model.parameters(), lr=0.1, budget=3, verify=True)
+          >>> opt.post_train_work()
+          Budget allocated: 3, budget used: 3
+          Verification successful: Non-chosen parameters have not changed.
+        """
+        used = self.get_budget_used()
+        print(f"Budget allocated: {self._budget}, budget used: {used}")
+        self._warn_shortfall(used)
         if self._initial is None:
             return
         _verify.check(self._initial, self._params, self.get_masks(), self._budget, self._paths)
+        print("Verification successful: Non-chosen parameters have not changed.")
 
     def get_summary(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The O(budget) summary of ``model``'s selected entries; see :mod:`torch_bridge.summary`."""
-        return _summary.make_summary(
+        """The O(budget) summary of ``model``'s selected entries; see :mod:`torch_bridge.summary`.
+
+        ``model`` may be the model or ``torch.compile(model)``: the summary names parameters
+        as the plain model does. Warns once, like :meth:`post_train_work`, if the budget was
+        under-used.
+        """
+        summary = _summary.make_summary(
             model, self._params, self.get_masks(), method=self._runner.method.name
         )
+        self._warn_shortfall(int(summary["budget_used"]))
+        return summary
+
+    def _warn_shortfall(self, used: int) -> None:
+        """The under-used budget warning, once per optimizer; never changes the selection."""
+        if self._shortfall_warned or self._budget is None:
+            return
+        schedule = self._runner.method.frozen_after  # ID3's max_steps, FISH's fish_steps
+        message = budget_shortfall_message(
+            used, self._budget, self._runner.method.name, steps_run=self._count,
+            max_steps=schedule if schedule else None,
+        )
+        if message is not None:
+            self._shortfall_warned = True
+            warnings.warn(message, BudgetShortfallWarning, stacklevel=3)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _place_state(self, param: torch.Tensor, group: int, key: str, value: Any) -> Any:
@@ -476,6 +530,31 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         frozen_after = self._runner.method.frozen_after
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
+
+
+def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, kwargs: dict) -> None:
+    """Warns when ``inner_class``'s nonzero default weight decay applies without the user
+    having asked for it (selective-optimizers 0.4 forced ``weight_decay=0``; it is now
+    honoured, on the selected entries only)."""
+    try:
+        sig = inspect.signature(inner_class)
+        default = sig.parameters["weight_decay"].default
+        explicit = "weight_decay" in sig.bind_partial(params, *args, **kwargs).arguments
+    except (KeyError, TypeError, ValueError):  # no such argument, or arguments torch will refuse
+        return
+    if explicit or default is inspect.Parameter.empty or isinstance(default, torch.Tensor) or not default:
+        return
+    groups = params if isinstance(params, list) else []
+    if groups and all(isinstance(g, dict) and "weight_decay" in g for g in groups):
+        return
+    warnings.warn(
+        f"{inner_class.__name__} applies its default weight_decay={default} to the selected "
+        "entries (selective-optimizers 0.4 forced weight_decay=0; unselected entries never "
+        f"change either way). Pass weight_decay=0.0 for 0.4's behaviour, or "
+        f"weight_decay={default} to keep the decay without this warning.",
+        UserWarning,
+        stacklevel=3,  # the user's constructor call
+    )
 
 
 def _why_not_compact(inner_class, param_groups, params, paths, selectable, sharded,

@@ -11,8 +11,9 @@ In memory a summary is a :class:`Summary`, a dict::
 
 with selective-optimizers 0.4's attributes as well (``summary.budget_used``, ``.values``,
 ``.pointers``, ``.shapes``, ``.bn_metadata``, computed from the dict). ``name`` and
-``position`` come from ``model.named_parameters()``. Indices are int32 unless the parameter
-has 2**31 entries or more.
+``position`` come from ``model.named_parameters()``, without the ``_orig_mod`` segments of
+``torch.compile`` wrappers (:mod:`torch_bridge.names`). Indices are int32 unless the
+parameter has 2**31 entries or more.
 
 On disk (:func:`write_summary_to_disk`) a summary is a safetensors file: a bounded JSON header
 and raw tensor bytes, no pickle, so reading it never runs code. The header's metadata holds
@@ -49,6 +50,7 @@ import torch
 
 from optax_selective._atomic import atomic_write_bytes
 from optax_selective._version import __version__
+from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge.distributed import selected_entries
 
@@ -147,7 +149,7 @@ class Summary(dict):
 def batchnorm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The running statistics of every BatchNorm module of ``model``, by buffer name."""
     out = {}
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in _names.named_modules(model):
         if not isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             continue
         for b in ("running_mean", "running_var", "num_batches_tracked"):
@@ -169,7 +171,7 @@ def make_summary(
     Raises:
       ValueError: if a parameter with selected entries is not a parameter of ``model``.
     """
-    named = list(model.named_parameters())
+    named = list(_names.named_parameters(model))
     where = {id(p): (pos, name) for pos, (name, p) in enumerate(named)}
     entries: dict[str, Any] = {}
     used = 0
@@ -307,7 +309,7 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
 
         summary = convert_legacy_summary(summary, model)
     check_summary(summary)
-    named = {name: (pos, p) for pos, (name, p) in enumerate(model.named_parameters())}
+    named = {name: (pos, p) for pos, (name, p) in enumerate(_names.named_parameters(model))}
     plan = []
     for name, e in summary["params"].items():
         if name not in named:
