@@ -39,3 +39,71 @@ def selected_mask(opt_state: Any) -> Any:
 def budget_used(opt_state: Any) -> int:
     """Number of entries selected so far, as a Python int."""
     return int(sum(int(np.sum(np.asarray(m))) for m in jax.tree.leaves(selected_mask(opt_state))))
+
+
+class BudgetShortfallWarning(UserWarning):
+    """Emitted once when training ends with fewer entries selected than the budget allows."""
+
+
+def budget_shortfall_message(
+    used: int,
+    budget: int,
+    method_name: str,
+    *,
+    steps_run: int | None = None,
+    max_steps: int | None = None,
+) -> str | None:
+    """Says why the budget was under-used, or None when ``used >= budget``.
+
+    One rule for both frameworks: :func:`optax_selective.make_summary` calls it, and so does
+    the torch bridge (``post_train_work`` / ``get_summary``). Selection is never changed by
+    it; the message only says what happened and the likely cause.
+
+    Args:
+      used: entries selected (choose_all leaves included).
+      budget: the budget the method was built with (choose_all leaves included).
+      method_name: ``"id3"``, ``"fish"``, ... (named in the message).
+      steps_run: optimizer updates applied so far, if known.
+      max_steps: updates over which the method spends its budget (ID3's ``max_steps``,
+        FISH's ``fish_steps``), if it has such a schedule.
+
+    Example:
+      >>> from optax_selective.inspect import budget_shortfall_message
+      >>> msg = budget_shortfall_message(554, 2000, "id3", steps_run=277, max_steps=1000)
+      >>> msg.split(":")[0]
+      'id3 selected 554 of its budget of 2000 entries (27.7%)'
+      >>> budget_shortfall_message(2000, 2000, "id3") is None
+      True
+    """
+    used, budget = int(used), int(budget)
+    if used >= budget:
+        return None
+    head = f"{method_name} selected {used} of its budget of {budget} entries ({100 * used / budget:.1f}%)"
+    if max_steps is not None and steps_run is not None and steps_run < max_steps:
+        cause = (
+            f"only {steps_run} of max_steps={max_steps} optimizer updates ran. Set max_steps to "
+            "the number of optimizer updates, not of batches (with gradient accumulation, e.g. "
+            "optax.MultiSteps or accumulate_grad_batches, that is batches / accumulation steps)."
+        )
+    elif max_steps is not None:
+        cause = (
+            f"some of the first {max_steps} updates had fewer selectable entries with a nonzero, "
+            "finite score than the entries due that step (zero gradients, e.g. frozen layers or "
+            "no gradient at all, or non-finite gradients); those picks are not made up later."
+        )
+    else:
+        cause = "fewer eligible entries with a usable score than the budget."
+    return (
+        f"{head}: {cause} Selection is unchanged by this warning (it follows the method's "
+        "rule exactly)."
+    )
+
+
+def warn_budget_shortfall(used: int, budget: int, method_name: str, **kwargs: Any) -> str | None:
+    """Warns (``BudgetShortfallWarning``) with :func:`budget_shortfall_message`; returns it."""
+    message = budget_shortfall_message(used, budget, method_name, **kwargs)
+    if message is not None:
+        import warnings
+
+        warnings.warn(message, BudgetShortfallWarning, stacklevel=3)
+    return message
