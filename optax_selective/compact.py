@@ -52,7 +52,7 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from optax_selective import selection
-from optax_selective._tree import is_float
+from optax_selective._tree import is_float, zero_update_like
 
 _COMBINATORS = {"chain", "named_chain", "with_extra_args_support"}
 _ELEMENTWISE = {
@@ -225,7 +225,8 @@ class _Group(NamedTuple):
 def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
     by_dtype: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
-        if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0:
+        # zero-size leaves hold no entry to select: they get empty updates, no slots
+        if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0 and np.size(x):
             by_dtype.setdefault(jnp.dtype(jnp.result_type(x)), []).append(i)
     groups = []
     for dtype, idx in by_dtype.items():
@@ -375,13 +376,15 @@ def _scatter_leaf(values, index, ok, like):
         # A scatter-*add* into zeros of the leaf's own shape (N-d indices, no reshape): XLA's
         # algebraic simplifier then turns ``params + updates`` (``optax.apply_updates`` in the
         # same jit) into an in-place scatter-add, so the full-size zeros are never written
-        # (CPU, 25M parameters: 1.6 ms instead of 95 ms). Slots are unique, so add == set.
+        # (CPU, 25M parameters: 1.6 ms instead of 95 ms). Slots are unique, so add == set
+        # (-0.0 + v == v bitwise). The zeros are -0.0: the update that leaves every
+        # unselected entry bit-identical, -0.0 included.
         idx = jnp.unravel_index(jnp.where(ok, index, 0), shape)
         idx = (jnp.where(ok, idx[0], shape[0]),) + tuple(idx[1:])  # row shape[0]: dropped
-        return jnp.zeros(shape, values.dtype).at[idx].add(values, mode="drop")
+        return zero_update_like(values, shape).at[idx].add(values, mode="drop")
     if split is None:  # a scalar leaf
         target = jnp.where(ok, index, size)  # size: dropped
-        return jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop").reshape(shape)
+        return zero_update_like(values, (size,)).at[target].set(values, mode="drop").reshape(shape)
     mesh, spec = split
 
     def local(values, index, ok):
@@ -389,7 +392,7 @@ def _scatter_leaf(values, index, ok, like):
         where, inside = _to_local(index, shape, block, start)
         n = int(np.prod(block, dtype=np.int64))
         target = jnp.where(ok & inside, where, n)
-        return jnp.zeros((n,), values.dtype).at[target].set(values, mode="drop").reshape(block)
+        return zero_update_like(values, (n,)).at[target].set(values, mode="drop").reshape(block)
 
     p0 = jax.sharding.PartitionSpec()
     return jax.shard_map(local, mesh=mesh, in_specs=(p0, p0, p0), out_specs=spec)(values, index, ok)
@@ -617,8 +620,8 @@ class CompactInner:
             for i in g.leaves:
                 out[i] = out_g[i]
         for i, x in enumerate(grad_leaves):
-            if out[i] is None:  # non-float leaves: zeros (float0 passes through)
-                out[i] = x if x.dtype == jax.dtypes.float0 else jnp.zeros_like(x)
+            if out[i] is None:  # non-float and zero-size leaves (float0 passes through)
+                out[i] = x if x.dtype == jax.dtypes.float0 else zero_update_like(x)
         return out, state._replace(inner_state=inner_state)
 
     @staticmethod

@@ -71,6 +71,8 @@ def selective(
 
     def init_fn(params):
         layout = make_layout(params, choose_all)
+        if inner_tx is None:
+            _warn_float16_chain(params, layout)
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
@@ -114,7 +116,8 @@ def selective(
                 treedef.unflatten(masked), inner_state, params, **extra_args
             )
             masked = [
-                zero_outside(m, u) for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
+                zero_outside(m, u, negative=True)
+                for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
             ]
         new_state = SelectiveState(
             count=optax.safe_int32_increment(state.count),
@@ -125,6 +128,32 @@ def selective(
         return treedef.unflatten(masked), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+FLOAT16_CHAIN_MSG = (
+    "float16 parameters in the chain form (optax.chain(selective_..., optimizer)): the "
+    "optimizer after the selective transformation sees a zero gradient for unselected "
+    "entries, and optimizers that divide by a running statistic (Adam and its relatives) "
+    "compute 0/0 = NaN there once eps underflows in float16, moving entries the method did "
+    "not select. Use the wrapper form, {name}(..., inner=optimizer), which zeroes the "
+    "optimizer's updates outside the mask whatever it computes. Leaves: {leaves}."
+)
+
+
+def _warn_float16_chain(params, layout) -> None:
+    """Warns once per ``init`` when a selectable leaf is float16 in the chain form."""
+    leaves = jax.tree.leaves(params)
+    half = [
+        path for path, x, ok in zip(layout.paths, leaves, layout.selectable)
+        if ok and jnp.result_type(x) == jnp.float16
+    ]
+    if half:
+        import warnings
+
+        shown = ", ".join(half[:3]) + (f" and {len(half) - 3} more" if len(half) > 3 else "")
+        warnings.warn(
+            FLOAT16_CHAIN_MSG.format(name="selective_<method>", leaves=shown), UserWarning, stacklevel=3
+        )
 
 
 def _compact_update(compact_tx, method, state, grads, old_mask, params, selectable, extra_args):
@@ -171,8 +200,9 @@ def selective_id3(
     Args:
       budget: the most entries that may ever change, choose_all leaves included.
       max_steps: number of updates ``T`` over which the budget is spent.
-      exp: exponent of the parameter magnitude in the score.
-      eps: added to ``|θ|`` in the score.
+      exp: exponent of the parameter magnitude in the score; any finite number (negative
+        values favour large parameters, as in the paper's sensitivity sweep).
+      eps: added to ``|θ|`` in the score; ``>= 0``.
       choose_all: leaves trainable from step 0 (bool pytree prefix of params or a callable
         returning one), e.g. a new classifier head. They count toward ``budget``.
       inner: optional optimizer to wrap. With it, unselected entries are guaranteed never to
@@ -204,8 +234,6 @@ def selective_id3(
     """
     budget = check_budget(budget)
     max_steps = check_int("max_steps", max_steps, 1)
-    _check_nonnegative("exp", exp)
-    _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
@@ -292,6 +320,7 @@ def selective_fish(
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """FISH mask: the entries with the highest empirical Fisher information, then fixed.
 
@@ -323,6 +352,9 @@ def selective_fish(
         number of samples, counted in batches); ``>= 1``.
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`. The compact inner state is exact here too: slots
+        are filled when the mask is chosen, and until then every entry outside choose_all
+        sees a zero gradient, as in the dense form.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`
@@ -345,7 +377,7 @@ def selective_fish(
     budget = check_budget(budget)
     fish_steps = check_int("fish_steps", fish_steps, 1)
     method = _methods.Fish(budget=budget, fish_steps=fish_steps)
-    return selective(method, choose_all=choose_all, inner=inner)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_random(
@@ -354,6 +386,7 @@ def selective_random(
     seed: int = 0,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """R-Mask: ``budget - |choose_all|`` eligible entries drawn uniformly at random, fixed.
 
@@ -368,6 +401,7 @@ def selective_random(
       seed: Python int in ``[0, 2**32)``; the same seed and parameter shapes give the same mask.
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`.
 
     Example:
       >>> import jax.numpy as jnp, optax_selective as osel
@@ -385,4 +419,5 @@ def selective_random(
     """
     budget = check_budget(budget)
     seed = check_int("seed", seed, 0, SEED_BOUND - 1)
-    return selective(_methods.RandomMask(budget=budget, seed=seed), choose_all=choose_all, inner=inner)
+    method = _methods.RandomMask(budget=budget, seed=seed)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)

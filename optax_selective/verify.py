@@ -16,14 +16,36 @@ class VerificationError(AssertionError):
 
 
 def changed_entries(before: Any, after: Any) -> np.ndarray:
-    """Bool array: where ``after`` differs from ``before`` (exact; NaN equal to NaN)."""
+    """Bool array: where ``after``'s bit pattern differs from ``before``'s.
+
+    The one rule of "unchanged" for both frameworks (the torch bridge's ``verify`` calls it
+    too): ``0.0 -> -0.0`` is a change, a NaN that keeps its payload is not, another NaN
+    payload is. Works for any fixed-size dtype (bfloat16 and float8 included).
+
+    Example:
+      >>> import numpy as np
+      >>> changed_entries(np.array([0.0, np.nan, 1.0]), np.array([-0.0, np.nan, 1.0])).tolist()
+      [True, False, False]
+    """
     a, b = np.asarray(before), np.asarray(after)
     if a.shape != b.shape:
         raise VerificationError(f"shape changed from {a.shape} to {b.shape}")
-    same = a == b
-    if np.issubdtype(a.dtype, np.inexact) or a.dtype.kind == "V":
-        same |= np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
-    return ~same
+    if a.dtype.itemsize != b.dtype.itemsize:
+        raise VerificationError(f"dtype changed from {a.dtype} to {b.dtype}")
+    return _bit_view(a) != _bit_view(b) if a.dtype.itemsize in _UINT else (
+        (_bit_view(a) != _bit_view(b)).any(axis=-1)
+    )
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _bit_view(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    width = x.dtype.itemsize
+    if width in _UINT:
+        return x.view(_UINT[width])
+    return x.view(np.uint8).reshape(x.shape + (width,))  # complex128 and wider
 
 
 def verify(params_before: Any, params_after: Any, opt_state: Any, budget: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +20,28 @@ class ID3State(NamedTuple):
     effective_budget: jax.Array  # int32 scalar
 
 
+def check_exp_eps(exp: Any, eps: Any) -> None:
+    """Refuses a non-finite ``exp`` or a negative (or NaN) ``eps``; traced values pass.
+
+    Any finite ``exp`` is valid: the ID3 paper's sensitivity sweep uses exp in {-2, -1, 1, 2}
+    (a negative exp favours large parameters). ``eps >= 0`` keeps ``|θ| + eps`` positive.
+    The one check for both frameworks (:class:`ID3` runs it on construction).
+    """
+    for name, value in (("exp", exp), ("eps", eps)):
+        if isinstance(value, jax.core.Tracer):  # optax.inject_hyperparams: checked by the user
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, bool) or number is None:
+            raise TypeError(f"id3: {name} must be a number, got {value!r}.")
+        if name == "exp" and not math.isfinite(number):
+            raise ValueError(f"id3: exp must be a finite number (any sign), got {value}.")
+        if name == "eps" and not number >= 0:
+            raise ValueError(f"id3: eps must be >= 0, got {value}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ID3:
     budget: int
@@ -27,6 +50,9 @@ class ID3:
     eps: Any = 1e-8
     name: str = "id3"
     needs_params: bool = True
+
+    def __post_init__(self):
+        check_exp_eps(self.exp, self.eps)
 
     @property
     def frozen_after(self) -> int:
