@@ -87,9 +87,10 @@ def budget_shortfall_message(
         )
     elif max_steps is not None:
         cause = (
-            f"some of the first {max_steps} updates had fewer selectable entries with a nonzero, "
-            "finite score than the entries due that step (zero gradients, e.g. frozen layers or "
-            "no gradient at all, or non-finite gradients); those picks are not made up later."
+            f"some of the first {max_steps} updates had fewer selectable entries with a finite "
+            "score than were due that step (non-finite gradients or parameters, e.g. a "
+            "skipped overflow step, or parameters that got no gradient in that step); picks "
+            "missed in a step are not made up later."
         )
     else:
         cause = "fewer eligible entries with a usable score than the budget."
@@ -99,11 +100,17 @@ def budget_shortfall_message(
     )
 
 
-def warn_budget_shortfall(used: int, budget: int, method_name: str, **kwargs: Any) -> str | None:
-    """Warns (``BudgetShortfallWarning``) with :func:`budget_shortfall_message`; returns it."""
+def warn_budget_shortfall(
+    used: int, budget: int, method_name: str, *, stacklevel: int = 1, **kwargs: Any
+) -> str | None:
+    """Warns (``BudgetShortfallWarning``) with :func:`budget_shortfall_message`; returns it.
+
+    ``stacklevel`` counts from the caller of this function (1: the caller's line). Python's
+    default warning filter shows a given message once per line that triggers it.
+    """
     message = budget_shortfall_message(used, budget, method_name, **kwargs)
     if message is not None:
         import warnings
 
-        warnings.warn(message, BudgetShortfallWarning, stacklevel=3)
+        warnings.warn(message, BudgetShortfallWarning, stacklevel=stacklevel + 1)
     return message

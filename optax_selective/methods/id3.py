@@ -14,10 +14,13 @@ from optax_selective._tree import LeafLayout
 from optax_selective.methods import _base
 
 
+@_base.register_with_schedule
 class ID3State(NamedTuple):
-    """ID3's own state: the budget left after choose_all, fixed at init."""
+    """ID3's own state: the budget left after choose_all, fixed at init, and the (static)
+    schedule the under-used budget check reads (:func:`optax_selective.make_summary`)."""
 
     effective_budget: jax.Array  # int32 scalar
+    schedule: _base.SpendSchedule | None = None
 
 
 def check_exp_eps(exp: Any, eps: Any) -> None:
@@ -81,7 +84,9 @@ class ID3:
 
     def init(self, params, layout: LeafLayout):
         b_eff = self.effective_budget(layout)
-        return _base.choose_all_mask(layout), ID3State(jax.numpy.asarray(b_eff, jax.numpy.int32))
+        return _base.choose_all_mask(layout), ID3State(
+            jax.numpy.asarray(b_eff, jax.numpy.int32), _base.SpendSchedule(self.budget, self.max_steps)
+        )
 
     def update(self, mask, state: ID3State, count, grads, params, selectable):
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]
