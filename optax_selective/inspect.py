@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from optax_selective._tree import unwrap_nnx
 from optax_selective.transform import SelectiveState
@@ -13,6 +15,9 @@ from optax_selective.transform import SelectiveState
 
 def find_selective_state(opt_state: Any) -> SelectiveState:
     """The one :class:`SelectiveState` inside ``opt_state`` (chain, MultiSteps, nnx, ...).
+
+    Accepts ``nnx.Optimizer.opt_state`` and ``nnx.state(optimizer)`` too; the latter stores
+    the state's fields as a dict (then ``method_state`` is a dict, not the method's type).
 
     Raises:
       ValueError: if there is none, or more than one.
@@ -23,12 +28,34 @@ def find_selective_state(opt_state: Any) -> SelectiveState:
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SelectiveState))
         if isinstance(s, SelectiveState)
     ]
+    if not found:  # nnx.state(optimizer): NamedTuples are stored as dicts of their fields
+        found = [_from_fields(d) for d in _mappings(opt_state) if _looks_selective(d)]
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one SelectiveState in the optimizer state, found {len(found)}; "
             "build the optimizer with one optax_selective transformation."
         )
     return found[0]
+
+
+def _mappings(tree: Any):
+    """Every dict-like node of ``tree`` (dicts and flax ``State``), outermost first."""
+    if isinstance(tree, Mapping):
+        yield tree
+        for v in tree.values():
+            yield from _mappings(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _mappings(v)
+
+
+def _looks_selective(d: Mapping) -> bool:
+    return "count" in d and "mask" in d and set(d) <= set(SelectiveState._fields)
+
+
+def _from_fields(d: Mapping) -> SelectiveState:
+    empty = optax.EmptyState()
+    return SelectiveState(d["count"], d["mask"], d.get("method_state", empty), d.get("inner_state", empty))
 
 
 def selected_mask(opt_state: Any) -> Any:
