@@ -61,8 +61,13 @@ def selective(
     new methods. With ``inner`` and ``compact=True`` (and a method with a ``budget``), the
     inner state covers the selected entries only (see :mod:`optax_selective.compact`).
     """
+    if isinstance(inner, optax.MultiSteps):  # not itself a GradientTransformation
+        inner = inner.gradient_transformation()
     if inner is not None and not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation (or optax.MultiSteps), got "
+            f"{type(inner).__name__}."
+        )
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
     compact_tx = None
     if inner_tx is not None and compact and isinstance(getattr(method, "budget", None), int):
@@ -209,8 +214,10 @@ def selective_id3(
         move (use this form for ``optax.adamw``); without it, chain with an optimizer.
       compact: with ``inner``, keep ``inner``'s state for the selected entries only
         (O(budget) memory, same results; see :mod:`optax_selective.compact`). Elementwise
-        optimizers only (sgd, momentum, adam, adamw, adagrad, rmsprop, lion, ...); others are
-        refused with an error. ``compact=False`` keeps a full-size (dense) inner state.
+        optimizers (sgd, momentum, adam, adamw, adagrad, rmsprop, lion, ...), also inside
+        ``optax.chain`` after ``optax.clip_by_global_norm``, in ``optax.apply_if_finite``
+        or ``optax.MultiSteps`` (passed as is); others are refused with an error.
+        ``compact=False`` keeps a full-size (dense) inner state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`.
