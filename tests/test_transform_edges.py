@@ -168,3 +168,19 @@ def test_chain_form_warns_once_for_float16():
         warnings.simplefilter("error")
         osel.selective_pafi(1, inner=optax.adam(0.1)).init(params)
         optax.chain(osel.selective_pafi(1), optax.adam(0.1)).init({"w": jnp.ones(3, jnp.bfloat16)})
+
+
+def test_the_one_exception_subnormals_flushed_by_xla_cpu():
+    """docs/concepts-guarantees.md: XLA's CPU arithmetic flushes subnormals to zero, so an
+    unselected subnormal reads back as a zero of its sign. verify reports it (bits differ).
+    If XLA stops flushing, this test fails and the documented exception can go."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the exception is specific to XLA's CPU backend")
+    params = {"w": jnp.array([5.0, 1e-40, -1e-40], jnp.float32)}
+    tx = osel.selective_pafi(1, inner=optax.sgd(0.1))
+    state = tx.init({"w": jnp.array([0.0, 5.0, 5.0])})  # select w[0] only
+    u, state = tx.update({"w": jnp.ones(3)}, state, params)
+    after = optax.apply_updates(params, u)
+    assert _bits(after["w"])[1:].tolist() == [0x00000000, 0x80000000]  # flushed, sign kept
+    with pytest.raises(osel.VerificationError, match="2 unselected entries changed"):
+        osel.verify(params, after, state, budget=1)
