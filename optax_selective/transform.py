@@ -5,9 +5,14 @@ Two forms (DESIGN.md section 4):
 * chain form, ``inner=None``: zero the gradient outside the mask and pass it on, for use in
   ``optax.chain(selective_id3(...), optax.adam(...))``. Exact only for optimizers whose update
   is zero where the gradient has always been zero; **not** for decoupled weight decay
-  (``optax.adamw``), which moves every entry.
+  (``optax.adamw``), which moves every entry, and not for Adam-like optimizers in float16
+  (eps underflows: 0/0 = NaN; ``init`` warns once when a selectable leaf is float16).
 * wrapper form, ``inner=tx``: score the raw gradient, run ``tx`` on the masked gradient, then
-  zero ``tx``'s updates outside the mask, so unselected entries never move, whatever ``tx``.
+  replace ``tx``'s updates outside the mask by ``-0.0``, so unselected entries keep their
+  bits under ``optax.apply_updates`` (``x + -0.0 == x``, ``-0.0`` included), whatever ``tx``.
+
+docs/concepts-guarantees.md states the guarantees, their one exception (subnormals flushed
+to zero by XLA's CPU arithmetic) and the errors.
 """
 
 from __future__ import annotations
@@ -85,12 +90,13 @@ def selective(
             inner_state = compact_tx.init(leaves, mask)
         else:
             inner_state = optax.EmptyState() if inner_tx is None else inner_tx.init(params)
-        return SelectiveState(
+        state = SelectiveState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
             inner_state=inner_state,
         )
+        return _replicate_on_params_mesh(state, leaves)
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
         if method.needs_params and params is None:
@@ -133,6 +139,33 @@ def selective(
         return treedef.unflatten(masked), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _replicate_on_params_mesh(state: SelectiveState, param_leaves) -> SelectiveState:
+    """Puts state leaves that init left on one device (counts, compact slots, ...) on the
+    params' mesh, replicated, so a jitted step returns every leaf with its input's sharding
+    (XLA would otherwise return them replicated over the mesh). Eager init only."""
+    mesh = next(
+        (
+            x.sharding.mesh
+            for x in param_leaves
+            if isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and isinstance(x.sharding, jax.sharding.NamedSharding)
+            and x.sharding.mesh.size > 1
+        ),
+        None,
+    )
+    if mesh is None:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1:
+            return jax.device_put(x, replicated)
+        return x
+
+    return jax.tree.map(place, state)
 
 
 FLOAT16_CHAIN_MSG = (
