@@ -153,6 +153,7 @@ def _replicate_on_params_mesh(state: SelectiveState, param_leaves) -> SelectiveS
             and not isinstance(x, jax.core.Tracer)
             and isinstance(x.sharding, jax.sharding.NamedSharding)
             and x.sharding.mesh.size > 1
+            and x.is_fully_addressable  # one process: several use a jitted init instead
         ),
         None,
     )
