@@ -94,3 +94,17 @@ def test_chain_form_with_adamw_says_why_and_what_to_do():
     updates, state = tx.update({"w": jnp.ones(3)}, state, params)
     with pytest.raises(osel.VerificationError, match=r"(?s)2 unselected entries changed.*decoupled weight decay.*inner="):
         osel.verify(params, optax.apply_updates(params, updates), state, budget=1)
+
+
+def test_id3_in_nnx_optimizer_budget_used_and_summary_from_nnx_state():
+    """ID3's state (a registered pytree with a static schedule) through nnx.Optimizer."""
+    model = Net(nnx.Rngs(1))
+    opt = nnx.Optimizer(model, osel.selective_id3(6, 2, inner=optax.adamw(0.1)), wrt=nnx.Param)
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    model.train()
+    for _ in range(2):
+        opt.update(model, nnx.grad(_loss)(model, jnp.arange(24.0).reshape(8, 3)))
+    assert osel.budget_used(nnx.state(opt)) == osel.budget_used(opt.opt_state) == 6
+    osel.verify(before, nnx.state(model), nnx.state(opt), budget=6)
+    summary = osel.make_summary(nnx.state(model, nnx.Param), opt.opt_state)
+    assert summary.method == "id3" and summary.budget_used == 6
