@@ -344,7 +344,8 @@ def _warn_if_budget_underused(state: Any, used: int, method: str) -> None:
     """Warns (once per place and message) when a method that spends its budget over steps
     (ID3, FISH) ended with fewer entries selected; see :func:`inspect.budget_shortfall_message`."""
     schedule = getattr(state.method_state, "schedule", None)
-    if isinstance(schedule, SpendSchedule):
+    # count 0: nothing trained yet (a summary of the starting point), nothing to explain
+    if isinstance(schedule, SpendSchedule) and int(state.count) > 0:
         warn_budget_shortfall(
             used, schedule.budget, method, steps_run=int(state.count), max_steps=schedule.steps,
             stacklevel=3,

@@ -93,3 +93,16 @@ def test_fish_with_fewer_updates_than_fish_steps_warns():
     _, state = tx.update({"w": jnp.ones(6)}, state, params)
     with pytest.warns(BudgetShortfallWarning, match="only 1 of max_steps=3"):
         osel.make_summary(params, state)
+
+
+def test_no_warning_before_any_update():
+    import warnings
+
+    import jax.numpy as jnp
+
+    import optax_selective as osel
+
+    params = {"w": jnp.ones(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        osel.make_summary(params, osel.selective_id3(2, 2).init(params))
