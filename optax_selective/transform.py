@@ -82,7 +82,7 @@ def selective(
     def init_fn(params):
         layout = make_layout(params, choose_all)
         if inner_tx is None:
-            _warn_float16_chain(params, layout)
+            _warn_float16_chain(params, layout, f"selective_{getattr(method, 'name', '<method>')}")
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
@@ -179,7 +179,7 @@ FLOAT16_CHAIN_MSG = (
 )
 
 
-def _warn_float16_chain(params, layout) -> None:
+def _warn_float16_chain(params, layout, name: str) -> None:
     """Warns once per ``init`` when a selectable leaf is float16 in the chain form."""
     leaves = jax.tree.leaves(params)
     half = [
@@ -191,7 +191,7 @@ def _warn_float16_chain(params, layout) -> None:
 
         shown = ", ".join(half[:3]) + (f" and {len(half) - 3} more" if len(half) > 3 else "")
         warnings.warn(
-            FLOAT16_CHAIN_MSG.format(name="selective_<method>", leaves=shown), UserWarning, stacklevel=3
+            FLOAT16_CHAIN_MSG.format(name=name, leaves=shown), UserWarning, stacklevel=3
         )
 
 
