@@ -5,7 +5,12 @@ the changed entries ship as a small :class:`SparseSummary`.
 """
 
 from optax_selective._version import __version__
-from optax_selective.inspect import budget_used, find_selective_state, selected_mask
+from optax_selective.inspect import (
+    BudgetShortfallWarning,
+    budget_used,
+    find_selective_state,
+    selected_mask,
+)
 from optax_selective.summary import (
     SparseSummary,
     SummaryFormatError,
@@ -40,6 +45,7 @@ __all__ = [
     "selected_mask",
     "budget_used",
     "find_selective_state",
+    "BudgetShortfallWarning",
     "verify",
     "VerificationError",
     "SparseSummary",

@@ -129,10 +129,23 @@ def place_like(x: jax.Array, ref: Any) -> jax.Array:
     return x
 
 
-def zero_outside(mask: jax.Array, update: jax.Array) -> jax.Array:
-    """``update`` where ``mask`` is true, exact zeros elsewhere; dtype preserved."""
+def zero_outside(mask: jax.Array, update: jax.Array, *, negative: bool = False) -> jax.Array:
+    """``update`` where ``mask`` is true, exact zeros elsewhere; dtype preserved.
+
+    ``negative=True`` fills with ``-0.0``: the zero *update* that leaves every value
+    bit-identical under ``optax.apply_updates`` (``x + -0.0 == x`` bitwise, ``-0.0``
+    included, while ``-0.0 + 0.0 == +0.0``). Masked *gradients* keep ``+0.0``: descent
+    optimizers negate them (``-lr * +0.0 == -0.0``), which is the zero update again.
+    """
     if update.dtype == jax.dtypes.float0:
         return update
     if not jnp.issubdtype(update.dtype, jnp.inexact):
         return jnp.zeros_like(update)
-    return jnp.where(mask, update, jnp.zeros_like(update))
+    return jnp.where(mask, update, jnp.full_like(update, -0.0 if negative else 0.0))
+
+
+def zero_update_like(x: Any, shape: Any = None) -> jax.Array:
+    """The update that changes nothing: ``-0.0`` for inexact dtypes, ``0`` otherwise."""
+    dtype = jnp.result_type(x)
+    fill = -0.0 if jnp.issubdtype(dtype, jnp.inexact) else 0
+    return jnp.full(np.shape(x) if shape is None else shape, fill, dtype)

@@ -16,15 +16,23 @@ How it works (DESIGN.md section 4 is the contract):
   the state the dense form would hold for it, and the inner step count is global: late
   entries get Adam's bias correction for the global count, as in the dense form.
 
-This is exact only for *elementwise* inner transformations: an entry's update depends on
-its own gradient, parameter and state and on shared scalars (count, hyperparameters).
-:func:`compact_refusal` decides that with an allow-list of optax building blocks found by
-walking the closures of ``inner`` (chains, ``with_extra_args_support`` and
-``inject_hyperparams`` are looked through) and then a numeric probe (the same entries must
-get the same updates alone and embedded among others). Everything else (``masked``,
-``multi_transform``, ``clip_by_global_norm``, factored or shape-aware optimizers such as
+This is exact for *elementwise* inner transformations (an entry's update depends on its own
+gradient, parameter and state and on shared scalars: count, hyperparameters) and for those
+that read a global statistic of the gradient that zero entries leave unchanged (the global
+norm of ``clip_by_global_norm``, the finiteness test of ``apply_if_finite`` and of
+``MultiSteps``' optax skip rules): the gathered selected entries give the same value as the
+masked full gradient. :func:`compact_refusal` decides with an allow-list of optax's own
+building blocks, recognised by the code of the functions their factories return (so a user
+function that happens to be called ``scale`` is not mistaken for optax's), walking through
+``chain``, ``named_chain``, ``with_extra_args_support``, ``apply_if_finite``,
+``MultiSteps`` and ``inject_hyperparams``; then a numeric probe (the same entries must get
+the same updates alone and embedded among unselected ones: zero gradient, nonzero values).
+Everything else (``masked``, ``multi_transform``, factored or shape-aware optimizers such as
 Adafactor, Muon or Shampoo, and any user-defined transformation) is refused with an error
 that points to ``compact=False``. :func:`register_elementwise` extends the allow-list.
+``tests/test_compact_inner_allowlist.py`` pins this against the installed optax: a new
+optax release that changes these closures makes those tests fail rather than the check
+accept something silently (the check itself refuses what it does not recognise).
 
 Sharding: the slot vectors and the inner state are replicated. Leaves split over devices in
 explicit mode are read and written per device block (see "gather / scatter by flat index"
@@ -52,39 +60,71 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from optax_selective import selection
-from optax_selective._tree import is_float
+from optax_selective._tree import is_float, zero_update_like
 
-_COMBINATORS = {"chain", "named_chain", "with_extra_args_support"}
-_ELEMENTWISE = {
-    # optax building blocks whose update is elementwise in the gradient / params / state,
-    # with state that stays the same function of the step count while the gradient is zero.
-    "identity",
-    "init_empty_state",
-    "scale",
-    "scale_by_schedule",
-    "scale_by_learning_rate",
-    "scale_by_adam",
-    "scale_by_adamax",
-    "scale_by_amsgrad",
-    "scale_by_lion",
-    "scale_by_rms",
-    "scale_by_stddev",
-    "scale_by_rss",
-    "trace",
-    "add_decayed_weights",
-    "clip",
-}
-# inject_hyperparams(factory): the factory is rebuilt with the injected values and checked.
-_INJECT = "inject_hyperparams"
+# The allow-list is keyed by the *code objects* of the init / update functions that optax's
+# own factories return (every call of a factory returns closures over the same code), found
+# by calling each factory once: a user function that happens to be called ``scale`` or
+# ``clip`` is not on it, and a renamed private optax helper still is. Kinds:
+#   "leaf":    elementwise in the gradient / params / state, with state that stays the same
+#              function of the step count while the gradient is zero;
+#   "global":  reads a global statistic of the whole gradient that zero entries do not change
+#              (the global norm, finiteness), so the gathered selected entries give it exactly;
+#   "wrapper": combines inner transformations (walked through).
+_ELEMENTWISE: set[str] = set()  # names added with register_elementwise (user factories)
+_KNOWN: dict[Any, str] | None = None
+_INJECT = "inject"
+
+
+def _known_codes() -> dict[Any, str]:
+    global _KNOWN
+    if _KNOWN is None:
+        leaf = [
+            optax.identity(),
+            optax.scale(1.0),
+            optax.scale_by_schedule(lambda count: 1.0),
+            optax.scale_by_adam(),
+            optax.scale_by_adamax(),
+            optax.scale_by_amsgrad(),
+            optax.scale_by_lion(),
+            optax.scale_by_rms(),
+            optax.scale_by_stddev(),
+            optax.scale_by_rss(),
+            optax.trace(0.9),
+            optax.add_decayed_weights(0.1),
+            optax.clip(1.0),
+        ]
+        glob = [optax.clip_by_global_norm(1.0)]
+        wrap = [
+            optax.chain(optax.identity()),
+            optax.named_chain(("a", optax.identity())),
+            optax.with_extra_args_support(optax.GradientTransformation(*optax.identity())),
+            optax.apply_if_finite(optax.identity(), 1),
+        ]
+        known: dict[Any, str] = {}
+        for kind, txs in (("leaf", leaf), ("global", glob), ("wrapper", wrap)):
+            for tx in txs:
+                for fn in (tx.init, tx.update):
+                    code = getattr(fn, "__code__", None)
+                    if code is not None and code not in known:
+                        known[code] = kind
+        inject = optax.inject_hyperparams(optax.scale)(step_size=1.0)
+        known.setdefault(inject.init.__code__, _INJECT)
+        known.setdefault(inject.update.__code__, _INJECT)
+        _KNOWN = known
+    return _KNOWN
+
+
+_UNREADABLE = object()
 
 
 def register_elementwise(name: str) -> None:
-    """Allows compact state for transformations built by the factory called ``name``.
+    """Allows compact state for transformations built by *your* factory called ``name``.
 
     ``name`` is the factory's ``__qualname__`` (e.g. ``"scale_by_my_rule"`` for functions
     ``scale_by_my_rule.<locals>.update_fn``). Only do this for transformations whose update
     of each entry depends on that entry's gradient, parameter and state alone. The numeric
-    probe still runs.
+    probe still runs. optax's own elementwise transformations need no registration.
     """
     _ELEMENTWISE.add(name)
 
@@ -108,25 +148,44 @@ def _cells(fn):
 
 
 def _walk(fn, seen) -> str | None:
-    """Reason the transformation behind ``fn`` is not known to be elementwise, else None."""
+    """Reason the transformation behind ``fn`` is not known to be exact on compact state."""
     if id(fn) in seen:
         return None
     seen.add(id(fn))
-    module = getattr(fn, "__module__", "") or ""
-    head = _head(fn)
-    if head in _ELEMENTWISE and module.startswith("optax"):
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, optax.MultiSteps):
+        return _walk_multisteps(owner, seen)
+    kind = _known_codes().get(getattr(fn, "__code__", None))
+    if kind in ("leaf", "global"):
         return None
-    if head in _ELEMENTWISE and not module.startswith("optax"):
-        return None  # registered by the user
-    if module.startswith("optax") and head in _COMBINATORS:
+    if kind == "wrapper":
         for sub in _cells(fn):
             reason = _walk(sub, seen)
             if reason:
                 return reason
         return None
-    if module.startswith("optax") and head == _INJECT:
+    if kind == _INJECT:
         return _walk_inject(fn, seen)
-    return f"{module}.{head}"
+    if _head(fn) in _ELEMENTWISE:
+        return None  # registered by the user
+    return f"{getattr(fn, '__module__', '') or ''}.{_head(fn)}"
+
+
+def _walk_multisteps(ms: optax.MultiSteps, seen) -> str | None:
+    """MultiSteps accumulates gradients entry by entry; its skip rule must be optax's own
+    (finiteness or the global norm, which zero entries do not change)."""
+    skip = getattr(ms, "_should_skip_update_fn", _UNREADABLE)  # no public accessor
+    if skip is _UNREADABLE:
+        return "optax.MultiSteps (this optax version hides its skip rule)"
+    skip = getattr(skip, "func", skip)  # functools.partial(skip_large_updates, ...)
+    default = getattr(optax.MultiSteps(optax.identity(), 1), "_should_skip_update_fn", None)
+    known = (optax.skip_not_finite, optax.skip_large_updates)
+    if skip is not None and not (
+        any(skip is f for f in known) or getattr(skip, "__code__", 0) is getattr(default, "__code__", 1)
+    ):
+        return f"optax.MultiSteps(should_skip_update_fn={_head(skip)})"
+    inner = ms.inner_opt
+    return _walk(inner.init, seen) or _walk(inner.update, seen)
 
 
 def _walk_inject(fn, seen) -> str | None:
@@ -152,7 +211,8 @@ def _walk_inject(fn, seen) -> str | None:
 
 
 def _probe(inner: optax.GradientTransformation) -> str | None:
-    """Same entries alone and embedded among others must get the same updates (3 steps)."""
+    """Same entries alone and embedded among unselected ones (zero gradient, nonzero values)
+    must get the same updates (3 steps)."""
     tx = optax.with_extra_args_support(inner)
     rng = np.random.default_rng(0)
     n, extra = 5, 4
@@ -163,7 +223,8 @@ def _probe(inner: optax.GradientTransformation) -> str | None:
         s_small, s_big = tx.init((p_small,)), tx.init((p_big,))
         for _ in range(3):
             g_small = jnp.asarray(rng.normal(size=n), jnp.float32)
-            g_big = jnp.asarray(rng.normal(size=n + extra), jnp.float32).at[place].set(g_small)
+            # the other entries are unselected: zero gradient, any value
+            g_big = jnp.zeros(n + extra, jnp.float32).at[place].set(g_small)
             (u_small,), s_small = tx.update((g_small,), s_small, (p_small,))
             (u_big,), s_big = tx.update((g_big,), s_big, (p_big,))
             if not np.allclose(np.asarray(u_small), np.asarray(u_big)[place], rtol=1e-5, atol=1e-7):
@@ -192,7 +253,8 @@ def check_compact_inner(inner: optax.GradientTransformation) -> None:
             f"optimizer, but {reason}. Pass compact=False to keep the inner optimizer's state "
             "dense (full size, exact for any optimizer), or use an elementwise optimizer "
             "(sgd, momentum, adam, adamw without mask, adagrad, rmsprop, lion, adamax, "
-            "amsgrad, optionally inside chain / inject_hyperparams)."
+            "amsgrad), optionally inside chain / inject_hyperparams / apply_if_finite / "
+            "MultiSteps and after clip_by_global_norm."
         )
 
 
@@ -225,7 +287,8 @@ class _Group(NamedTuple):
 def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
     by_dtype: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
-        if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0:
+        # zero-size leaves hold no entry to select: they get empty updates, no slots
+        if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0 and np.size(x):
             by_dtype.setdefault(jnp.dtype(jnp.result_type(x)), []).append(i)
     groups = []
     for dtype, idx in by_dtype.items():
@@ -375,13 +438,15 @@ def _scatter_leaf(values, index, ok, like):
         # A scatter-*add* into zeros of the leaf's own shape (N-d indices, no reshape): XLA's
         # algebraic simplifier then turns ``params + updates`` (``optax.apply_updates`` in the
         # same jit) into an in-place scatter-add, so the full-size zeros are never written
-        # (CPU, 25M parameters: 1.6 ms instead of 95 ms). Slots are unique, so add == set.
+        # (CPU, 25M parameters: 1.6 ms instead of 95 ms). Slots are unique, so add == set
+        # (-0.0 + v == v bitwise). The zeros are -0.0: the update that leaves every
+        # unselected entry bit-identical, -0.0 included.
         idx = jnp.unravel_index(jnp.where(ok, index, 0), shape)
         idx = (jnp.where(ok, idx[0], shape[0]),) + tuple(idx[1:])  # row shape[0]: dropped
-        return jnp.zeros(shape, values.dtype).at[idx].add(values, mode="drop")
+        return zero_update_like(values, shape).at[idx].add(values, mode="drop")
     if split is None:  # a scalar leaf
         target = jnp.where(ok, index, size)  # size: dropped
-        return jnp.zeros((size,), values.dtype).at[target].set(values, mode="drop").reshape(shape)
+        return zero_update_like(values, (size,)).at[target].set(values, mode="drop").reshape(shape)
     mesh, spec = split
 
     def local(values, index, ok):
@@ -389,7 +454,7 @@ def _scatter_leaf(values, index, ok, like):
         where, inside = _to_local(index, shape, block, start)
         n = int(np.prod(block, dtype=np.int64))
         target = jnp.where(ok & inside, where, n)
-        return jnp.zeros((n,), values.dtype).at[target].set(values, mode="drop").reshape(block)
+        return zero_update_like(values, (n,)).at[target].set(values, mode="drop").reshape(block)
 
     p0 = jax.sharding.PartitionSpec()
     return jax.shard_map(local, mesh=mesh, in_specs=(p0, p0, p0), out_specs=spec)(values, index, ok)
@@ -617,8 +682,8 @@ class CompactInner:
             for i in g.leaves:
                 out[i] = out_g[i]
         for i, x in enumerate(grad_leaves):
-            if out[i] is None:  # non-float leaves: zeros (float0 passes through)
-                out[i] = x if x.dtype == jax.dtypes.float0 else jnp.zeros_like(x)
+            if out[i] is None:  # non-float and zero-size leaves (float0 passes through)
+                out[i] = x if x.dtype == jax.dtypes.float0 else zero_update_like(x)
         return out, state._replace(inner_state=inner_state)
 
     @staticmethod

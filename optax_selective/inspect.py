@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from optax_selective._tree import unwrap_nnx
 from optax_selective.transform import SelectiveState
@@ -13,6 +15,9 @@ from optax_selective.transform import SelectiveState
 
 def find_selective_state(opt_state: Any) -> SelectiveState:
     """The one :class:`SelectiveState` inside ``opt_state`` (chain, MultiSteps, nnx, ...).
+
+    Accepts ``nnx.Optimizer.opt_state`` and ``nnx.state(optimizer)`` too; the latter stores
+    the state's fields as a dict (then ``method_state`` is a dict, not the method's type).
 
     Example:
       >>> import jax.numpy as jnp, optax, optax_selective as osel
@@ -29,12 +34,34 @@ def find_selective_state(opt_state: Any) -> SelectiveState:
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SelectiveState))
         if isinstance(s, SelectiveState)
     ]
+    if not found:  # nnx.state(optimizer): NamedTuples are stored as dicts of their fields
+        found = [_from_fields(d) for d in _mappings(opt_state) if _looks_selective(d)]
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one SelectiveState in the optimizer state, found {len(found)}; "
             "build the optimizer with one optax_selective transformation."
         )
     return found[0]
+
+
+def _mappings(tree: Any):
+    """Every dict-like node of ``tree`` (dicts and flax ``State``), outermost first."""
+    if isinstance(tree, Mapping):
+        yield tree
+        for v in tree.values():
+            yield from _mappings(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _mappings(v)
+
+
+def _looks_selective(d: Mapping) -> bool:
+    return "count" in d and "mask" in d and set(d) <= set(SelectiveState._fields)
+
+
+def _from_fields(d: Mapping) -> SelectiveState:
+    empty = optax.EmptyState()
+    return SelectiveState(d["count"], d["mask"], d.get("method_state", empty), d.get("inner_state", empty))
 
 
 def selected_mask(opt_state: Any) -> Any:
@@ -100,9 +127,10 @@ def budget_shortfall_message(
         )
     elif max_steps is not None:
         cause = (
-            f"some of the first {max_steps} updates had fewer selectable entries with a nonzero, "
-            "finite score than the entries due that step (zero gradients, e.g. frozen layers or "
-            "no gradient at all, or non-finite gradients); those picks are not made up later."
+            f"some of the first {max_steps} updates had fewer selectable entries with a finite "
+            "score than were due that step (non-finite gradients or parameters, e.g. a "
+            "skipped overflow step, or parameters that got no gradient in that step); picks "
+            "missed in a step are not made up later."
         )
     else:
         cause = "fewer eligible entries with a usable score than the budget."
@@ -112,11 +140,17 @@ def budget_shortfall_message(
     )
 
 
-def warn_budget_shortfall(used: int, budget: int, method_name: str, **kwargs: Any) -> str | None:
-    """Warns (``BudgetShortfallWarning``) with :func:`budget_shortfall_message`; returns it."""
+def warn_budget_shortfall(
+    used: int, budget: int, method_name: str, *, stacklevel: int = 1, **kwargs: Any
+) -> str | None:
+    """Warns (``BudgetShortfallWarning``) with :func:`budget_shortfall_message`; returns it.
+
+    ``stacklevel`` counts from the caller of this function (1: the caller's line). Python's
+    default warning filter shows a given message once per line that triggers it.
+    """
     message = budget_shortfall_message(used, budget, method_name, **kwargs)
     if message is not None:
         import warnings
 
-        warnings.warn(message, BudgetShortfallWarning, stacklevel=3)
+        warnings.warn(message, BudgetShortfallWarning, stacklevel=stacklevel + 1)
     return message

@@ -145,6 +145,22 @@ def _auto_mesh_context() -> bool:
         return False
 
 
+def _typed_over_auto_mesh(x) -> bool:
+    """Whether ``x``'s type names a mesh with an ``AxisType.Auto`` axis over several devices.
+
+    Under ``jax.jit`` without ``jax.set_mesh`` (how most users write a step), an argument
+    placed with a ``NamedSharding`` is traced with that mesh in its type (its layout, the
+    spec, is not: auto mode), and values computed from it inherit the mesh. So the step
+    knows XLA's partitioner will lay it out over that mesh, as under a mesh context.
+    """
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+        auto = jax.sharding.AxisType.Auto
+        return any(t == auto and n > 1 for t, n in zip(mesh.axis_types, mesh.axis_sizes))
+    except Exception:  # noqa: BLE001 - older jax or an untyped value
+        return False
+
+
 def _spread(x) -> bool:
     """Whether ``x`` is a concrete array split over several devices (any mode)."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
@@ -158,8 +174,10 @@ def _spread(x) -> bool:
 def split_by_partitioner(xs) -> bool:
     """Whether XLA's SPMD partitioner (auto mode) may split these arrays over devices.
 
-    True under a multi-device auto mesh context (:func:`_auto_mesh_context`) or when a concrete
-    array is already split over devices without an explicit-mode type. Selection then takes
+    True under a multi-device auto mesh context (:func:`_auto_mesh_context`), when a value's
+    type names such a mesh (:func:`_typed_over_auto_mesh`: jitted arguments placed with a
+    ``NamedSharding``, no ``jax.set_mesh`` needed), or when a concrete array is already split
+    over devices without an explicit-mode type. Selection then takes
     the paths that partition without resharding a leaf: reductions and elementwise
     operations (the counting top-k), N-d gathers and scatters at O(budget) indices, and
     ``custom_partitioning`` where entries must be listed. Without a mesh context, a traced
@@ -168,7 +186,7 @@ def split_by_partitioner(xs) -> bool:
     xs = [x for x in xs if x is not None]
     if not xs:
         return False
-    if _auto_mesh_context():
+    if _auto_mesh_context() or any(_typed_over_auto_mesh(x) for x in xs):
         return True
     return any(_spread(x) and not _explicitly_sharded(x) for x in xs)
 

@@ -33,7 +33,8 @@ import numpy as np
 
 from optax_selective._tree import unwrap_nnx
 from optax_selective._version import __version__
-from optax_selective.inspect import find_selective_state
+from optax_selective.inspect import find_selective_state, warn_budget_shortfall
+from optax_selective.methods._base import SpendSchedule
 
 FORMAT_NAME = "optax_selective.SparseSummary"
 FORMAT_VERSION = 2  # 2: digests cover key, shape and dtype too; version 1 folders still load
@@ -312,6 +313,13 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
     Returns:
       The summary.
 
+    Warns:
+      BudgetShortfallWarning: (``optax_selective.inspect``) when ID3 or FISH selected fewer
+        entries than its budget: fewer updates ran than ``max_steps`` / ``fish_steps`` (e.g.
+        ``max_steps`` counted batches under gradient accumulation), or some scheduled updates
+        had too few selectable entries with a nonzero, finite score. The message gives used
+        vs budget and the likely cause; the selection itself is not changed.
+
     Example:
       >>> import jax.numpy as jnp, optax_selective as osel
       >>> params = {"w": jnp.array([0.5, -0.1, 2.0, 0.0])}
@@ -372,12 +380,21 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
         if idx.size == 0:
             continue
         leaves.append(SummaryLeaf(key, np.shape(p), np.dtype(vals.dtype), idx, vals))
-    return SparseSummary(
-        leaves=tuple(leaves),
-        budget_used=sum(leaf.indices.size for leaf in leaves),
-        method=method,
-        version=__version__,
-    )
+    used = sum(leaf.indices.size for leaf in leaves)
+    _warn_if_budget_underused(state, used, method)
+    return SparseSummary(leaves=tuple(leaves), budget_used=used, method=method, version=__version__)
+
+
+def _warn_if_budget_underused(state: Any, used: int, method: str) -> None:
+    """Warns (once per place and message) when a method that spends its budget over steps
+    (ID3, FISH) ended with fewer entries selected; see :func:`inspect.budget_shortfall_message`."""
+    schedule = getattr(state.method_state, "schedule", None)
+    # count 0: nothing trained yet (a summary of the starting point), nothing to explain
+    if isinstance(schedule, SpendSchedule) and int(state.count) > 0:
+        warn_budget_shortfall(
+            used, schedule.budget, method, steps_run=int(state.count), max_steps=schedule.steps,
+            stacklevel=3,
+        )
 
 
 def apply_summary(params: Any, summary: SparseSummary) -> Any:

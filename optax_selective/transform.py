@@ -5,9 +5,14 @@ Two forms (DESIGN.md section 4):
 * chain form, ``inner=None``: zero the gradient outside the mask and pass it on, for use in
   ``optax.chain(selective_id3(...), optax.adam(...))``. Exact only for optimizers whose update
   is zero where the gradient has always been zero; **not** for decoupled weight decay
-  (``optax.adamw``), which moves every entry.
+  (``optax.adamw``), which moves every entry, and not for Adam-like optimizers in float16
+  (eps underflows: 0/0 = NaN; ``init`` warns once when a selectable leaf is float16).
 * wrapper form, ``inner=tx``: score the raw gradient, run ``tx`` on the masked gradient, then
-  zero ``tx``'s updates outside the mask, so unselected entries never move, whatever ``tx``.
+  replace ``tx``'s updates outside the mask by ``-0.0``, so unselected entries keep their
+  bits under ``optax.apply_updates`` (``x + -0.0 == x``, ``-0.0`` included), whatever ``tx``.
+
+docs/concepts-guarantees.md states the guarantees, their one exception (subnormals flushed
+to zero by XLA's CPU arithmetic) and the errors.
 """
 
 from __future__ import annotations
@@ -61,8 +66,13 @@ def selective(
     new methods. With ``inner`` and ``compact=True`` (and a method with a ``budget``), the
     inner state covers the selected entries only (see :mod:`optax_selective.compact`).
     """
+    if isinstance(inner, optax.MultiSteps):  # not itself a GradientTransformation
+        inner = inner.gradient_transformation()
     if inner is not None and not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation (or optax.MultiSteps), got "
+            f"{type(inner).__name__}."
+        )
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
     compact_tx = None
     if inner_tx is not None and compact and isinstance(getattr(method, "budget", None), int):
@@ -71,6 +81,8 @@ def selective(
 
     def init_fn(params):
         layout = make_layout(params, choose_all)
+        if inner_tx is None:
+            _warn_float16_chain(params, layout, f"selective_{getattr(method, 'name', '<method>')}")
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
@@ -78,12 +90,13 @@ def selective(
             inner_state = compact_tx.init(leaves, mask)
         else:
             inner_state = optax.EmptyState() if inner_tx is None else inner_tx.init(params)
-        return SelectiveState(
+        state = SelectiveState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
             inner_state=inner_state,
         )
+        return _replicate_on_params_mesh(state, leaves)
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
         if method.needs_params and params is None:
@@ -114,7 +127,8 @@ def selective(
                 treedef.unflatten(masked), inner_state, params, **extra_args
             )
             masked = [
-                zero_outside(m, u) for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
+                zero_outside(m, u, negative=True)
+                for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
             ]
         new_state = SelectiveState(
             count=optax.safe_int32_increment(state.count),
@@ -125,6 +139,60 @@ def selective(
         return treedef.unflatten(masked), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _replicate_on_params_mesh(state: SelectiveState, param_leaves) -> SelectiveState:
+    """Puts state leaves that init left on one device (counts, compact slots, ...) on the
+    params' mesh, replicated, so a jitted step returns every leaf with its input's sharding
+    (XLA would otherwise return them replicated over the mesh). Eager init only."""
+    mesh = next(
+        (
+            x.sharding.mesh
+            for x in param_leaves
+            if isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and isinstance(x.sharding, jax.sharding.NamedSharding)
+            and x.sharding.mesh.size > 1
+            and x.is_fully_addressable  # one process: several use a jitted init instead
+        ),
+        None,
+    )
+    if mesh is None:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1:
+            return jax.device_put(x, replicated)
+        return x
+
+    return jax.tree.map(place, state)
+
+
+FLOAT16_CHAIN_MSG = (
+    "float16 parameters in the chain form (optax.chain(selective_..., optimizer)): the "
+    "optimizer after the selective transformation sees a zero gradient for unselected "
+    "entries, and optimizers that divide by a running statistic (Adam and its relatives) "
+    "compute 0/0 = NaN there once eps underflows in float16, moving entries the method did "
+    "not select. Use the wrapper form, {name}(..., inner=optimizer), which zeroes the "
+    "optimizer's updates outside the mask whatever it computes. Leaves: {leaves}."
+)
+
+
+def _warn_float16_chain(params, layout, name: str) -> None:
+    """Warns once per ``init`` when a selectable leaf is float16 in the chain form."""
+    leaves = jax.tree.leaves(params)
+    half = [
+        path for path, x, ok in zip(layout.paths, leaves, layout.selectable)
+        if ok and jnp.result_type(x) == jnp.float16
+    ]
+    if half:
+        import warnings
+
+        shown = ", ".join(half[:3]) + (f" and {len(half) - 3} more" if len(half) > 3 else "")
+        warnings.warn(
+            FLOAT16_CHAIN_MSG.format(name=name, leaves=shown), UserWarning, stacklevel=3
+        )
 
 
 def _compact_update(compact_tx, method, state, grads, old_mask, params, selectable, extra_args):
@@ -171,16 +239,19 @@ def selective_id3(
     Args:
       budget: the most entries that may ever change, choose_all leaves included.
       max_steps: number of updates ``T`` over which the budget is spent.
-      exp: exponent of the parameter magnitude in the score.
-      eps: added to ``|θ|`` in the score.
+      exp: exponent of the parameter magnitude in the score; any finite number (negative
+        values favour large parameters, as in the paper's sensitivity sweep).
+      eps: added to ``|θ|`` in the score; ``>= 0``.
       choose_all: leaves trainable from step 0 (bool pytree prefix of params or a callable
         returning one), e.g. a new classifier head. They count toward ``budget``.
       inner: optional optimizer to wrap. With it, unselected entries are guaranteed never to
         move (use this form for ``optax.adamw``); without it, chain with an optimizer.
       compact: with ``inner``, keep ``inner``'s state for the selected entries only
         (O(budget) memory, same results; see :mod:`optax_selective.compact`). Elementwise
-        optimizers only (sgd, momentum, adam, adamw, adagrad, rmsprop, lion, ...); others are
-        refused with an error. ``compact=False`` keeps a full-size (dense) inner state.
+        optimizers (sgd, momentum, adam, adamw, adagrad, rmsprop, lion, ...), also inside
+        ``optax.chain`` after ``optax.clip_by_global_norm``, in ``optax.apply_if_finite``
+        or ``optax.MultiSteps`` (passed as is); others are refused with an error.
+        ``compact=False`` keeps a full-size (dense) inner state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`.
@@ -204,8 +275,6 @@ def selective_id3(
     """
     budget = check_budget(budget)
     max_steps = check_int("max_steps", max_steps, 1)
-    _check_nonnegative("exp", exp)
-    _check_nonnegative("eps", eps)
     method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
@@ -292,6 +361,7 @@ def selective_fish(
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """FISH mask: the entries with the highest empirical Fisher information, then fixed.
 
@@ -323,6 +393,9 @@ def selective_fish(
         number of samples, counted in batches); ``>= 1``.
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`. The compact inner state is exact here too: slots
+        are filled when the mask is chosen, and until then every entry outside choose_all
+        sees a zero gradient, as in the dense form.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`
@@ -345,7 +418,7 @@ def selective_fish(
     budget = check_budget(budget)
     fish_steps = check_int("fish_steps", fish_steps, 1)
     method = _methods.Fish(budget=budget, fish_steps=fish_steps)
-    return selective(method, choose_all=choose_all, inner=inner)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_random(
@@ -354,6 +427,7 @@ def selective_random(
     seed: int = 0,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
+    compact: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """R-Mask: ``budget - |choose_all|`` eligible entries drawn uniformly at random, fixed.
 
@@ -368,6 +442,7 @@ def selective_random(
       seed: Python int in ``[0, 2**32)``; the same seed and parameter shapes give the same mask.
       choose_all: see :func:`selective_id3`.
       inner: see :func:`selective_id3`.
+      compact: see :func:`selective_id3`.
 
     Example:
       >>> import jax.numpy as jnp, optax_selective as osel
@@ -385,4 +460,5 @@ def selective_random(
     """
     budget = check_budget(budget)
     seed = check_int("seed", seed, 0, SEED_BOUND - 1)
-    return selective(_methods.RandomMask(budget=budget, seed=seed), choose_all=choose_all, inner=inner)
+    method = _methods.RandomMask(budget=budget, seed=seed)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)

@@ -175,7 +175,7 @@ def _coupled():
     [
         (lambda: optax.adafactor(1e-3), "scale_by_factored_rms|not on the allow-list"),
         (lambda: optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)), "masked"),
-        (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), "clip_by_global_norm"),
+        (lambda: optax.chain(optax.clip_by_block_rms(1.0), optax.adam(1e-3)), "clip_by_block_rms"),
         (lambda: optax.multi_transform({"a": optax.adam(1e-3)}, lambda p: jax.tree.map(lambda _: "a", p)), "multi_transform|partition"),
         (_coupled, "_coupled"),
         (lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=0.1, mask=lambda p: p), "masked"),

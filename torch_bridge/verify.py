@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from optax_selective.verify import VerificationError
+from optax_selective.verify import VerificationError, changed_entries
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -22,21 +22,27 @@ def snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().to("cpu", copy=True) for p in params]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.is_complex() or t.dtype == torch.bool:
-        return t
-    return t.contiguous().view(_BITS[t.element_size()])
+def _host_view(t: torch.Tensor):
+    """A NumPy view of ``t``'s storage with the same bits (bfloat16 and float8 included)."""
+    t = t.detach().contiguous()
+    if not (t.is_complex() or t.dtype == torch.bool):
+        t = t.view(_BITS[t.element_size()])
+    return t.numpy()
 
 
 def changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Bool tensor: where ``after`` differs bitwise from ``before`` (same shape, on CPU)."""
+    """Bool tensor: where ``after`` differs bitwise from ``before`` (same shape, on CPU).
+
+    The rule is JAX's :func:`optax_selective.verify.changed_entries`, applied to the same
+    bits, so both frameworks agree on what "unchanged" means.
+    """
     after = after.detach().to("cpu")
     if before.shape != after.shape or before.dtype != after.dtype:
         raise VerificationError(
             f"parameter changed shape/dtype from {tuple(before.shape)}/{before.dtype} to "
             f"{tuple(after.shape)}/{after.dtype}"
         )
-    return _bits(before) != _bits(after)
+    return torch.from_numpy(changed_entries(_host_view(before), _host_view(after)))
 
 
 def check(

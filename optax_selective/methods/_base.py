@@ -7,6 +7,7 @@ bridge drive it the same way. ``init`` returns the first mask and the method's o
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
@@ -99,6 +100,42 @@ def frozen_update(mask, state, count, grads, params, selectable):
     """``update`` for fixed-mask methods: nothing changes after init."""
     del count, grads, params, selectable
     return mask, state
+
+
+@dataclasses.dataclass(frozen=True)
+class SpendSchedule:
+    """Static facts a method's state carries for the under-used budget check.
+
+    ``budget`` is the method's budget (choose_all included); ``steps`` the updates over which
+    it is spent (ID3's ``max_steps``, FISH's ``fish_steps``). Registered as a pytree node
+    with no leaves, so it adds nothing to checkpoints (states saved before it existed
+    restore into targets that have it) and is static under ``jax.jit``.
+    """
+
+    budget: int
+    steps: int
+
+
+def register_with_schedule(state_type: type) -> type:
+    """Registers a method's state NamedTuple whose last field is a ``SpendSchedule``.
+
+    The schedule goes into the tree definition (static under ``jax.jit``), not the leaves, and
+    the other fields keep their namedtuple key paths: checkpoints hold exactly the arrays
+    they held before the field existed, and restore into states that have it.
+    """
+    names = state_type._fields[:-1]
+    keys = tuple(jax.tree_util.GetAttrKey(n) for n in names)
+
+    def flatten_with_keys(state):
+        return tuple(zip(keys, state[:-1])), state[-1]
+
+    def unflatten(schedule, children):
+        return state_type(*children, schedule)
+
+    jax.tree_util.register_pytree_with_keys(
+        state_type, flatten_with_keys, unflatten, flatten_func=lambda s: (tuple(s[:-1]), s[-1])
+    )
+    return state_type
 
 
 class PaFIState(NamedTuple):

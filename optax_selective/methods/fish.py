@@ -37,6 +37,7 @@ from optax_selective._tree import LeafLayout
 from optax_selective.methods import _base
 
 
+@_base.register_with_schedule
 class FishState(NamedTuple):
     """FISH's own state.
 
@@ -48,6 +49,7 @@ class FishState(NamedTuple):
 
     effective_budget: jax.Array
     fisher_sum: list[jax.Array]
+    schedule: _base.SpendSchedule | None = None  # static: for the under-used budget check
 
 
 def fisher_increment(grad: jax.Array) -> jax.Array:
@@ -76,7 +78,8 @@ class Fish:
             jnp.zeros_like(p, jnp.float32) if ok else jnp.zeros((0,), jnp.float32)
             for p, ok in zip(params, layout.selectable)
         ]
-        state = FishState(jnp.asarray(b_eff, jnp.int32), fisher_sum)
+        schedule = _base.SpendSchedule(self.budget, self.fish_steps)
+        state = FishState(jnp.asarray(b_eff, jnp.int32), fisher_sum, schedule)
         return _base.choose_all_mask(layout), state
 
     def update(self, mask, state: FishState, count, grads, params, selectable):
@@ -106,4 +109,4 @@ class Fish:
             return [m if n is None else m | n for m, n in zip(mask, new)]
 
         mask = lax.cond(count == self.fish_steps - 1, fix, lambda m: list(m), list(mask))
-        return mask, FishState(state.effective_budget, fisher_sum)
+        return mask, state._replace(fisher_sum=fisher_sum)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -13,10 +14,35 @@ from optax_selective._tree import LeafLayout
 from optax_selective.methods import _base
 
 
+@_base.register_with_schedule
 class ID3State(NamedTuple):
-    """ID3's own state: the budget left after choose_all, fixed at init."""
+    """ID3's own state: the budget left after choose_all, fixed at init, and the (static)
+    schedule the under-used budget check reads (:func:`optax_selective.make_summary`)."""
 
     effective_budget: jax.Array  # int32 scalar
+    schedule: _base.SpendSchedule | None = None
+
+
+def check_exp_eps(exp: Any, eps: Any) -> None:
+    """Refuses a non-finite ``exp`` or a negative (or NaN) ``eps``; traced values pass.
+
+    Any finite ``exp`` is valid: the ID3 paper's sensitivity sweep uses exp in {-2, -1, 1, 2}
+    (a negative exp favours large parameters). ``eps >= 0`` keeps ``|θ| + eps`` positive.
+    The one check for both frameworks (:class:`ID3` runs it on construction).
+    """
+    for name, value in (("exp", exp), ("eps", eps)):
+        if isinstance(value, jax.core.Tracer):  # optax.inject_hyperparams: checked by the user
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, bool) or number is None:
+            raise TypeError(f"id3: {name} must be a number, got {value!r}.")
+        if name == "exp" and not math.isfinite(number):
+            raise ValueError(f"id3: exp must be a finite number (any sign), got {value}.")
+        if name == "eps" and not number >= 0:
+            raise ValueError(f"id3: eps must be >= 0, got {value}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +53,9 @@ class ID3:
     eps: Any = 1e-8
     name: str = "id3"
     needs_params: bool = True
+
+    def __post_init__(self):
+        check_exp_eps(self.exp, self.eps)
 
     @property
     def frozen_after(self) -> int:
@@ -55,7 +84,9 @@ class ID3:
 
     def init(self, params, layout: LeafLayout):
         b_eff = self.effective_budget(layout)
-        return _base.choose_all_mask(layout), ID3State(jax.numpy.asarray(b_eff, jax.numpy.int32))
+        return _base.choose_all_mask(layout), ID3State(
+            jax.numpy.asarray(b_eff, jax.numpy.int32), _base.SpendSchedule(self.budget, self.max_steps)
+        )
 
     def update(self, mask, state: ID3State, count, grads, params, selectable):
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]

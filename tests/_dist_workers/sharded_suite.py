@@ -217,11 +217,11 @@ def test_selection_never_gathers_scores_or_params(name, mode, compact):
     assert not too_big, f"collectives moving (nearly) whole leaves: {too_big}"
 
 
-def test_auto_mode_without_mesh_context_takes_the_fast_paths():
-    """Without ``jax.set_mesh`` a traced value's placement is unknown when the step is traced:
-    the single-device paths are traced (XLA then reshards, results are the same, tested
-    above). Under a multi-device auto mesh context the counting path is chosen; concrete
-    arrays split over devices are recognised without a context."""
+def test_auto_mode_paths_with_and_without_mesh_context():
+    """A jitted argument placed over a multi-device mesh carries that mesh in its type, so
+    the counting path (on the shards) is chosen with or without ``jax.set_mesh``; an array
+    on one device, even under a 1-device mesh context, takes the fast single-device path;
+    concrete arrays split over devices are recognised without a context."""
     mesh = _mesh(AxisType.Auto)
     x = jax.device_put(np.ones((16, common.WIDTH), np.float32), NamedSharding(mesh, P("data", "model")))
     seen = {}
@@ -236,7 +236,13 @@ def test_auto_mode_without_mesh_context_takes_the_fast_paths():
         one = jax.make_mesh((1, 1), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(one):
         jax.jit(functools.partial(probe, key="jit-1-device-mesh"))(np.ones((16, common.WIDTH), np.float32))
-    assert seen == {"jit": "rows", "jit-set-mesh": "counting", "jit-1-device-mesh": "rows"}
+    jax.jit(functools.partial(probe, key="jit-one-device"))(np.ones((16, common.WIDTH), np.float32))
+    assert seen == {
+        "jit": "counting",
+        "jit-set-mesh": "counting",
+        "jit-1-device-mesh": "rows",
+        "jit-one-device": "rows",
+    }
     assert selection.choose_path([x], 16) == "counting"  # concrete, split over devices
 
 
