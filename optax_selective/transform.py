@@ -12,6 +12,7 @@ Two forms (DESIGN.md section 4):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,16 +21,21 @@ import jax.numpy as jnp
 import optax
 
 from optax_selective import methods as _methods
-from optax_selective import selection as _selection
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner
-from optax_selective.methods._base import check_budget, check_int, frozen_update
-from optax_selective.methods.random import SEED_BOUND
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
     "`tx.update(updates, state, params)` with params (optax.apply_updates does not)."
 )
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class MethodName:
+    """The name of the method that made a :class:`SelectiveState` (static: no arrays)."""
+
+    name: str
 
 
 class SelectiveState(NamedTuple):
@@ -38,34 +44,64 @@ class SelectiveState(NamedTuple):
     Attributes:
       count: int32 number of updates applied so far (saturating).
       mask: bool pytree shaped like params; true where an entry may change.
-      method_state: the method's own state (e.g. ``ID3State``), ``optax.EmptyState()`` if none.
+      method_state: the method's own state (e.g. ``ID3State``), ``()`` if none.
       inner_state: the wrapped optimizer's state in the wrapper form, else ``EmptyState()``.
+      method: the method's name (a static pytree node: it holds no arrays, so it is part of
+        the tree structure); ``make_summary`` records it.
     """
 
     count: jax.Array
     mask: optax.Params
     method_state: Any
     inner_state: Any
+    method: MethodName = MethodName("unknown")
 
 
 def selective(
-    method: _methods.Method,
+    method: _methods.Method | str,
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
     compact: bool = True,
+    **method_args: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Builds the transformation for any :class:`~optax_selective.methods.Method`.
+    """Builds the transformation for any method: a registered name or a method object.
 
-    Prefer the named factories (:func:`selective_id3`, ...); this is the extension point for
-    new methods. With ``inner`` and ``compact=True`` (and a method with a ``budget``), the
-    inner state covers the selected entries only (see :mod:`optax_selective.compact`).
+    Args:
+      method: a name registered with :func:`optax_selective.methods.register` (the
+        built-ins: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``),
+        built from ``method_args`` by its factory; or a
+        :class:`~optax_selective.methods.Method` object (then ``method_args`` must be empty).
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+      compact: with ``inner`` and a method with a ``budget``, keep ``inner``'s state for the
+        selected entries only (see :mod:`optax_selective.compact`).
+      **method_args: the method's own arguments (``budget``, ``max_steps``, ...).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> tx = osel.selective("pafi", budget=2, inner=optax.sgd(0.1))
+      >>> osel.selected_mask(tx.init({"w": jnp.array([0.5, -0.1, 2.0, 0.0])}))["w"].tolist()
+      [False, True, False, True]
     """
+    if isinstance(method, str):
+        method = _methods.build(method, **method_args)
+    elif method_args:
+        raise TypeError(
+            f"selective() got method arguments {sorted(method_args)} with a method object; "
+            "pass them to the method's constructor, or pass the method's registered name."
+        )
+    elif not isinstance(method, _methods.Method):
+        raise TypeError(
+            f"method must be a registered name or a Method (name, budget, needs_params, "
+            f"frozen_after, k_max, init, update), got {method!r}."
+        )
     if inner is not None and not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
     compact_tx = None
-    if inner_tx is not None and compact and isinstance(getattr(method, "budget", None), int):
+    name = MethodName(method.name)
+    if inner_tx is not None and compact and method.budget is not None:
         check_compact_inner(inner)
         compact_tx = CompactInner(inner_tx, method.budget)
 
@@ -83,6 +119,7 @@ def selective(
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
             inner_state=inner_state,
+            method=name,
         )
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
@@ -102,6 +139,7 @@ def selective(
                 mask=treedef.unflatten(mask),
                 method_state=method_state,
                 inner_state=inner_state,
+                method=name,
             )
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
@@ -121,6 +159,7 @@ def selective(
             mask=treedef.unflatten(mask),
             method_state=method_state,
             inner_state=inner_state,
+            method=name,
         )
         return treedef.unflatten(masked), new_state
 
@@ -131,16 +170,13 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
     """The wrapper form's update with compact inner state (optax_selective.compact)."""
     args = (old_mask, state.method_state, state.count, grads, params, selectable)
     inner_state = state.inner_state
-    split = any(_selection._explicitly_sharded(g) for g in grads) or _selection.split_by_partitioner(grads)
-    if hasattr(method, "update_with_indices") and not split:  # ID3: new entries come with the mask
-        mask, method_state, added = method.update_with_indices(*args)
+    mask, method_state, added = method.update(*args, report_added=True)
+    if added is not None:  # e.g. ID3 on unsplit leaves: the new entries come with the mask
         inner_state = compact_tx.add_entries(inner_state, grads, new_entries=added)
-    else:  # sharded leaves: the index form would gather scores; compare masks
-        mask, method_state = method.update(*args)
-        if getattr(method, "frozen_after", None) != 0 and method.update is not frozen_update:
-            inner_state = compact_tx.add_entries(
-                inner_state, grads, old_mask=old_mask, new_mask=mask, most=getattr(method, "k_max", None)
-            )
+    elif method.frozen_after != 0:  # not listed (sharded leaves, FISH): compare the masks
+        inner_state = compact_tx.add_entries(
+            inner_state, grads, old_mask=old_mask, new_mask=mask, most=method.k_max
+        )
     updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
     return updates, mask, method_state, inner_state
 
@@ -202,11 +238,7 @@ def selective_id3(
       Agarwal et al., "Step-by-Step Unmasking for Parameter-Efficient Fine-tuning of Large
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
-    budget = check_budget(budget)
-    max_steps = check_int("max_steps", max_steps, 1)
-    _check_nonnegative("exp", exp)
-    _check_nonnegative("eps", eps)
-    method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    method = _methods.get("id3")(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
@@ -235,9 +267,8 @@ def selective_pafi(
     References:
       Liao et al., "Parameter-Efficient Fine-Tuning without Introducing New Latency", ACL 2023.
     """
-    return selective(
-        _methods.PaFI(budget=check_budget(budget)), choose_all=choose_all, inner=inner, compact=compact
-    )
+    method = _methods.get("pafi")(budget=budget)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_bitfit(
@@ -269,7 +300,7 @@ def selective_bitfit(
       Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
       Masked Language-models", ACL 2022.
     """
-    method = _methods.BitFit(budget=check_budget(budget), is_bias=is_bias)
+    method = _methods.get("bitfit")(budget=budget, is_bias=is_bias)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
@@ -283,7 +314,7 @@ def selective_fft(
       >>> osel.budget_used(osel.selective_fft().init({"w": jnp.ones((2, 2))}))
       4
     """
-    return selective(_methods.FFT(), inner=inner)
+    return selective(_methods.get("fft")(), inner=inner)
 
 
 def selective_fish(
@@ -342,9 +373,7 @@ def selective_fish(
       Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021.
       https://arxiv.org/abs/2111.09839
     """
-    budget = check_budget(budget)
-    fish_steps = check_int("fish_steps", fish_steps, 1)
-    method = _methods.Fish(budget=budget, fish_steps=fish_steps)
+    method = _methods.get("fish")(budget=budget, fish_steps=fish_steps)
     return selective(method, choose_all=choose_all, inner=inner)
 
 
@@ -383,6 +412,5 @@ def selective_random(
       Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021
       (random-mask baseline). https://arxiv.org/abs/2111.09839
     """
-    budget = check_budget(budget)
-    seed = check_int("seed", seed, 0, SEED_BOUND - 1)
-    return selective(_methods.RandomMask(budget=budget, seed=seed), choose_all=choose_all, inner=inner)
+    method = _methods.get("random")(budget=budget, seed=seed)
+    return selective(method, choose_all=choose_all, inner=inner)

@@ -1,15 +1,30 @@
-"""Selection methods, one module each; see ``_base.Method`` for the interface."""
+"""Selection methods, one module each, and the registry that names them.
 
-from optax_selective.methods._base import Method
-from optax_selective.methods.bitfit import BitFit, default_is_bias
-from optax_selective.methods.fft import FFT
-from optax_selective.methods.fish import Fish, FishState
-from optax_selective.methods.id3 import ID3, ID3State
+``Method`` (and ``ShardedMethod`` for sharded torch runs) is the whole interface; see
+``_base``. Every built-in registers a factory here on import; add your own with
+:func:`register` (``docs/guides/custom-methods.md``).
+"""
+
+from optax_selective.methods._base import Added, Method, ShardedMethod, ShardInit
+from optax_selective.methods._registry import arguments, build, get, names, register, unregister
+from optax_selective.methods.id3 import ID3, ID3State  # noqa: I001  (registration order)
 from optax_selective.methods.pafi import PaFI
+from optax_selective.methods.bitfit import BitFit, default_is_bias
+from optax_selective.methods.fish import Fish, FishState
 from optax_selective.methods.random import RandomMask
+from optax_selective.methods.fft import FFT
 
 __all__ = [
     "Method",
+    "ShardedMethod",
+    "ShardInit",
+    "Added",
+    "register",
+    "unregister",
+    "get",
+    "names",
+    "arguments",
+    "build",
     "ID3",
     "ID3State",
     "PaFI",
