@@ -7,12 +7,12 @@
 
 from optax_selective.methods._base import Added, Method, ShardedMethod, ShardInit
 from optax_selective.methods._registry import arguments, build, get, names, register, unregister
-from optax_selective.methods.id3 import ID3, ID3State  # noqa: I001  (registration order)
-from optax_selective.methods.pafi import PaFI
 from optax_selective.methods.bitfit import BitFit, default_is_bias
-from optax_selective.methods.fish import Fish, FishState
-from optax_selective.methods.random import RandomMask
 from optax_selective.methods.fft import FFT
+from optax_selective.methods.fish import Fish, FishState
+from optax_selective.methods.id3 import ID3, ID3State
+from optax_selective.methods.pafi import PaFI
+from optax_selective.methods.random import RandomMask
 
 __all__ = [
     "Method",
