@@ -204,7 +204,7 @@ def _keyed_leaves(tree: Any, what: str) -> list[tuple[str, Any]]:
 
 
 def _method_name(state: Any) -> str:
-    return state.method.name  # declared by the method (Method.name), kept in the state
+    return type(state).method_name  # declared by the method (Method.name); see SelectiveState
 
 
 def _in_host_memory(x: Any) -> bool:

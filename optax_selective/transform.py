@@ -12,7 +12,6 @@ Two forms (DESIGN.md section 4):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,14 +29,6 @@ NO_PARAMS_MSG = (
 )
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class MethodName:
-    """The name of the method that made a :class:`SelectiveState` (static: no arrays)."""
-
-    name: str
-
-
 class SelectiveState(NamedTuple):
     """State of every selective transformation.
 
@@ -46,15 +37,33 @@ class SelectiveState(NamedTuple):
       mask: bool pytree shaped like params; true where an entry may change.
       method_state: the method's own state (e.g. ``ID3State``), ``()`` if none.
       inner_state: the wrapped optimizer's state in the wrapper form, else ``EmptyState()``.
-      method: the method's name (a static pytree node: it holds no arrays, so it is part of
-        the tree structure); ``make_summary`` records it.
+
+    ``type(state).method_name`` is the name the method declares (``Method.name``; the
+    transformation's state is of a subclass per method, so the name is static and the
+    arrays, their paths and checkpoints are the same for every method); ``make_summary``
+    records it.
     """
 
     count: jax.Array
     mask: optax.Params
     method_state: Any
     inner_state: Any
-    method: MethodName = MethodName("unknown")
+
+    method_name = "unknown"  # a class attribute, not a field: see _state_type
+
+
+_STATE_TYPES: dict[str, type[SelectiveState]] = {}
+
+
+def _state_type(name: str) -> type[SelectiveState]:
+    """The :class:`SelectiveState` subclass that names method ``name`` (one per name, so
+    ``jax.jit`` sees the same tree structure from step to step)."""
+    if name not in _STATE_TYPES:
+        _STATE_TYPES[name] = type(
+            "SelectiveState", (SelectiveState,),
+            {"__slots__": (), "method_name": name, "__module__": __name__, "__qualname__": "SelectiveState"},
+        )
+    return _STATE_TYPES[name]
 
 
 def selective(
@@ -100,7 +109,7 @@ def selective(
         raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}.")
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
     compact_tx = None
-    name = MethodName(method.name)
+    state_type = _state_type(method.name)
     if inner_tx is not None and compact and method.budget is not None:
         check_compact_inner(inner)
         compact_tx = CompactInner(inner_tx, method.budget)
@@ -114,12 +123,11 @@ def selective(
             inner_state = compact_tx.init(leaves, mask)
         else:
             inner_state = optax.EmptyState() if inner_tx is None else inner_tx.init(params)
-        return SelectiveState(
+        return state_type(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
             inner_state=inner_state,
-            method=name,
         )
 
     def update_fn(updates, state: SelectiveState, params=None, **extra_args):
@@ -134,13 +142,12 @@ def selective(
                 compact_tx, method, state, grads, mask, param_leaves, selectable, extra_args
             )
             mask = [place_like(m, g) for m, g in zip(mask, grads)]
-            return treedef.unflatten(masked), SelectiveState(
+            return treedef.unflatten(masked), state_type(
                 count=optax.safe_int32_increment(state.count),
                 mask=treedef.unflatten(mask),
                 method_state=method_state,
                 inner_state=inner_state,
-                method=name,
-            )
+                )
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
@@ -154,12 +161,11 @@ def selective(
             masked = [
                 zero_outside(m, u) for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
             ]
-        new_state = SelectiveState(
+        new_state = state_type(
             count=optax.safe_int32_increment(state.count),
             mask=treedef.unflatten(mask),
             method_state=method_state,
             inner_state=inner_state,
-            method=name,
         )
         return treedef.unflatten(masked), new_state
 
