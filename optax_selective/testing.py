@@ -81,7 +81,7 @@ def check_method(
 
     Example:
       >>> from optax_selective.testing import check_method
-      >>> check_method("pafi", budget=10).budget_used
+      >>> check_method("pafi", budget=10, check_torch=False).budget_used
       10
     """
     name = method if isinstance(method, str) else None

@@ -68,8 +68,8 @@ class ShardableGradMagnitude(GradMagnitude):
 
 
 def make(*, budget=None, at_step=0):
-    budget = methods._base.required_budget(NAME, budget)
-    return GradMagnitude(budget=budget, at_step=methods._base.check_int("at_step", at_step, 0))
+    budget = methods.required_budget(NAME, budget)
+    return GradMagnitude(budget=budget, at_step=methods.check_int("at_step", at_step, 0))
 
 
 @pytest.fixture(autouse=True)

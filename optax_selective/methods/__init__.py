@@ -5,7 +5,17 @@
 :func:`register` (``docs/guides/custom-methods.md``).
 """
 
-from optax_selective.methods._base import Added, Method, ShardedMethod, ShardInit
+from optax_selective.methods._base import (
+    Added,
+    Method,
+    ShardedMethod,
+    ShardInit,
+    check_int,
+    check_nonnegative_number,
+    choose_all_mask,
+    require,
+    required_budget,
+)
 from optax_selective.methods._registry import arguments, build, get, names, register, unregister
 from optax_selective.methods.bitfit import BitFit, default_is_bias
 from optax_selective.methods.fft import FFT
@@ -19,6 +29,11 @@ __all__ = [
     "ShardedMethod",
     "ShardInit",
     "Added",
+    "check_int",
+    "check_nonnegative_number",
+    "choose_all_mask",
+    "require",
+    "required_budget",
     "register",
     "unregister",
     "get",

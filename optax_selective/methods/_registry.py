@@ -33,13 +33,13 @@ def register(name: str, factory: Factory | None = None, *, replace: bool = False
       ``factory`` (or, without it, a decorator that registers its argument).
 
     Example:
-      >>> import optax_selective as osel
       >>> from optax_selective import methods
-      >>> @methods.register("pafi_again", replace=True)
-      ... def make(*, budget):
-      ...     return methods.PaFI(budget=budget)
-      >>> methods.get("pafi_again")(budget=3).budget
+      >>> @methods.register("smallest_first")
+      ... def make(*, budget=None):
+      ...     return methods.PaFI(budget=methods.required_budget("smallest_first", budget))
+      >>> methods.get("smallest_first")(budget=3).budget
       3
+      >>> methods.unregister("smallest_first")
     """
     if factory is None:
         return lambda f: register(name, f, replace=replace)
