@@ -51,6 +51,13 @@ class SelectiveState(NamedTuple):
 
     method_name = "unknown"  # a class attribute, not a field: see _state_type
 
+    def __reduce__(self):  # pickles by method name: the subclasses are made at run time
+        return _restore_state, (self.method_name, tuple(self))
+
+
+def _restore_state(name: str, fields: tuple) -> SelectiveState:
+    return (SelectiveState if name == "unknown" else _state_type(name))(*fields)
+
 
 _STATE_TYPES: dict[str, type[SelectiveState]] = {}
 

@@ -154,3 +154,15 @@ class Retraces(Broken):
 def test_the_check_catches_recompiles():
     with pytest.raises(ConformanceError, match="traced 3 times"):
         check_method(Retraces, budget=4, steps=3, check_torch=False)
+
+
+def test_state_names_its_method_and_pickles():
+    import pickle
+
+    params = {"w": jnp.arange(4.0)}
+    for name, kwargs in [("random", dict(budget=2)), ("fft", {})]:
+        state = osel.selective(name, **kwargs).init(params)
+        assert isinstance(state, osel.SelectiveState) and type(state).method_name == name
+        again = pickle.loads(pickle.dumps(state))
+        assert type(again) is type(state)
+        assert osel.make_summary(params, again).method == name

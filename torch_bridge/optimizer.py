@@ -51,8 +51,10 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
 
     Args:
       optimizer_class: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.AdamW``.
-      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"`` or ``"fft"``
-        (full fine-tuning).
+      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``
+        (full fine-tuning), or a name registered with ``optax_selective.methods.register``
+        (``docs/guides/custom-methods.md``): then the constructor's keyword arguments that
+        its factory names go to it.
 
     Returns:
       A subclass of ``optimizer_class`` (the same class for the same arguments). Its

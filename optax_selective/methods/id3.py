@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -79,6 +80,16 @@ class ID3:
         mask = lax.cond(count < self.max_steps, grow, lambda m: list(m), list(mask))
         # Split over devices, the entries are not listed (that would gather the scores).
         return (mask, state, None) if report_added else (mask, state)
+
+    def update_with_indices(self, mask, state, count, grads, params, selectable):
+        """Deprecated: use ``update(..., report_added=True)``."""
+        warnings.warn(
+            "ID3.update_with_indices is deprecated; use update(..., report_added=True), which "
+            "returns None for the added entries where the leaves are split over devices.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.update(mask, state, count, grads, params, selectable, report_added=True)
 
     def _grow_in_place(self, mask, state: ID3State, count, grads, params, selectable):
         """The new mask and the entries added, as ``(leaf, index, valid)`` slots (what the
