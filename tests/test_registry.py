@@ -166,3 +166,31 @@ def test_state_names_its_method_and_pickles():
         again = pickle.loads(pickle.dumps(state))
         assert type(again) is type(state)
         assert osel.make_summary(params, again).method == name
+
+
+def test_no_method_name_comparisons_outside_the_registry():
+    """Callers use the Method interface; only the registry maps names to methods."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [*root.glob("optax_selective/**/*.py"), *root.glob("torch_bridge/**/*.py")]:
+        if path.name in ("_registry.py", "demo.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            named = any(
+                isinstance(s, ast.Attribute) and s.attr in ("name", "method_name")
+                or isinstance(s, ast.Name) and s.id in ("method", "method_name", "name")
+                for s in sides
+            )
+            builtin = any(
+                isinstance(c, ast.Constant) and c.value in BUILTIN_ARGS
+                for s in sides for c in ast.walk(s)
+            )
+            if named and builtin:
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
