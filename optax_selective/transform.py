@@ -154,7 +154,7 @@ def selective(
                 mask=treedef.unflatten(mask),
                 method_state=method_state,
                 inner_state=inner_state,
-                )
+            )
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
