@@ -52,15 +52,10 @@ def make_selective(
     method: str, budget: int, max_steps: int, *, exp: float = 1.0, eps: float = 1e-8
 ) -> optax.GradientTransformation:
     """The selective transformation for ``method`` with the head as choose_all."""
-    if method == "id3":
-        return osel.selective_id3(budget, max_steps, exp=exp, eps=eps, choose_all=is_head)
-    if method == "pafi":
-        return osel.selective_pafi(budget, choose_all=is_head)
-    if method == "bitfit":
-        return osel.selective_bitfit(budget, choose_all=is_head)
-    if method == "fft":
-        return osel.selective_fft()
-    raise ValueError(f"unknown method {method!r}; choose one of {_common.METHODS}")
+    offered = dict(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    takes = osel.methods.arguments(method)  # any registered method; unknown names raise
+    args = {k: v for k, v in offered.items() if k in takes}
+    return osel.selective(method, choose_all=is_head, **args)
 
 
 def tokenize(texts: list[str], max_length: int) -> dict[str, np.ndarray]:

@@ -151,19 +151,10 @@ def make_tx(
     random mask draws from ``seed``.
     """
     inner = optax.adamw(lr, weight_decay=weight_decay)
-    if method == "id3":
-        return osel.selective_id3(budget, max(1, steps // 2), exp=1.0, eps=1e-3, inner=inner)
-    if method == "pafi":
-        return osel.selective_pafi(budget, inner=inner)
-    if method == "bitfit":
-        return osel.selective_bitfit(budget, inner=inner)
-    if method == "fish":
-        return osel.selective_fish(budget, 1, inner=inner)
-    if method == "random":
-        return osel.selective_random(budget, seed=seed, inner=inner)
-    if method == "fft":
-        return osel.selective_fft(inner=inner)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    offered = {"budget": budget, "max_steps": max(1, steps // 2), "exp": 1.0, "eps": 1e-3,
+               "fish_steps": 1, "seed": seed}
+    takes = osel.methods.arguments(method)  # any registered method; raises for unknown names
+    return osel.selective(method, inner=inner, **{k: v for k, v in offered.items() if k in takes})
 
 
 @dataclasses.dataclass

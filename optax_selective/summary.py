@@ -250,11 +250,7 @@ def _keyed_leaves(tree: Any, what: str) -> list[tuple[str, Any]]:
 
 
 def _method_name(state: Any) -> str:
-    # Each method's state type names it (ID3State, PaFIState, ...; see methods/_base.py).
-    name = type(state.method_state).__name__
-    if name.endswith("State") and name != "EmptyState":
-        return name[: -len("State")].lower()
-    return "unknown"
+    return type(state).method_name  # declared by the method (Method.name); see SelectiveState
 
 
 def _in_host_memory(x: Any) -> bool:
@@ -306,9 +302,9 @@ def make_summary(params: Any, opt_state: Any, *, method: str | None = None) -> S
       params: the fine-tuned parameters (a pytree, or a ``flax.nnx`` state of ``nnx.Param``).
       opt_state: any optimizer state holding exactly one selective transformation's state
         (chain, wrapper, ``MultiSteps``, ``nnx.Optimizer.opt_state``, ...).
-      method: the method name to record. By default it is read from the type of the method's
-        state (``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``), or
-        ``"unknown"`` for a method that keeps ``optax.EmptyState``.
+      method: the method name to record. By default the name the method declares
+        (``Method.name``: ``"id3"``, ``"pafi"``, ..., or a registered method's own), which
+        the selective state keeps.
 
     Returns:
       The summary.

@@ -25,11 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_selective import methods as _methods
-from optax_selective import selection as _selection
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner
-from optax_selective.methods._base import check_budget, check_int, frozen_update
-from optax_selective.methods.random import SEED_BOUND
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
@@ -43,8 +40,13 @@ class SelectiveState(NamedTuple):
     Attributes:
       count: int32 number of updates applied so far (saturating).
       mask: bool pytree shaped like params; true where an entry may change.
-      method_state: the method's own state (e.g. ``ID3State``), ``optax.EmptyState()`` if none.
+      method_state: the method's own state (e.g. ``ID3State``), ``()`` if none.
       inner_state: the wrapped optimizer's state in the wrapper form, else ``EmptyState()``.
+
+    ``type(state).method_name`` is the name the method declares (``Method.name``; the
+    transformation's state is of a subclass per method, so the name is static and the
+    arrays, their paths and checkpoints are the same for every method); ``make_summary``
+    records it.
     """
 
     count: jax.Array
@@ -52,22 +54,71 @@ class SelectiveState(NamedTuple):
     method_state: Any
     inner_state: Any
 
+    method_name = "unknown"  # a class attribute, not a field: see _state_type
+
+    def __reduce__(self):  # pickles by method name: the subclasses are made at run time
+        return _restore_state, (self.method_name, tuple(self))
+
+
+def _restore_state(name: str, fields: tuple) -> SelectiveState:
+    return (SelectiveState if name == "unknown" else _state_type(name))(*fields)
+
+
+_STATE_TYPES: dict[str, type[SelectiveState]] = {}
+
+
+def _state_type(name: str) -> type[SelectiveState]:
+    """The :class:`SelectiveState` subclass that names method ``name`` (one per name, so
+    ``jax.jit`` sees the same tree structure from step to step)."""
+    if name not in _STATE_TYPES:
+        _STATE_TYPES[name] = type(
+            "SelectiveState", (SelectiveState,),
+            {"__slots__": (), "method_name": name, "__module__": __name__, "__qualname__": "SelectiveState"},
+        )
+    return _STATE_TYPES[name]
+
 
 def selective(
-    method: _methods.Method,
+    method: _methods.Method | str,
     *,
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
     compact: bool = True,
+    **method_args: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Builds the transformation for any :class:`~optax_selective.methods.Method`.
+    """Builds the transformation for any method: a registered name or a method object.
 
-    Prefer the named factories (:func:`selective_id3`, ...); this is the extension point for
-    new methods. With ``inner`` and ``compact=True`` (and a method with a ``budget``), the
-    inner state covers the selected entries only (see :mod:`optax_selective.compact`).
+    Args:
+      method: a name registered with :func:`optax_selective.methods.register` (the
+        built-ins: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``),
+        built from ``method_args`` by its factory; or a
+        :class:`~optax_selective.methods.Method` object (then ``method_args`` must be empty).
+      choose_all: see :func:`selective_id3`.
+      inner: see :func:`selective_id3`.
+      compact: with ``inner`` and a method with a ``budget``, keep ``inner``'s state for the
+        selected entries only (see :mod:`optax_selective.compact`).
+      **method_args: the method's own arguments (``budget``, ``max_steps``, ...).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> tx = osel.selective("pafi", budget=2, inner=optax.sgd(0.1))
+      >>> osel.selected_mask(tx.init({"w": jnp.array([0.5, -0.1, 2.0, 0.0])}))["w"].tolist()
+      [False, True, False, True]
     """
     if isinstance(inner, optax.MultiSteps):  # not itself a GradientTransformation
         inner = inner.gradient_transformation()
+    if isinstance(method, str):
+        method = _methods.build(method, **method_args)
+    elif method_args:
+        raise TypeError(
+            f"selective() got method arguments {sorted(method_args)} with a method object; "
+            "pass them to the method's constructor, or pass the method's registered name."
+        )
+    elif not isinstance(method, _methods.Method):
+        raise TypeError(
+            f"method must be a registered name or a Method (name, budget, needs_params, "
+            f"frozen_after, k_max, init, update), got {method!r}."
+        )
     if inner is not None and not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
             f"inner must be an optax.GradientTransformation (or optax.MultiSteps), got "
@@ -75,14 +126,15 @@ def selective(
         )
     inner_tx = None if inner is None else optax.with_extra_args_support(inner)
     compact_tx = None
-    if inner_tx is not None and compact and isinstance(getattr(method, "budget", None), int):
+    state_type = _state_type(method.name)
+    if inner_tx is not None and compact and method.budget is not None:
         check_compact_inner(inner)
         compact_tx = CompactInner(inner_tx, method.budget)
 
     def init_fn(params):
         layout = make_layout(params, choose_all)
         if inner_tx is None:
-            _warn_float16_chain(params, layout, f"selective_{getattr(method, 'name', '<method>')}")
+            _warn_float16_chain(params, layout, f"selective_{method.name}")
         leaves, treedef = jax.tree.flatten(params)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
@@ -90,7 +142,7 @@ def selective(
             inner_state = compact_tx.init(leaves, mask)
         else:
             inner_state = optax.EmptyState() if inner_tx is None else inner_tx.init(params)
-        state = SelectiveState(
+        state = state_type(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.unflatten(treedef, mask),
             method_state=method_state,
@@ -110,7 +162,7 @@ def selective(
                 compact_tx, method, state, grads, mask, param_leaves, selectable, extra_args
             )
             mask = [place_like(m, g) for m, g in zip(mask, grads)]
-            return treedef.unflatten(masked), SelectiveState(
+            return treedef.unflatten(masked), state_type(
                 count=optax.safe_int32_increment(state.count),
                 mask=treedef.unflatten(mask),
                 method_state=method_state,
@@ -130,7 +182,7 @@ def selective(
                 zero_outside(m, u, negative=True)
                 for m, u in zip(mask, treedef.flatten_up_to(inner_updates))
             ]
-        new_state = SelectiveState(
+        new_state = state_type(
             count=optax.safe_int32_increment(state.count),
             mask=treedef.unflatten(mask),
             method_state=method_state,
@@ -199,16 +251,13 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
     """The wrapper form's update with compact inner state (optax_selective.compact)."""
     args = (old_mask, state.method_state, state.count, grads, params, selectable)
     inner_state = state.inner_state
-    split = any(_selection._explicitly_sharded(g) for g in grads) or _selection.split_by_partitioner(grads)
-    if hasattr(method, "update_with_indices") and not split:  # ID3: new entries come with the mask
-        mask, method_state, added = method.update_with_indices(*args)
+    mask, method_state, added = method.update(*args, report_added=True)
+    if added is not None:  # e.g. ID3 on unsplit leaves: the new entries come with the mask
         inner_state = compact_tx.add_entries(inner_state, grads, new_entries=added)
-    else:  # sharded leaves: the index form would gather scores; compare masks
-        mask, method_state = method.update(*args)
-        if getattr(method, "frozen_after", None) != 0 and method.update is not frozen_update:
-            inner_state = compact_tx.add_entries(
-                inner_state, grads, old_mask=old_mask, new_mask=mask, most=getattr(method, "k_max", None)
-            )
+    elif method.frozen_after != 0:  # not listed (sharded leaves, FISH): compare the masks
+        inner_state = compact_tx.add_entries(
+            inner_state, grads, old_mask=old_mask, new_mask=mask, most=method.k_max
+        )
     updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
     return updates, mask, method_state, inner_state
 
@@ -273,9 +322,7 @@ def selective_id3(
       Agarwal et al., "Step-by-Step Unmasking for Parameter-Efficient Fine-tuning of Large
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
-    budget = check_budget(budget)
-    max_steps = check_int("max_steps", max_steps, 1)
-    method = _methods.ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    method = _methods.get("id3")(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
@@ -304,9 +351,8 @@ def selective_pafi(
     References:
       Liao et al., "Parameter-Efficient Fine-Tuning without Introducing New Latency", ACL 2023.
     """
-    return selective(
-        _methods.PaFI(budget=check_budget(budget)), choose_all=choose_all, inner=inner, compact=compact
-    )
+    method = _methods.get("pafi")(budget=budget)
+    return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
 def selective_bitfit(
@@ -338,7 +384,7 @@ def selective_bitfit(
       Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
       Masked Language-models", ACL 2022.
     """
-    method = _methods.BitFit(budget=check_budget(budget), is_bias=is_bias)
+    method = _methods.get("bitfit")(budget=budget, is_bias=is_bias)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
@@ -352,7 +398,7 @@ def selective_fft(
       >>> osel.budget_used(osel.selective_fft().init({"w": jnp.ones((2, 2))}))
       4
     """
-    return selective(_methods.FFT(), inner=inner)
+    return selective(_methods.get("fft")(), inner=inner)
 
 
 def selective_fish(
@@ -415,9 +461,7 @@ def selective_fish(
       Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021.
       https://arxiv.org/abs/2111.09839
     """
-    budget = check_budget(budget)
-    fish_steps = check_int("fish_steps", fish_steps, 1)
-    method = _methods.Fish(budget=budget, fish_steps=fish_steps)
+    method = _methods.get("fish")(budget=budget, fish_steps=fish_steps)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 
@@ -458,7 +502,5 @@ def selective_random(
       Sung, Nair and Raffel, "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021
       (random-mask baseline). https://arxiv.org/abs/2111.09839
     """
-    budget = check_budget(budget)
-    seed = check_int("seed", seed, 0, SEED_BOUND - 1)
-    method = _methods.RandomMask(budget=budget, seed=seed)
+    method = _methods.get("random")(budget=budget, seed=seed)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)

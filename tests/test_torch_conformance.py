@@ -20,14 +20,10 @@ LR = 0.5  # a power of two: SGD updates are exact in both frameworks
 
 def make_tx(method, choose_all, budget, max_steps, exp):
     ca = [choose_all, choose_all, False, False, False]
-    inner = optax.sgd(LR)
-    if method == "id3":
-        return osel.selective_id3(budget, max_steps, exp=exp, eps=1e-3, choose_all=ca, inner=inner)
-    if method == "pafi":
-        return osel.selective_pafi(budget, choose_all=ca, inner=inner)
-    if method == "bitfit":
-        return osel.selective_bitfit(budget, choose_all=ca, inner=inner)
-    return osel.selective_fft(inner=inner)
+    offered = dict(budget=budget, max_steps=max_steps, exp=exp, eps=1e-3)
+    takes = osel.methods.arguments(method)  # the registry says what each method takes
+    args = {k: v for k, v in offered.items() if k in takes}
+    return osel.selective(method, choose_all=ca, inner=optax.sgd(LR), **args)
 
 
 CASES = [("id3", ca, exp) for ca in (False, True) for exp in (0.0, 1.0)] + [

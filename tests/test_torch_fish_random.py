@@ -166,7 +166,7 @@ def test_registry_and_bad_arguments():
         rand(params, lr=0.1, budget=6)
 
 
-def test_fish_state_dict_round_trip_after_scoring_and_refused_during_scoring():
+def test_fish_state_dict_round_trip_during_and_after_scoring():
     def make():
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
@@ -186,8 +186,15 @@ def test_fish_state_dict_round_trip_after_scoring_and_refused_during_scoring():
     step(model, opt)
     after = opt.state_dict()
     _, fresh = make()
-    with pytest.raises(ValueError, match="saved during FISH scoring \\(after 1 of 2"):
-        fresh.load_state_dict(during)
+    # Saved during scoring, the state dict holds the running Fisher sum: resuming is exact.
+    model_r, resumed = make()
+    resumed.load_state_dict(during)
+    step(model_r, resumed)
+    for a, b in zip(resumed.get_masks(), opt.get_masks()):
+        assert torch.equal(a, b)
+    old_style = dict(during, selective={k: v for k, v in during["selective"].items() if k != "method_state"})
+    with pytest.raises(ValueError, match="saved during fish's selection \\(after 1 of 2 steps\\) without"):
+        fresh.load_state_dict(old_style)
     fresh.load_state_dict(after)
     for a, b in zip(fresh.get_masks(), opt.get_masks()):
         assert torch.equal(a, b)

@@ -5,21 +5,24 @@ rows are split over the ranks (``Shard(0)`` on a 1-D mesh). :class:`ShardedMetho
 selects exactly what one process holding the whole model would select, without ever
 gathering a parameter, a gradient or a score:
 
-1. each rank scores its own shards with the method's own scoring (``ID3.score``,
-   ``PaFI.init_scores``; the same JAX functions the single-process path runs, through DLPack)
-   and keeps its top-``k_max`` entries, ``selection.shard_candidates``: the global top-``k``
-   is always among the union of these;
+1. each rank scores its own shards with the method's own hooks (``shard_init`` and
+   ``shard_update`` of :class:`optax_selective.methods.ShardedMethod`, written with the same
+   JAX functions as the method's ``init`` and ``update``, called through DLPack) and keeps
+   its top-``k_max`` entries, ``selection.shard_candidates``: the global top-``k`` is always
+   among the union of these;
 2. the ranks exchange only these candidates, ``k_max`` (score, leaf and index) pairs each,
    with ``all_gather``;
 3. every rank runs ``selection.merge_candidates`` over them (ties go to the lower global
    index), so all ranks agree, and each marks the chosen entries that fall in its own shards.
 
-No selection rule is stated here: scores, increments, budgets, BitFit's prefix
-(``BitFit.taken``) and the tie rule come from ``optax_selective``; this module only maps
-shards to global indices and moves candidates between ranks.
+No selection rule is stated here, and no method is named: scores, increments, budgets,
+leading entries (BitFit's prefix) and the tie rule come from the method and
+``optax_selective.selection``; this module only maps shards to global indices and moves
+candidates between ranks. A method without the two hooks is refused with an error.
 
 Communication per ID3 step: ``world_size * k_max`` floats and int64 indices, with
-``k_max = ceil(budget / max_steps)``; PaFI exchanges its ``budget`` candidates once at init.
+``k_max = ceil(budget / max_steps)``; PaFI and random exchange their ``budget`` candidates
+once at init, FISH once at its last scoring step.
 Masks are ``DTensor`` s placed like their parameters. Leaf order and global indices are
 those of the unsharded parameters (DESIGN.md section 2).
 
@@ -50,6 +53,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
+from optax_selective.methods import ShardedMethod
+from torch_bridge.jax_interop import _state_from_tensors
 
 # Compiled once per shape; the rules themselves are the shared ones of ``selection``.
 _shard_candidates = jax.jit(selection.shard_candidates, static_argnums=1)
@@ -99,7 +104,7 @@ class ShardedMethodRunner:
     """Runs a method on sharded parameters; same interface as the bridge's ``MethodRunner``.
 
     Args:
-      method: an ``optax_selective.methods`` object (``ID3``, ``PaFI``, ``BitFit``, ``FFT``).
+      method: an :class:`optax_selective.methods.ShardedMethod` (every built-in is one).
       layout: the static layout of the *global* (unsharded) parameters, in leaf order.
       params: the parameters (``DTensor`` s or plain tensors), in leaf order.
       group: the process group to exchange candidates over; by default the group of the
@@ -113,8 +118,13 @@ class ShardedMethodRunner:
         params: Sequence[torch.Tensor],
         group: dist.ProcessGroup | None = None,
     ):
-        if method.name not in ("id3", "pafi", "bitfit", "fft"):  # the hooks used below
-            raise NotImplementedError(f"no distributed selection for method {method.name!r}.")
+        if not isinstance(method, ShardedMethod):
+            missing = [h for h in ("shard_init", "shard_update") if not callable(getattr(method, h, None))]
+            raise NotImplementedError(
+                f"method {method.name!r} cannot select on sharded (DTensor/FSDP2) parameters: "
+                f"it lacks {' and '.join(missing)} (see optax_selective.methods.ShardedMethod). "
+                "Add them, or train without sharding the parameters."
+            )
         self.method = method
         self.layout = layout
         self.method_state = None
@@ -131,8 +141,6 @@ class ShardedMethodRunner:
         self.rank = dist.get_rank(group) if initialized else 0
         self.world = dist.get_world_size(group) if initialized else 1
         self._shards = self._locate(params, kinds)
-        self._b_eff = 0
-        self._score = jax.jit(method.score) if method.name == "id3" else None
 
     # -- where the entries are ---------------------------------------------------------------
     def _locate(self, params, kinds) -> list[_Shard]:
@@ -213,22 +221,18 @@ class ShardedMethodRunner:
     # -- the method ----------------------------------------------------------------------------
     def init(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The method's first masks, placed like ``params``."""
-        m, lay = self.method, self.layout
-        if m.name == "fft":
-            return [self._full(p, f) for p, f in zip(params, m.trained(lay))]
+        lay = self.layout
+        shards = [self._to_jax(p) if ok else None for p, ok in zip(params, lay.selectable)]
+        plan = self.method.shard_init(shards, [sh.start for sh in self._shards], lay)
+        self.method_state = plan.state
         masks = [self._full(p, c) for p, c in zip(params, lay.choose_all)]
-        if m.name == "id3":
-            self._b_eff = m.effective_budget(lay)
-        elif m.name == "pafi":
-            scores, b_eff = m.init_scores([self._to_jax(p) for p in params], lay)
-            masks = self._merge(masks, params, self._select(scores, b_eff, b_eff))
-        elif m.name == "bitfit":
-            taken = m.taken(lay)
-            new = [
-                torch.arange(sh.start, sh.start + sh.numel) < t if t else None
-                for sh, t in zip(self._shards, taken)
-            ]
-            masks = self._merge(masks, params, new)
+        leading = [
+            torch.arange(sh.start, sh.start + sh.numel) < t if t else None
+            for sh, t in zip(self._shards, plan.leading)
+        ]
+        masks = self._merge(masks, params, leading)
+        if plan.scores is not None:
+            masks = self._merge(masks, params, self._select(plan.scores, plan.k, plan.k))
         return masks
 
     def update(
@@ -239,21 +243,21 @@ class ShardedMethodRunner:
         grads: Sequence[torch.Tensor | None],
         params: Sequence[torch.Tensor],
     ) -> dict[int, torch.Tensor]:
-        """One ID3 step over the leaves in ``active`` (fixed-mask methods: no change)."""
+        """One step of the method over the leaves in ``active`` (the others take no part)."""
         m = self.method
-        if m.name != "id3" or count >= m.frozen_after:
+        if m.frozen_after is not None and count >= m.frozen_after:
             return {i: masks[i] for i in active}
-        k = int(m.increment(jnp.int32(count), jnp.int32(self._b_eff)))
         active_set = set(active)
-        scores = []
-        for i in range(len(params)):
-            if i not in active_set:
-                scores.append(None)
-                continue
-            g, p, mk = (self._to_jax(t) for t in (grads[i], params[i], masks[i]))
-            scores.append(self._score(g, p, mk))
+        views = [
+            [self._to_jax(t[i]) if i in active_set and (m.needs_params or t is not params) else None
+             for i in range(len(params))]
+            for t in (grads, params, masks)
+        ]
+        scores, k, self.method_state = m.shard_update(self.method_state, count, *views)
         self.traces += 1
-        new = self._select(scores, k, m.k_max)
+        if scores is None:
+            return {i: masks[i] for i in active}
+        new = self._select(scores, k, m.k_max if m.k_max is not None else k)
         return {
             i: self._like(
                 local(masks[i]) | new[i].reshape(local(masks[i]).shape).to(local(masks[i]).device),
@@ -264,6 +268,14 @@ class ShardedMethodRunner:
 
     def forget_masks(self) -> None:
         """Nothing is cached on the JAX side (kept for the ``MethodRunner`` interface)."""
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """This rank's part of the method's state as CPU tensors (for state dicts)."""
+        return [torch.from_numpy(np.array(x)) for x in jax.tree.leaves(self.method_state)]
+
+    def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Restores what :meth:`state_tensors` returned on this rank."""
+        self.method_state = _state_from_tensors(self.method_state, tensors)
 
     # -- helpers -------------------------------------------------------------------------------
     def _full(self, p: torch.Tensor, value: bool) -> torch.Tensor:

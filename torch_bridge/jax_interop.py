@@ -52,7 +52,7 @@ class MethodRunner:
     """Drives one method over the parameters of one torch optimizer.
 
     Args:
-      method: an ``optax_selective.methods`` object (``ID3``, ``PaFI``, ``BitFit``, ``FFT``).
+      method: an ``optax_selective.methods.Method`` (a built-in or a registered one).
       layout: the static :class:`~optax_selective._tree.LeafLayout` of the parameters.
       params: the parameters, in leaf order (used to pick the selection device).
 
@@ -92,7 +92,7 @@ class MethodRunner:
         # orders JAX's reads after torch's stream.
         self._param_views: dict[int, tuple[torch.Tensor, int, jax.Array]] = {}
         self._update = jax.jit(self._update_impl)
-        self._update_idx = jax.jit(self._update_indices_impl)
+        self._empty: dict[torch.device, torch.Tensor] = {}
 
     # -- conversions -------------------------------------------------------------------------
     def to_jax(self, t: torch.Tensor) -> jax.Array:
@@ -150,19 +150,19 @@ class MethodRunner:
     def _update_impl(self, masks, state, count, grads, params):
         self.traces += 1
         selectable = [g is not None for g in grads]
-        return self.method.update(list(masks), state, count, list(grads), params, selectable)
-
-    def _update_indices_impl(self, masks, state, count, grads, params):
-        self.traces += 1
-        selectable = [g is not None for g in grads]
-        return self.method.update_with_indices(
-            list(masks), state, count, list(grads), params, selectable
+        # Always asked for: where the method knows them (ID3) it is also its faster form.
+        return self.method.update(
+            list(masks), state, count, list(grads), params, selectable, report_added=True
         )
 
-    @property
-    def gives_indices(self) -> bool:
-        """Whether :meth:`update` can return the added entries without a pass over the masks."""
-        return hasattr(self.method, "update_with_indices")
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The method's state as CPU tensors, in ``jax.tree.leaves`` order (for state dicts)."""
+        return [torch.from_numpy(np.array(x)) for x in jax.tree.leaves(self.method_state)]
+
+    def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Restores what :meth:`state_tensors` returned, checked against the current state."""
+        self.method_state = _state_from_tensors(self.method_state, tensors, self._jax_device)
 
     def update(
         self,
@@ -178,7 +178,9 @@ class MethodRunner:
         Leaves outside ``active`` take no part (as if their gradient were missing) and keep
         their masks. ``count`` is the number of updates applied so far. With ``added`` (a dict,
         only if :attr:`gives_indices`) it is filled with the flat int64 indices of the entries
-        this update selected, per leaf, on the leaf's device.
+        this update selected, per leaf, on the leaf's device, for every leaf in ``active``
+        (empty if none) when the method reports them, and left empty when it does not (the
+        caller then compares old and new masks).
         """
         n = len(params)
         jm: list[jax.Array | None] = [None] * n
@@ -192,17 +194,14 @@ class MethodRunner:
                 jp[i] = self.param_view(i, params[i])
         args = (jm, self.method_state, np.int32(min(count, _INT32_MAX)), jg,
                 jp if self.method.needs_params else None)
-        if not self.gives_indices:
-            if added is not None:
-                raise TypeError(f"method {self.method.name!r} does not report added entries.")
-            new, self.method_state = self._update(*args)
-        else:  # also the faster form: it sets the new entries without an OR pass over the masks
-            new, self.method_state, (leaf, local, valid) = self._update_idx(*args)
-            if added is not None:
-                leaf, local, valid = (np.asarray(a) for a in (leaf, local, valid))
-                for i in np.unique(leaf[valid]).tolist():
-                    idx = torch.from_numpy(local[valid & (leaf == i)].astype(np.int64))
-                    added[i] = idx.to(params[i].device)
+        new, self.method_state, reported = self._update(*args)
+        if added is not None and reported is not None:
+            leaf, local, valid = (np.asarray(a) for a in reported)
+            for i in active:
+                added[i] = self._empty_on(params[i].device)
+            for i in np.unique(leaf[valid]).tolist():
+                idx = torch.from_numpy(local[valid & (leaf == i)].astype(np.int64))
+                added[i] = idx.to(params[i].device)
         new = jax.block_until_ready(new)
         out = {}
         for i in active:
@@ -210,7 +209,33 @@ class MethodRunner:
             out[i] = self.to_torch(new[i], params[i].device)
         return out
 
+    def _empty_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._empty:
+            self._empty[device] = torch.empty(0, dtype=torch.int64, device=device)
+        return self._empty[device]
+
     def forget_masks(self) -> None:
         """Drops the JAX-side copies of the masks (call after setting masks from torch)."""
         self._jax_masks.clear()
         self._param_views.clear()
+
+
+def _state_from_tensors(current, tensors, device=None):
+    """``current``'s tree with its leaves replaced by ``tensors`` (same shapes and dtypes)."""
+    leaves, treedef = jax.tree.flatten(current)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(leaves):
+        raise ValueError(
+            f"state_dict holds {len(tensors) if isinstance(tensors, (list, tuple)) else tensors!r} "
+            f"method state arrays, the method keeps {len(leaves)}."
+        )
+    out = []
+    for i, (old, t) in enumerate(zip(leaves, tensors)):
+        a = np.asarray(torch.as_tensor(t).detach().cpu().numpy())
+        old = np.asarray(old)
+        if a.shape != old.shape or a.dtype != old.dtype:
+            raise ValueError(
+                f"method state array {i}: state_dict holds {a.dtype}{list(a.shape)}, the method "
+                f"keeps {old.dtype}{list(old.shape)}."
+            )
+        out.append(jax.device_put(a, device) if device is not None else jax.numpy.asarray(a))
+    return treedef.unflatten(out)

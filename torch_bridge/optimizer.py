@@ -40,7 +40,7 @@ from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
-from torch_bridge.methods import build_method, check_method_name
+from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
 
@@ -54,8 +54,10 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
 
     Args:
       optimizer_class: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.AdamW``.
-      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"`` or ``"fft"``
-        (full fine-tuning).
+      peft_to_use: ``"id3"``, ``"pafi"``, ``"bitfit"``, ``"fish"``, ``"random"``, ``"fft"``
+        (full fine-tuning), or a name registered with ``optax_selective.methods.register``
+        (``docs/guides/custom-methods.md``): then the constructor's keyword arguments that
+        its factory names go to it.
 
     Returns:
       A subclass of ``optimizer_class`` (the same class for the same arguments). Its
@@ -137,14 +139,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     inner_class: type = torch.optim.Optimizer
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
-        budget = kwargs.pop("budget", None)
         verify = kwargs.pop("verify", False)
         compact = kwargs.pop("compact", None)
-        max_steps = kwargs.pop("max_steps", None)
-        fish_steps = kwargs.pop("fish_steps", None)
-        seed = kwargs.pop("seed", 0)
-        exp = kwargs.pop("exp", 1.0)
-        eps = kwargs.pop("eps", 1e-8) if self.method_name == "id3" else None
+        # The arguments the method's registered factory names (eps: ID3's when it takes it,
+        # else the inner optimizer's, as in 0.4); the rest go to the inner optimizer.
+        method_args = split_kwargs(self.method_name, kwargs)
         if "initial_params_path" in kwargs:
             kwargs.pop("initial_params_path")
             warnings.warn(
@@ -156,19 +155,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise TypeError(f"verify must be True or False, got {verify!r}.")
         if compact is not None and not isinstance(compact, bool):
             raise TypeError(f"compact must be True, False or None (auto), got {compact!r}.")
-        method = build_method(
-            self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps,
-            fish_steps=fish_steps, seed=seed,
-        )
+        method = build_method(self.method_name, **method_args)
         if not isinstance(params, torch.Tensor):
             params = list(params)  # read twice: for the announcement below, then by torch
         _announce_default_weight_decay(self.inner_class, params, args, kwargs)
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
-        self._setup(method, None if budget is None else int(budget), verify, compact)
+        self._setup(method, verify, compact)
 
     # -- set-up ------------------------------------------------------------------------------
-    def _setup(self, method: Any, budget: int | None, verify: bool, compact: bool | None) -> None:
+    def _setup(self, method: Any, verify: bool, compact: bool | None) -> None:
         params, paths, groups, selectable, choose_all = [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
             ca = group.get("choose_all", False)
@@ -195,7 +191,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._layout = layout
         sharded = is_sharded(params)  # FSDP2/DTensor
         why_not = _why_not_compact(self.inner_class, self.param_groups, params, paths, selectable,
-                                   sharded, method.name)
+                                   sharded, method)
         if compact and why_not:
             raise ValueError(why_not)
         compact = why_not is None if compact is None else compact
@@ -213,7 +209,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             m if st == PARTIAL else None for m, st in zip(masks, self._status)
         ]
         self._count = 0
-        self._budget = budget if method.name != "fft" else layout.num_selectable + layout.num_choose_all
+        self._budget = (  # a method without a budget selects every eligible entry
+            method.budget if method.budget is not None else layout.num_selectable + layout.num_choose_all
+        )
         self._compact: CompactState | None = None
         if compact:
             self._compact = CompactState(
@@ -294,15 +292,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i in active:
                 if grads[i].is_sparse:
                     raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
-            added = {} if self._compact is not None and self._runner.gives_indices else None
+            added = {} if self._compact is not None else None
             args = (self._count, active, self._masks, grads, self._params)
             new = self._runner.update(*args) if added is None else self._runner.update(
                 *args, added=added
             )
             for i, m in new.items():
-                if added is not None:
-                    if i in added:
-                        self._compact.add(i, added[i])
+                if added is not None and i in added:  # the method listed the new entries
+                    self._compact.add(i, added[i])
                 elif self._compact is not None:
                     self._compact.add_mask(i, m, self._masks[i])
                 self._masks[i] = m
@@ -482,6 +479,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
         sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks,
                          "budget": self._budget, "shapes": [list(p.shape) for p in self._params]}
+        frozen_after = self._runner.method.frozen_after
+        if frozen_after is None or self._count < frozen_after:  # the method's state still counts
+            sd[STATE_KEY]["method_state"] = self._runner.state_tensors()
         if self._compact is not None:
             sd[STATE_KEY]["compact"] = self._compact.state_dict()
         return sd
@@ -503,15 +503,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"state_dict has no {STATE_KEY!r} entry: it was not saved by a selective "
                 "optimizer, so the masks and step count cannot be restored."
             ))
-        method = self._runner.method.name
-        if isinstance(sel, dict) and method == "fish" and isinstance(sel.get("count"), int) \
-                and 0 < sel["count"] < self._runner.method.frozen_after:
-            raise ValueError(  # the running Fisher sum is not part of the state dict
-                f"state_dict was saved during FISH scoring (after {int(sel['count'])} of "
-                f"{self._runner.method.frozen_after} fish_steps), so its Fisher sum is lost; "
-                "save after the first fish_steps steps, or restart scoring from step 0."
-            )
         status, tensors = check_state(self, sel, state_dict)
+        method = self._runner.method.name
+        frozen_after = self._runner.method.frozen_after
+        selecting = 0 < int(sel["count"]) and (frozen_after is None or int(sel["count"]) < frozen_after)
+        if selecting and "method_state" not in sel:
+            raise ValueError(  # e.g. FISH's running Fisher sum
+                f"state_dict was saved during {method}'s selection (after {int(sel['count'])} of "
+                f"{frozen_after} steps) without the method's state, so that state is lost; save "
+                "it again with this version, or restart selection from step 0."
+            )
         kept = (self.state, self.param_groups,
                 [] if self._compact is None else
                 [(b, b.members, b.filled, b.state) for b in self._compact.buffers.values()])
@@ -527,7 +528,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._status, self._masks = status, tensors
         self._count = int(sel["count"])
         self._runner.forget_masks()
-        frozen_after = self._runner.method.frozen_after
+        if "method_state" in sel:
+            self._runner.load_state_tensors(sel["method_state"])
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
 
@@ -558,13 +560,14 @@ def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, 
 
 
 def _why_not_compact(inner_class, param_groups, params, paths, selectable, sharded,
-                     method: str) -> str | None:
+                     method: Any) -> str | None:
     """Why ``compact=True`` cannot reproduce the dense form here (None: it can)."""
     if sharded:
         return ("compact=True is not supported for DTensor/FSDP2-sharded parameters; use "
                 "compact=False.")
-    if method == "fft":
-        return "compact=True is pointless for full fine-tuning (every entry is selected)."
+    if method.budget is None:
+        return (f"compact=True is pointless for method {method.name!r}: it has no budget (it "
+                "selects every entry).")
     for p, path, ok in zip(params, paths, selectable):
         if ok and not p.is_contiguous():
             return f"compact=True needs contiguous parameters; {path} is not."

@@ -1,6 +1,22 @@
-"""Selection methods, one module each; see ``_base.Method`` for the interface."""
+"""Selection methods, one module each, and the registry that names them.
 
-from optax_selective.methods._base import Method
+``Method`` (and ``ShardedMethod`` for sharded torch runs) is the whole interface; see
+``_base``. Every built-in registers a factory here on import; add your own with
+:func:`register` (``docs/guides/custom-methods.md``).
+"""
+
+from optax_selective.methods._base import (
+    Added,
+    Method,
+    ShardedMethod,
+    ShardInit,
+    check_int,
+    check_nonnegative_number,
+    choose_all_mask,
+    require,
+    required_budget,
+)
+from optax_selective.methods._registry import arguments, build, get, names, register, unregister
 from optax_selective.methods.bitfit import BitFit, default_is_bias
 from optax_selective.methods.fft import FFT
 from optax_selective.methods.fish import Fish, FishState
@@ -10,6 +26,20 @@ from optax_selective.methods.random import RandomMask
 
 __all__ = [
     "Method",
+    "ShardedMethod",
+    "ShardInit",
+    "Added",
+    "check_int",
+    "check_nonnegative_number",
+    "choose_all_mask",
+    "require",
+    "required_budget",
+    "register",
+    "unregister",
+    "get",
+    "names",
+    "arguments",
+    "build",
     "ID3",
     "ID3State",
     "PaFI",

@@ -1,8 +1,10 @@
-"""What every selection method provides, and the budget rules they share.
+"""The method interface, and the budget rules the built-in methods share.
 
 A method works on flat lists of leaves (leaf order), so the optax transform and the torch
-bridge drive it the same way. ``init`` returns the first mask and the method's own state;
-``update`` returns the mask after one step (the identity for fixed-mask methods).
+bridge drive it the same way. :class:`Method` is everything a caller may use; a method that
+also provides :class:`ShardedMethod`'s two hooks runs on parameters sharded over
+``torch.distributed`` ranks (FSDP2) too. Callers never look for other attributes and never
+compare method names: what differs between methods is stated here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +21,43 @@ from optax_selective._tree import LeafLayout
 
 Leaves = list[jax.Array]
 MAX_BUDGET = 2**31 - 1
+# The entries one update added, as ``k_max`` slots ``(leaf, index, valid)`` of int32, int32
+# and bool arrays: slot ``j`` names entry ``index[j]`` (flat, row-major) of leaf ``leaf[j]``
+# if ``valid[j]`` (what ``selection.top_k_indices`` returns).
+Added = tuple[jax.Array, jax.Array, jax.Array]
 
 
+@runtime_checkable
 class Method(Protocol):
-    name: str
-    needs_params: bool  # whether ``update`` reads the current parameters
-    # ``update`` is the identity once ``count >= frozen_after`` (0 for fixed masks, None if the
-    # mask may change at any step); lets callers such as the torch bridge skip the call.
-    frozen_after: int | None
+    """What every selection method provides (the built-ins are frozen dataclasses).
 
-    def init(self, params: Sequence[jax.Array], layout: LeafLayout) -> tuple[Leaves, Any]: ...
+    Attributes:
+      name: the name it is registered under (:func:`optax_selective.methods.register`);
+        summaries and torch state dicts record it.
+      budget: the most entries ever selected, choose_all leaves included, as a Python int;
+        ``None`` for a method that selects every eligible entry (full fine-tuning), which
+        then gets no compact (O(budget)) inner state.
+      needs_params: whether ``update`` reads the current parameters.
+      frozen_after: ``update`` is the identity once ``count >= frozen_after`` (0 for masks
+        fixed at init, ``None`` if the mask may change at any step); callers skip the call.
+      k_max: a static bound on the entries one ``update`` adds (``None``: up to the budget);
+        callers that must find the new entries by comparing masks look at no more.
+    """
+
+    name: str
+    budget: int | None
+    needs_params: bool
+    frozen_after: int | None
+    k_max: int | None
+
+    def init(self, params: Sequence[jax.Array | None], layout: LeafLayout) -> tuple[Leaves, Any]:
+        """The first mask (one bool array per leaf, choose_all leaves all true) and the
+        method's own state (a pytree of arrays, e.g. a NamedTuple; ``()`` if none).
+
+        ``params`` holds the parameters in leaf order (the torch bridge passes ``None`` for
+        leaves that take no part); ``layout`` their static shapes and roles.
+        """
+        ...
 
     def update(
         self,
@@ -38,7 +67,65 @@ class Method(Protocol):
         grads: Sequence[jax.Array | None],
         params: Sequence[jax.Array] | None,
         selectable: Sequence[bool],
-    ) -> tuple[Leaves, Any]: ...
+        *,
+        report_added: bool = False,
+    ) -> tuple[Leaves, Any] | tuple[Leaves, Any, Added | None]:
+        """The mask after one more step (``count`` steps so far), traceable by ``jax.jit``.
+
+        Masks only grow and never exceed ``budget``. ``selectable[i]`` is false for leaves
+        that take no part in this step (their ``grads`` entry may be ``None``; keep their
+        mask). With ``report_added=True`` it returns ``(mask, state, added)``: the entries
+        this step added as :data:`Added` slots, or ``None`` when the method does not know
+        them without a pass over the masks (the caller then compares old and new masks).
+        """
+        ...
+
+
+class ShardInit(NamedTuple):
+    """The first mask of a :class:`ShardedMethod`, stated so that shards can build it.
+
+    Besides the choose_all leaves, the mask holds the first ``leading[i]`` entries
+    (row-major) of each leaf ``i``, and the ``k`` entries with the highest ``scores`` over
+    all leaves together (ties to the lower global index; ``scores[i]`` is ``None`` for a
+    leaf that takes no part, and is shaped like this shard of leaf ``i`` otherwise).
+    """
+
+    state: Any
+    leading: list[int]
+    scores: list[jax.Array | None] | None = None
+    k: int = 0
+
+
+@runtime_checkable
+class ShardedMethod(Method, Protocol):
+    """What a method adds to run on sharded parameters (``torch_bridge.distributed``).
+
+    Each rank holds a contiguous row-major part (a *shard*) of every leaf. The method states
+    its rule as elementwise scores on the shards and a global top-k, which the runner
+    computes by exchanging candidates only, so no rank ever holds a whole leaf.
+    """
+
+    def shard_init(
+        self, shards: Sequence[jax.Array | None], starts: Sequence[int], layout: LeafLayout
+    ) -> ShardInit:
+        """The first mask from this rank's shards: ``shards[i]`` is its part of leaf ``i``
+        (``None`` for leaves that take no part), beginning at flat index ``starts[i]`` of the
+        leaf; ``layout`` describes the whole (unsharded) leaves."""
+        ...
+
+    def shard_update(
+        self,
+        state: Any,
+        count: int,
+        grads: Sequence[jax.Array | None],
+        params: Sequence[jax.Array | None],
+        masks: Sequence[jax.Array | None],
+    ) -> tuple[list[jax.Array | None] | None, int, Any]:
+        """One step on this rank's shards (``None``: the leaf takes no part):
+        ``(scores, k, state)``, where the ``k`` highest ``scores`` over all leaves and ranks
+        join the mask (at most ``k_max``, or ``budget`` if that is ``None``), or
+        ``scores is None`` if nothing joins this step."""
+        ...
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
@@ -96,10 +183,10 @@ def choose_all_mask(layout: LeafLayout) -> Leaves:
     return [jnp.full(shape, c, dtype=bool) for shape, c in zip(layout.shapes, layout.choose_all)]
 
 
-def frozen_update(mask, state, count, grads, params, selectable):
-    """``update`` for fixed-mask methods: nothing changes after init."""
+def frozen_update(mask, state, count, grads, params, selectable, *, report_added=False):
+    """``update`` for masks fixed at init: nothing changes."""
     del count, grads, params, selectable
-    return mask, state
+    return (mask, state, None) if report_added else (mask, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +225,28 @@ def register_with_schedule(state_type: type) -> type:
     return state_type
 
 
-class PaFIState(NamedTuple):
-    """PaFI keeps no state of its own; the type names the method (``make_summary`` reads it)."""
+# -- argument checks shared by the registered factories ------------------------------------
 
 
-class BitFitState(NamedTuple):
-    """BitFit keeps no state of its own; the type names the method."""
+def require(method: str, arg: str, value: Any, what: str) -> Any:
+    """``value``, or a ValueError naming the missing argument if it is ``None``."""
+    if value is None:
+        raise ValueError(f"method {method!r} needs {arg}=<{what}>, got None.")
+    return value
 
 
-class RandomState(NamedTuple):
-    """The random mask keeps no state of its own; the type names the method."""
+def required_budget(method: str, budget: Any) -> int:
+    """A required, valid budget (see :func:`check_budget`)."""
+    return check_budget(require(method, "budget", budget, "entries that may change"))
 
 
-class FFTState(NamedTuple):
-    """Full fine-tuning keeps no state of its own; the type names the method."""
+def check_nonnegative_number(method: str, arg: str, value: Any) -> Any:
+    """A number ``>= 0`` as a Python float; a JAX array (e.g. traced by
+    ``optax.inject_hyperparams``) passes unchecked."""
+    if isinstance(value, jax.Array):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{method}: {arg} must be a number, got {value!r}.")
+    if value < 0:
+        raise ValueError(f"{arg} must be >= 0, got {value}.")
+    return float(value)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 
 def default_is_bias(path: str, shape: tuple[int, ...]) -> bool:
@@ -24,6 +24,8 @@ class BitFit:
     is_bias: Callable[[str, tuple[int, ...]], bool] = default_is_bias
     name: str = "bitfit"
     needs_params: bool = False
+    frozen_after = 0  # fixed at init
+    k_max = 0
 
     def taken(self, layout: LeafLayout) -> list[int]:
         """How many leading (row-major) entries of each leaf BitFit selects, in leaf order.
@@ -47,7 +49,21 @@ class BitFit:
             if take:
                 size = int(np.prod(shape, dtype=np.int64))
                 mask[i] = (jnp.arange(size) < take).reshape(shape)
-        return mask, _base.BitFitState()
+        return mask, ()
 
-    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
+
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        del shards, starts
+        return _base.ShardInit((), self.taken(layout))
+
+    def shard_update(self, state, count, grads, params, masks):
+        return None, 0, state
+
+
+@_registry.register("bitfit")
+def make_bitfit(*, budget=None, is_bias=default_is_bias) -> BitFit:
+    """BitFit from the user's arguments, checked."""
+    if not callable(is_bias):
+        raise TypeError(f"bitfit: is_bias must be a callable (path, shape) -> bool, got {is_bias!r}.")
+    return BitFit(budget=_base.required_budget("bitfit", budget), is_bias=is_bias)

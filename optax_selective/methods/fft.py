@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 
 @dataclasses.dataclass(frozen=True)
 class FFT:
     name: str = "fft"
     needs_params: bool = False
+    budget = None  # every eligible entry
+    frozen_after = 0  # fixed at init
+    k_max = 0
 
     @staticmethod
     def trained(layout: LeafLayout) -> list[bool]:
@@ -24,7 +28,20 @@ class FFT:
 
     def init(self, params, layout: LeafLayout):
         flags = self.trained(layout)
-        return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], _base.FFTState()
+        return [jnp.full(shape, f, bool) for shape, f in zip(layout.shapes, flags)], ()
 
-    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
+
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        del shards, starts
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in layout.shapes]
+        return _base.ShardInit((), [n if f else 0 for n, f in zip(sizes, self.trained(layout))])
+
+    def shard_update(self, state, count, grads, params, masks):
+        return None, 0, state
+
+
+@_registry.register("fft")
+def make_fft() -> FFT:
+    """Full fine-tuning; it takes no arguments (a budget passed to the torch bridge is ignored)."""
+    return FFT()

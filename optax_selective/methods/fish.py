@@ -34,7 +34,7 @@ from jax import lax
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 
 @_base.register_with_schedule
@@ -64,6 +64,7 @@ class Fish:
     fish_steps: int
     name: str = "fish"
     needs_params: bool = False
+    k_max = None  # the whole B_eff joins at once
 
     @property
     def frozen_after(self) -> int:
@@ -82,7 +83,7 @@ class Fish:
         state = FishState(jnp.asarray(b_eff, jnp.int32), fisher_sum, schedule)
         return _base.choose_all_mask(layout), state
 
-    def update(self, mask, state: FishState, count, grads, params, selectable):
+    def update(self, mask, state: FishState, count, grads, params, selectable, *, report_added=False):
         del params
         # Leaves selectable at init hold a full-size sum; the placeholders are (0,)-shaped.
         scored = [s.size > 0 for s in state.fisher_sum]
@@ -109,4 +110,45 @@ class Fish:
             return [m if n is None else m | n for m, n in zip(mask, new)]
 
         mask = lax.cond(count == self.fish_steps - 1, fix, lambda m: list(m), list(mask))
-        return mask, state._replace(fisher_sum=fisher_sum)
+        state = state._replace(fisher_sum=fisher_sum)
+        return (mask, state, None) if report_added else (mask, state)
+
+    # -- on shards (torch FSDP2): the same sums, kept per shard; top-k done by the runner -------
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        del starts
+        _base.check_not_full(self.name, self.budget, layout)
+        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=1)
+        sums = [
+            jnp.zeros(s.shape, jnp.float32) if ok and s is not None else None
+            for s, ok in zip(shards, layout.selectable)
+        ]
+        return _base.ShardInit((b_eff, sums), [0] * len(layout.shapes))
+
+    def shard_update(self, state, count, grads, params, masks):
+        del params, masks
+        b_eff, sums = state
+        if count >= self.fish_steps:
+            return None, 0, state
+        sums = [
+            s if s is None or g is None else _accumulate(s, g) for s, g in zip(sums, grads)
+        ]
+        if count < self.fish_steps - 1:
+            return None, 0, (b_eff, sums)
+        # A leaf without a gradient in this last step takes no part, as in ``update``.
+        return [s if g is not None else None for s, g in zip(sums, grads)], b_eff, (b_eff, sums)
+
+
+@jax.jit
+def _accumulate(fisher_sum, grad):
+    return fisher_sum + fisher_increment(grad)
+
+
+@_registry.register("fish")
+def make_fish(*, budget=None, fish_steps=None) -> Fish:
+    """FISH from the user's arguments, checked (see :func:`optax_selective.selective_fish`)."""
+    budget = _base.required_budget("fish", budget)
+    fish_steps = _base.require(
+        "fish", "fish_steps", fish_steps,
+        "number of steps whose squared gradients make up the Fisher score",
+    )
+    return Fish(budget=budget, fish_steps=_base.check_int("fish_steps", fish_steps, 1))

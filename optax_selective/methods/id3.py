@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -11,7 +12,7 @@ from jax import lax
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 
 @_base.register_with_schedule
@@ -88,13 +89,13 @@ class ID3:
             jax.numpy.asarray(b_eff, jax.numpy.int32), _base.SpendSchedule(self.budget, self.max_steps)
         )
 
-    def update(self, mask, state: ID3State, count, grads, params, selectable):
+    def update(self, mask, state: ID3State, count, grads, params, selectable, *, report_added=False):
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]
         if selection.choose_path(shapes, self.k_max) != "counting":
             # Not split over devices: the indices form scores inside the selection pass (no
-            # full score arrays written) and sets the new entries in place.
-            mask, state, _ = self.update_with_indices(mask, state, count, grads, params, selectable)
-            return mask, state
+            # full score arrays written), sets the new entries in place and knows them.
+            mask, added = self._grow_in_place(mask, state, count, grads, params, selectable)
+            return (mask, state, added) if report_added else (mask, state)
         k = self.increment(count, state.effective_budget)
         k_max = self.k_max
 
@@ -108,11 +109,22 @@ class ID3:
 
         # After max_steps the mask is frozen: skip the scoring work entirely.
         mask = lax.cond(count < self.max_steps, grow, lambda m: list(m), list(mask))
-        return mask, state
+        # Split over devices, the entries are not listed (that would gather the scores).
+        return (mask, state, None) if report_added else (mask, state)
 
-    def update_with_indices(self, mask, state: ID3State, count, grads, params, selectable):
-        """``update`` that also returns the entries added, as ``(leaf, index, valid)`` slots
-        (what the compact inner state needs), without a pass to find them in the mask."""
+    def update_with_indices(self, mask, state, count, grads, params, selectable):
+        """Deprecated: use ``update(..., report_added=True)``."""
+        warnings.warn(
+            "ID3.update_with_indices is deprecated; use update(..., report_added=True), which "
+            "returns None for the added entries where the leaves are split over devices.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.update(mask, state, count, grads, params, selectable, report_added=True)
+
+    def _grow_in_place(self, mask, state: ID3State, count, grads, params, selectable):
+        """The new mask and the entries added, as ``(leaf, index, valid)`` slots (what the
+        compact inner state needs), without a pass to find them in the mask."""
         k = self.increment(count, state.effective_budget)
         k_max = self.k_max
 
@@ -136,5 +148,35 @@ class ID3:
             return list(mask), (z, z, jax.numpy.zeros((k_max,), bool))
 
         # After max_steps the mask is frozen: skip the scoring work entirely.
-        mask, added = lax.cond(count < self.max_steps, grow, keep, list(mask))
-        return mask, state, added
+        return lax.cond(count < self.max_steps, grow, keep, list(mask))
+
+    # -- on shards (torch FSDP2): the same score and increment, top-k done by the runner --------
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        del shards, starts
+        return _base.ShardInit(self.effective_budget(layout), [0] * len(layout.shapes))
+
+    def shard_update(self, state, count, grads, params, masks):
+        if count >= self.max_steps:
+            return None, 0, state
+        k = int(self.increment(jax.numpy.int32(count), jax.numpy.int32(state)))
+        scores = [
+            None if g is None else _score_jit(self, g, p, m)
+            for g, p, m in zip(grads, params, masks)
+        ]
+        return scores, k, state
+
+
+_score_jit = jax.jit(ID3.score, static_argnums=0)
+
+
+@_registry.register("id3")
+def make_id3(*, budget=None, max_steps=None, exp=1.0, eps=1e-8) -> ID3:
+    """ID3 from the user's arguments, checked (see :func:`optax_selective.selective_id3`)."""
+    budget = _base.required_budget("id3", budget)
+    max_steps = _base.require(
+        "id3", "max_steps", max_steps, "number of optimizer steps over which the budget is spent"
+    )
+    max_steps = _base.check_int("max_steps", max_steps, 1)
+    check_exp_eps(exp, eps)  # any finite exp, eps >= 0
+    exp, eps = (v if isinstance(v, jax.Array) else float(v) for v in (exp, eps))
+    return ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)

@@ -8,7 +8,7 @@ import jax
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +16,8 @@ class PaFI:
     budget: int
     name: str = "pafi"
     needs_params: bool = False
+    frozen_after = 0  # fixed at init
+    k_max = 0
 
     def init_scores(self, params, layout: LeafLayout):
         """``(scores, k)``: PaFI chooses the ``k`` highest of ``scores`` (``None``: no part).
@@ -31,10 +33,23 @@ class PaFI:
         scores, b_eff = self.init_scores(params, layout)
         mask = _base.choose_all_mask(layout)
         new = _smallest(scores, b_eff)
-        return [m if n is None else m | n for m, n in zip(mask, new)], _base.PaFIState()
+        return [m if n is None else m | n for m, n in zip(mask, new)], ()
 
-    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
+
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        del starts
+        scores, b_eff = self.init_scores(shards, layout)
+        return _base.ShardInit((), [0] * len(layout.shapes), scores, b_eff)
+
+    def shard_update(self, state, count, grads, params, masks):
+        return None, 0, state
+
+
+@_registry.register("pafi")
+def make_pafi(*, budget=None) -> PaFI:
+    """PaFI from the user's arguments, checked."""
+    return PaFI(budget=_base.required_budget("pafi", budget))
 
 
 def _smallest(scores, k):

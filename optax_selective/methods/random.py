@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from optax_selective import selection
 from optax_selective._tree import LeafLayout
-from optax_selective.methods import _base
+from optax_selective.methods import _base, _registry
 
 SEED_BOUND = 2**32
 
@@ -45,17 +45,42 @@ class RandomMask:
     seed: int = 0
     name: str = "random"
     needs_params: bool = False
+    frozen_after = 0  # fixed at init
+    k_max = 0
 
     def init(self, params, layout: LeafLayout):
-        _base.check_not_full(self.name, self.budget, layout)
-        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=0)
+        b_eff = self._effective_budget(layout)
         mask = _base.choose_all_mask(layout)
         scores = [
             random_keys(self.seed, i, shape) if ok else None
             for i, (shape, ok) in enumerate(zip(layout.shapes, layout.selectable))
         ]
         new = selection.top_k_masks(scores, b_eff, b_eff)
-        return [m if n is None else m | n for m, n in zip(mask, new)], _base.RandomState()
+        return [m if n is None else m | n for m, n in zip(mask, new)], ()
 
-    frozen_after = 0  # fixed at init
     update = staticmethod(_base.frozen_update)
+
+    def _effective_budget(self, layout: LeafLayout) -> int:
+        _base.check_not_full(self.name, self.budget, layout)
+        return _base.effective_budget(self.name, self.budget, layout, at_least=0)
+
+    def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
+        """The same keys as :meth:`init`: a shard's keys are its slice of the leaf's keys,
+        drawn one leaf at a time (a transient float32 copy of the largest leaf)."""
+        b_eff = self._effective_budget(layout)
+        scores = [
+            random_keys(self.seed, i, shape).reshape(-1)[st : st + s.size].reshape(s.shape)
+            if ok and s is not None else None
+            for i, (s, st, shape, ok) in enumerate(zip(shards, starts, layout.shapes, layout.selectable))
+        ]
+        return _base.ShardInit((), [0] * len(layout.shapes), scores, b_eff)
+
+    def shard_update(self, state, count, grads, params, masks):
+        return None, 0, state
+
+
+@_registry.register("random")
+def make_random(*, budget=None, seed=0) -> RandomMask:
+    """The random mask from the user's arguments, checked."""
+    budget = _base.required_budget("random", budget)
+    return RandomMask(budget=budget, seed=_base.check_int("seed", seed, 0, SEED_BOUND - 1))

@@ -17,11 +17,14 @@ from optax_selective._tree import LeafLayout
 
 STEPS = 5
 LR = 0.1
-METHODS = {
-    "id3": lambda: methods.ID3(budget=100, max_steps=4),
-    "pafi": lambda: methods.PaFI(budget=20),
-    "bitfit": lambda: methods.BitFit(budget=12),
+ARGS = {  # each method's arguments here; the registry builds it
+    "id3": dict(budget=100, max_steps=4),
+    "pafi": dict(budget=20),
+    "bitfit": dict(budget=12),
+    "fish": dict(budget=20, fish_steps=2),
+    "random": dict(budget=20, seed=3),
 }
+METHODS = {name: (lambda name=name: methods.get(name)(**ARGS[name])) for name in ARGS}
 
 
 def make_model() -> torch.nn.Sequential:
@@ -112,4 +115,4 @@ def mixed_placement_problem():
     return layout, params, steps
 
 
-MIXED_METHOD = lambda: methods.ID3(budget=24, max_steps=3)  # noqa: E731
+MIXED_METHOD = lambda: methods.get("id3")(budget=24, max_steps=3)  # noqa: E731
