@@ -239,15 +239,16 @@ def leaf_id_dtype(num_leaves: int):
     return jnp.int16 if num_leaves <= np.iinfo(np.int16).max else jnp.int32
 
 
-def check_leaf_sizes(shapes, what: str) -> None:
+def check_leaf_sizes(shapes, what: str, paths=None) -> None:
     """Refuses a leaf whose flat indices do not fit int32, naming it and the way out."""
     for i, shape in enumerate(shapes):
         if shape is None:
             continue
         size = int(np.prod(shape, dtype=np.int64))
         if size > _MAX_LEAF:
+            name = f"leaf {i}" if paths is None else f"leaf {paths[i]}"
             raise ValueError(
-                f"{what} indexes entries within each leaf with int32, but leaf {i} of shape "
+                f"{what} indexes entries within each leaf with int32, but {name} of shape "
                 f"{tuple(shape)} holds {size} entries (> 2**31 - 1). Split that parameter into "
                 "smaller leaves (e.g. reshape it into a tuple of row blocks) or leave it out of "
                 "the selection."

@@ -22,7 +22,7 @@ import optax
 from optax_selective import methods as _methods
 from optax_selective import selection as _selection
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
-from optax_selective.compact import CompactInner, check_compact_inner
+from optax_selective.compact import CompactInner, check_compact_inner, check_leaf_sizes
 from optax_selective.methods._base import check_budget, check_int, frozen_update
 from optax_selective.methods.random import SEED_BOUND
 
@@ -72,6 +72,9 @@ def selective(
     def init_fn(params):
         layout = make_layout(params, choose_all)
         leaves, treedef = jax.tree.flatten(params)
+        # Selection and the mask writes index entries within a leaf with int32 (per leaf, so
+        # models of any total size work); refuse a single leaf too large for that, clearly.
+        check_leaf_sizes([jnp.shape(x) if is_float(x) else None for x in leaves], "selection", layout.paths)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
         if compact_tx is not None:
