@@ -594,7 +594,7 @@ def _scatter_16bit(group: _Group, values, slots, leaf_ids, like):
         ids = leaf_ids.astype(jnp.int32)
         ok = jnp.asarray(member)[ids] & (slots >= 0)
         target = jnp.where(ok, jnp.asarray(offset)[ids] + slots, total)  # total: dropped
-        flat = jnp.zeros((total,), bits).at[target].set(payload, mode="drop", unique_indices=True)
+        flat = jnp.zeros((total,), bits).at[target].set(payload, mode="drop")
         for i, off, size in run:
             leaf = lax.slice(flat, (off,), (off + size,))
             out[i] = lax.bitcast_convert_type(leaf, values.dtype).reshape(np.shape(like[i]))
