@@ -157,11 +157,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _commit() -> str | None:
+    """HEAD, with ``+dirty`` if tracked files differ from it (None outside a git checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, check=True).stdout  # noqa: E731
+        return git("rev-parse", "HEAD").strip() + ("+dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except Exception:  # noqa: BLE001 - not a git checkout
         return None
 
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None, help="folder for memory_jax.json / memory_jax.md")
     args = ap.parse_args(argv)
+    commit = _commit()  # the code that runs: read before the (long) compiles
     rows = []
     for preset in args.presets.split(","):
         print(f"[memory_jax] {preset} ...", flush=True)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.memory_jax " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "commit": _commit(),
+        "commit": commit,
         "budget_frac": BUDGET_FRAC,
         "max_steps": MAX_STEPS,
         "rows": rows,
