@@ -39,9 +39,10 @@ which sees the real layout; without a context XLA partitions the plain flat inde
 
 Memory: the mask (1 byte per parameter) plus 6 bytes per slot plus the inner state of the
 slots (Adam's two moments in the parameters' dtype), about ``N + 14 * budget`` bytes for
-float32. A step's temporaries are O(budget) plus, where the backend cannot scatter-add in
-the leaf's dtype in place (bfloat16 / float16 on CPU), one leaf's worth of update at a time
-(``benchmarks/memory_jax.py`` reads XLA's compiled memory at Llama shapes).
+float32. A step's temporaries: for float32 / float64 leaves, O(budget) per leaf (XLA turns
+``params + updates`` into an in-place scatter-add); for bfloat16 / float16 leaves, one
+16-bit copy of the update (see ``_scatter_16bit``) plus O(budget). ``benchmarks/memory_jax.py``
+reads XLA's compiled memory at Llama shapes.
 """
 
 from __future__ import annotations
