@@ -213,7 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch", choices=["auto", "off"], default="auto", help="torch rows if the bridge is installed")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for the torch rows (default: torch's; 1 on a busy machine)")
+    ap.add_argument("--memory-presets", default=None,
+                    help="Llama shapes for the compiled-memory rows (default 200m,7b; quick: tiny; '' skips)")
     args = ap.parse_args(argv)
+    if args.memory_presets is None:
+        args.memory_presets = "tiny" if args.quick else "200m,7b"
     steady = common.steady_malloc()
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats or (2 if args.quick else 9)
@@ -233,6 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
                        repeats=repeats, init_repeats=1 if args.quick else 5)
         )
     results["targets"] = targets(results)
+    if args.memory_presets:  # XLA's compiled memory of one step at Llama shapes (bf16)
+        from benchmarks import memory_jax
+
+        rows = [r for preset in args.memory_presets.split(",") for r in memory_jax.jax_rows(preset)]
+        results["memory_jax"] = rows
+        results["targets"] += memory_jax.targets(rows)
     if args.torch == "auto":
         try:
             from benchmarks import torch_rows
@@ -249,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks import torch_rows
 
         md += "\n" + torch_rows.markdown(results["torch"])
+    if "memory_jax" in results:
+        from benchmarks import memory_jax
+
+        md += "\n### JAX: compiled memory of one step at Llama shapes (bf16)\n\n" + memory_jax.markdown(results["memory_jax"])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     plot(results, os.path.join(args.out, "results.png"))

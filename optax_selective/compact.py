@@ -4,13 +4,16 @@ entries only, O(budget) instead of O(N).
 How it works (DESIGN.md section 4 is the contract):
 
 * Per floating-point dtype of the parameters there is one *slot buffer* of static size
-  ``cap = min(budget, entries of that dtype)``: an int32 vector of flat indices (over that
-  dtype's leaves concatenated in leaf order), ``-1`` where a slot is still empty. Entries
-  take a slot when they join the mask (at init for PaFI / BitFit / choose_all, at the step
-  they are unmasked for ID3) and keep it for good.
+  ``cap = min(budget, entries of that dtype)``: for each slot, the leaf it points into
+  (position in leaf order; int16, int32 past 32,767 leaves) and the flat row-major index in
+  that leaf (int32; ``-1`` where the slot is still empty). Indexing per leaf means no dtype
+  total is ever formed, so models of any size work; a single leaf needs fewer than 2**31
+  entries. Entries take a slot when they join the mask (at init for PaFI / BitFit /
+  choose_all, at the step they are unmasked for ID3) and keep it for good.
 * Each step the raw gradient and the parameters are gathered at the slots into one vector
-  per dtype; empty slots get zeros. ``inner`` runs on that tuple of vectors; its updates are
-  scattered back into zero pytrees, so every unselected entry gets an exact zero update.
+  per dtype (leaf by leaf, in the leaves' own dtype; nothing is concatenated); empty slots
+  get zeros. ``inner`` runs on that tuple of vectors; its updates are scattered back leaf by
+  leaf, so every unselected entry gets an exact zero update.
 * An empty slot sees a zero gradient from step 0, exactly as an unselected entry does in the
   dense form, so when an entry takes a slot the slot's state (e.g. Adam's moments, zero) is
   the state the dense form would hold for it, and the inner step count is global: late
@@ -42,8 +45,12 @@ partitions per block, and the mask's entries are listed through ``custom_partiti
 which sees the real layout; without a context XLA partitions the plain flat indexing
 (correct, but it may reshard a leaf).
 
-Memory: the mask (1 byte per parameter) plus 4 bytes per slot plus the inner state of the
-slots (8 bytes for Adam's two moments in float32), about ``N + 12 * budget`` bytes.
+Memory: the mask (1 byte per parameter) plus 6 bytes per slot plus the inner state of the
+slots (Adam's two moments in the parameters' dtype), about ``N + 14 * budget`` bytes for
+float32. A step's temporaries: for float32 / float64 leaves, O(budget) per leaf (XLA turns
+``params + updates`` into an in-place scatter-add); for bfloat16 / float16 leaves, one
+16-bit copy of the update (see ``_scatter_16bit``) plus O(budget). ``benchmarks/memory_jax.py``
+reads XLA's compiled memory at Llama shapes.
 """
 
 from __future__ import annotations
@@ -266,22 +273,49 @@ class CompactState(NamedTuple):
 
     Attributes:
       slots: one int32 vector per parameter dtype (static size ``min(budget, entries of that
-        dtype)``): flat indices over that dtype's leaves in leaf order, ``-1`` if empty.
+        dtype)``): the flat row-major index of each slot's entry in its leaf, ``-1`` if empty.
       filled: one int32 scalar per dtype, the number of slots in use.
       inner_state: the inner optimizer's state over the tuple of slot vectors.
+      leaf: one vector per dtype, shaped like ``slots``: the position (in leaf order) of the
+        leaf each slot points into (int16, or int32 for more than 32,767 leaves; 0 if empty).
     """
 
     slots: tuple[jax.Array, ...]
     filled: tuple[jax.Array, ...]
     inner_state: Any
+    leaf: tuple[jax.Array, ...] = ()
 
 
 class _Group(NamedTuple):
     dtype: Any
     leaves: tuple[int, ...]  # leaf positions in leaf order
-    offsets: tuple[int, ...]  # flat offset of each leaf inside the group
     sizes: tuple[int, ...]
     cap: int
+    leaf_dtype: Any  # dtype of the per-slot leaf positions
+
+
+_MAX_LEAF = 2**31 - 1  # entries of one leaf: its flat indices are int32
+
+
+def leaf_id_dtype(num_leaves: int):
+    """int16 leaf positions while they fit (2 bytes per slot), else int32."""
+    return jnp.int16 if num_leaves <= np.iinfo(np.int16).max else jnp.int32
+
+
+def check_leaf_sizes(shapes, what: str, paths=None) -> None:
+    """Refuses a leaf whose flat indices do not fit int32, naming it and the way out."""
+    for i, shape in enumerate(shapes):
+        if shape is None:
+            continue
+        size = int(np.prod(shape, dtype=np.int64))
+        if size > _MAX_LEAF:
+            name = f"leaf {i}" if paths is None else f"leaf {paths[i]}"
+            raise ValueError(
+                f"{what} indexes entries within each leaf with int32, but {name} of shape "
+                f"{tuple(shape)} holds {size} entries (> 2**31 - 1). Split that parameter into "
+                "smaller leaves (e.g. reshape it into a tuple of row blocks) or leave it out of "
+                "the selection."
+            )
 
 
 def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
@@ -290,17 +324,12 @@ def _groups(leaves: Sequence[Any], budget: int) -> list[_Group]:
         # zero-size leaves hold no entry to select: they get empty updates, no slots
         if x is not None and is_float(x) and jnp.result_type(x) != jax.dtypes.float0 and np.size(x):
             by_dtype.setdefault(jnp.dtype(jnp.result_type(x)), []).append(i)
+    check_leaf_sizes([np.shape(leaves[i]) for idx in by_dtype.values() for i in idx], "compact state")
     groups = []
     for dtype, idx in by_dtype.items():
         sizes = tuple(int(np.prod(np.shape(leaves[i]), dtype=np.int64)) for i in idx)
-        offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-        total = sum(sizes)
-        if total >= 2**31:
-            raise ValueError(
-                f"compact state indexes each dtype's entries with int32, but the {dtype} leaves "
-                f"hold {total} entries (>= 2**31). Pass compact=False."
-            )
-        groups.append(_Group(dtype, tuple(idx), offsets, sizes, min(budget, total)))
+        cap = min(budget, sum(sizes))  # Python ints: totals past 2**31 are fine
+        groups.append(_Group(dtype, tuple(idx), sizes, cap, leaf_id_dtype(len(leaves))))
     return groups
 
 
@@ -387,15 +416,22 @@ def _sum_one_term(x, axes):
     return lax.bitcast_convert_type(total, x.dtype)
 
 
+_FLAT_GATHER = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+
+
 def _gather_leaf(x, index, ok, dtype):
     """``x.reshape(-1)[index]`` where ``ok`` (replicated, like ``index``), zeros elsewhere."""
     split = _split(x)
     if split is None and np.ndim(x) > 0 and selection.split_by_partitioner([x]):
         return _gather_leaf_auto(x, index, ok, dtype)
     if split is None:
+        # lax.gather straight on the slots: XLA clamps out-of-range starts itself, so every
+        # leaf reads through the one slot vector and no per-leaf index array is written.
         flat = jnp.reshape(selection._unsplit(x), (-1,))
-        size = flat.shape[0]
-        return jnp.where(ok, flat[jnp.clip(index, 0, size - 1)].astype(dtype), jnp.zeros((), dtype))
+        got = lax.gather(
+            flat, index[:, None], _FLAT_GATHER, (1,), mode=lax.GatherScatterMode.CLIP,
+        )
+        return jnp.where(ok, got.astype(dtype), jnp.zeros((), dtype))
     mesh, spec = split
     shape = np.shape(x)
     axes = tuple(a for p in spec for a in _axes(p))
@@ -434,7 +470,7 @@ def _scatter_leaf(values, index, ok, like):
     shape = np.shape(like)
     size = int(np.prod(shape, dtype=np.int64))
     split = _split(like)
-    if split is None and len(shape) > 0:
+    if split is None and len(shape) > 0 and size > 0:
         # A scatter-*add* into zeros of the leaf's own shape (N-d indices, no reshape): XLA's
         # algebraic simplifier then turns ``params + updates`` (``optax.apply_updates`` in the
         # same jit) into an in-place scatter-add, so the full-size zeros are never written
@@ -444,7 +480,7 @@ def _scatter_leaf(values, index, ok, like):
         idx = jnp.unravel_index(jnp.where(ok, index, 0), shape)
         idx = (jnp.where(ok, idx[0], shape[0]),) + tuple(idx[1:])  # row shape[0]: dropped
         return zero_update_like(values, shape).at[idx].add(values, mode="drop")
-    if split is None:  # a scalar leaf
+    if split is None:  # a scalar or zero-size leaf
         target = jnp.where(ok, index, size)  # size: dropped
         return zero_update_like(values, (size,)).at[target].set(values, mode="drop").reshape(shape)
     mesh, spec = split
@@ -562,28 +598,85 @@ def _nonzero_partitioned(mask, most):
     return _nonzero_cp(mask, most)
 
 
-def _gather(group: _Group, leaves, slots, dtype):
+def _in_leaf(slots, leaf_ids, i):
+    """Which slots point into leaf ``i`` (empty slots hold -1 and point nowhere)."""
+    return (leaf_ids == i) & (slots >= 0)
+
+
+def _gather(group: _Group, leaves, slots, leaf_ids, dtype):
+    """The group's leaves at the slots, one vector in ``dtype``, leaf by leaf."""
     out = jnp.zeros(slots.shape, dtype)
-    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
-        local = slots - off
-        ok = (local >= 0) & (local < size)
-        out = jnp.where(ok, _gather_leaf(leaves[i], local, ok, dtype), out)
+    for i, size in zip(group.leaves, group.sizes):
+        if size == 0:
+            continue
+        ok = _in_leaf(slots, leaf_ids, i)
+        out = jnp.where(ok, _gather_leaf(leaves[i], slots, ok, dtype), out)
     return out
 
 
-def _scatter(group: _Group, values, slots, like):
+def _scatter(group: _Group, values, slots, leaf_ids, like):
+    """The group's update leaves, ``values`` placed at the slots, zeros elsewhere."""
+    if jnp.dtype(values.dtype).itemsize < 4 and not (
+        selection.split_by_partitioner([like[i] for i in group.leaves])
+        or any(_split(like[i]) for i in group.leaves)
+    ):
+        return _scatter_16bit(group, values, slots, leaf_ids, like)
+    return {i: _scatter_leaf(values, slots, _in_leaf(slots, leaf_ids, i), like[i]) for i in group.leaves}
+
+
+_CHUNK = 2**31 - 1  # entries per flat update buffer: offsets stay int32
+
+
+def _scatter_16bit(group: _Group, values, slots, leaf_ids, like):
+    """:func:`_scatter` for bfloat16 / float16 leaves on one device.
+
+    XLA:CPU widens a 16-bit float scatter (and the whole leaf it writes into) to float32, and
+    schedules every leaf's O(budget) scatter indices before the first scatter; leaf by leaf
+    that was two float32 copies of the parameters plus 4 bytes x budget x leaves (1.2 GiB of
+    temporaries at 200M bf16 parameters). Here the values' bit patterns are written, as
+    unsigned integers (no arithmetic, so no widening and every bit kept), into one flat
+    buffer per run of leaves (one index vector for all of them), and each leaf's update is
+    a slice of it, which ``params + updates`` reads in place: the temporaries are the update
+    (the parameters' size in their own dtype) and O(budget).
+    """
+    bits = jnp.dtype(f"uint{8 * jnp.dtype(values.dtype).itemsize}")
+    payload = lax.bitcast_convert_type(values, bits)
+    sign_bit = np.array(1 << (8 * bits.itemsize - 1), bits)
+    runs, run, total = [], [], 0
+    for i, size in zip(group.leaves, group.sizes):
+        if run and total + size > _CHUNK:
+            runs.append(run)
+            run, total = [], 0
+        run.append((i, total, size))
+        total += size
+    runs.append(run)
     out = {}
-    for i, off, size in zip(group.leaves, group.offsets, group.sizes):
-        local = slots - off
-        out[i] = _scatter_leaf(values, local, (local >= 0) & (local < size), like[i])
+    num_leaves = len(like)
+    for run in runs:
+        total = sum(size for _, _, size in run)
+        offset = np.zeros(num_leaves, np.int32)
+        member = np.zeros(num_leaves, bool)
+        for i, off, _ in run:
+            offset[i], member[i] = off, True
+        ids = leaf_ids.astype(jnp.int32)
+        ok = jnp.asarray(member)[ids] & (slots >= 0)
+        target = jnp.where(ok, jnp.asarray(offset)[ids] + slots, total)  # total: dropped
+        # Filled with -0.0's bit pattern (the sign bit): the update that leaves every
+        # unselected entry bit-identical, -0.0 included (see _tree.zero_update_like).
+        flat = jnp.full((total,), sign_bit, bits).at[target].set(payload, mode="drop")
+        for i, off, size in run:
+            leaf = lax.slice(flat, (off,), (off + size,))
+            out[i] = lax.bitcast_convert_type(leaf, values.dtype).reshape(np.shape(like[i]))
     return out
 
 
-def _assign(slots, filled, gidx, valid):
-    """Appends the valid global indices ``gidx`` after the ``filled`` slots."""
+def _assign(slots, leaf_ids, filled, leaf, local, valid):
+    """Appends the valid entries ``(leaf, local)`` after the ``filled`` slots."""
     rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
     pos = jnp.where(valid, filled + rank, slots.shape[0])
-    return slots.at[pos].set(gidx, mode="drop"), filled + jnp.sum(valid, dtype=jnp.int32)
+    slots = slots.at[pos].set(local.astype(jnp.int32), mode="drop")
+    leaf_ids = leaf_ids.at[pos].set(leaf.astype(leaf_ids.dtype), mode="drop")
+    return slots, leaf_ids, filled + jnp.sum(valid, dtype=jnp.int32)
 
 
 def _spans_processes(x) -> bool:
@@ -592,7 +685,7 @@ def _spans_processes(x) -> bool:
 
 
 def _slots_from_masks(group: _Group, masks):
-    """Slots holding every true entry of ``masks`` (group leaves), in global order."""
+    """``(slots, leaf ids, filled)`` holding every true entry of ``masks`` in leaf order."""
     host = not any(
         isinstance(masks[i], jax.core.Tracer)
         or _spans_processes(masks[i])
@@ -601,23 +694,30 @@ def _slots_from_masks(group: _Group, masks):
         for i in group.leaves
     )
     if host:  # the usual eager init on one device: a host pass is far cheaper than on device
-        found = np.concatenate(
-            [np.flatnonzero(np.asarray(masks[i])) + off for i, off in zip(group.leaves, group.offsets)]
-        ).astype(np.int32)
-        if found.size > group.cap:
+        found = [np.flatnonzero(np.asarray(masks[i])) for i in group.leaves]
+        n = sum(f.size for f in found)
+        if n > group.cap:
             raise ValueError(
-                f"the initial mask selects {found.size} {group.dtype} entries but compact "
+                f"the initial mask selects {n} {group.dtype} entries but compact "
                 f"state has room for {group.cap} (the budget); this is a bug in the method."
             )
         slots = np.full(group.cap, -1, np.int32)
-        slots[: found.size] = found
-        return jnp.asarray(slots), jnp.asarray(found.size, jnp.int32)
+        leaf_ids = np.zeros(group.cap, group.leaf_dtype)
+        if n:
+            slots[:n] = np.concatenate(found)
+            leaf_ids[:n] = np.concatenate([np.full(f.size, i) for i, f in zip(group.leaves, found)])
+        return jnp.asarray(slots), jnp.asarray(leaf_ids), jnp.asarray(n, jnp.int32)
     slots = jnp.full((group.cap,), -1, jnp.int32)
+    leaf_ids = jnp.zeros((group.cap,), group.leaf_dtype)
     filled = jnp.zeros([], jnp.int32)
-    for i, off in zip(group.leaves, group.offsets):
+    for i, size in zip(group.leaves, group.sizes):
+        if size == 0:
+            continue
         idx, count = _nonzero_leaf(masks[i], group.cap)
-        slots, filled = _assign(slots, filled, idx + off, jnp.arange(idx.shape[0]) < count)
-    return slots, filled
+        slots, leaf_ids, filled = _assign(
+            slots, leaf_ids, filled, jnp.full(idx.shape, i), idx, jnp.arange(idx.shape[0]) < count
+        )
+    return slots, leaf_ids, filled
 
 
 class CompactInner:
@@ -632,9 +732,12 @@ class CompactInner:
             # Several processes: run on device (the host cannot read the whole masks), once.
             return jax.jit(self.init)(param_leaves, mask_leaves)
         groups = _groups(param_leaves, self.budget)
-        slots, filled = zip(*[_slots_from_masks(g, mask_leaves) for g in groups]) if groups else ((), ())
-        compact_params = tuple(_gather(g, param_leaves, s, g.dtype) for g, s in zip(groups, slots))
-        return CompactState(tuple(slots), tuple(filled), self.inner.init(compact_params))
+        found = [_slots_from_masks(g, mask_leaves) for g in groups]
+        slots, leaf_ids, filled = (tuple(x) for x in zip(*found)) if groups else ((), (), ())
+        compact_params = tuple(
+            _gather(g, param_leaves, s, ids, g.dtype) for g, s, ids in zip(groups, slots, leaf_ids)
+        )
+        return CompactState(slots, filled, self.inner.init(compact_params), leaf_ids)
 
     def add_entries(
         self, state: CompactState, leaves, new_entries=None, old_mask=None, new_mask=None, most=None
@@ -647,38 +750,41 @@ class CompactInner:
         """
         groups = _groups(leaves, self.budget)
         self._check_groups(groups, state)
-        slots, filled = list(state.slots), list(state.filled)
+        slots, leaf_ids, filled = list(state.slots), list(state.leaf), list(state.filled)
         for j, g in enumerate(groups):
             if new_entries is not None:
                 leaf, local, valid = new_entries
-                offset_of = np.full(len(leaves), 0, np.int64)
                 member = np.zeros(len(leaves), bool)
-                for i, off in zip(g.leaves, g.offsets):
-                    offset_of[i], member[i] = off, True
+                member[list(g.leaves)] = True
                 in_group = valid & jnp.asarray(member)[leaf]
-                gidx = jnp.asarray(offset_of, jnp.int32)[leaf] + local
-                slots[j], filled[j] = _assign(slots[j], filled[j], gidx, in_group)
+                slots[j], leaf_ids[j], filled[j] = _assign(slots[j], leaf_ids[j], filled[j], leaf, local, in_group)
             else:
-                for i, off in zip(g.leaves, g.offsets):
+                for i, size in zip(g.leaves, g.sizes):
+                    if size == 0:
+                        continue
                     idx, count = _nonzero_leaf(new_mask[i] & ~old_mask[i], min(g.cap, most or g.cap))
                     valid = jnp.arange(idx.shape[0]) < count
-                    slots[j], filled[j] = _assign(slots[j], filled[j], idx + off, valid)
-        return state._replace(slots=tuple(slots), filled=tuple(filled))
+                    slots[j], leaf_ids[j], filled[j] = _assign(
+                        slots[j], leaf_ids[j], filled[j], jnp.full(idx.shape, i), idx, valid
+                    )
+        return state._replace(slots=tuple(slots), leaf=tuple(leaf_ids), filled=tuple(filled))
 
     def update(self, grad_leaves, mask_leaves, state: CompactState, param_leaves, **extra_args):
         groups = _groups(grad_leaves, self.budget)
         self._check_groups(groups, state)
-        c_grads = tuple(_gather(g, grad_leaves, s, g.dtype) for g, s in zip(groups, state.slots))
+        c_grads = tuple(
+            _gather(g, grad_leaves, s, ids, g.dtype) for g, s, ids in zip(groups, state.slots, state.leaf)
+        )
         c_params = None
         if param_leaves is not None:
             c_params = tuple(
-                _gather(g, param_leaves, s, jnp.result_type(param_leaves[g.leaves[0]]))
-                for g, s in zip(groups, state.slots)
+                _gather(g, param_leaves, s, ids, jnp.result_type(param_leaves[g.leaves[0]]))
+                for g, s, ids in zip(groups, state.slots, state.leaf)
             )
         c_updates, inner_state = self.inner.update(c_grads, state.inner_state, c_params, **extra_args)
         out: list[Any] = [None] * len(grad_leaves)
-        for g, s, u in zip(groups, state.slots, c_updates):
-            out_g = _scatter(g, u, s, grad_leaves)
+        for g, s, ids, u in zip(groups, state.slots, state.leaf, c_updates):
+            out_g = _scatter(g, u, s, ids, grad_leaves)
             for i in g.leaves:
                 out[i] = out_g[i]
         for i, x in enumerate(grad_leaves):
@@ -690,6 +796,11 @@ class CompactInner:
     def _check_groups(groups, state):
         caps = tuple(g.cap for g in groups)
         have = tuple(int(s.shape[0]) for s in state.slots)
+        if len(state.leaf) != len(state.slots):
+            raise ValueError(
+                "compact state has no per-slot leaf positions (CompactState.leaf): it was saved "
+                "by an older optax-selective; build the state again with tx.init(params)."
+            )
         if caps != have:
             raise ValueError(
                 f"compact state was built for parameter dtypes with slot sizes {have}, but these "

@@ -578,22 +578,41 @@ def _flat_iota(shape) -> jax.Array:
     return index
 
 
+# Counts over all leaves together may pass 2**31 (a 7B model has 6.7e9 entries) while every
+# count within one leaf fits int32 (a leaf has fewer than 2**31 entries, checked at init). Sums
+# over leaves therefore saturate at _COUNT_MAX: every count the threshold paths use exactly is
+# below k <= 2**31 - 1 (the entries above the k-th largest, ties before the k-th), and the
+# others (eligible entries, ties) are only compared with such counts or with k, which a
+# saturated value still answers correctly.
+_COUNT_MAX = 2**31 - 1
+
+
+def _sat_add(a, b):
+    """``a + b`` for non-negative int32 counts, saturating at ``_COUNT_MAX``."""
+    return jnp.where(a > _COUNT_MAX - b, jnp.int32(_COUNT_MAX), a + b)
+
+
+def _sat_cumsum(x):
+    return lax.associative_scan(_sat_add, x)
+
+
 def _hist16(keys, digit_fn, weight_fn):
     h = jnp.zeros((1 << 16,), jnp.int32)
     for key in keys:
         flat = key.reshape(-1)
-        h = h + jax.ops.segment_sum(
+        h = _sat_add(h, jax.ops.segment_sum(
             weight_fn(flat), digit_fn(flat).astype(jnp.int32), num_segments=1 << 16
-        )
+        ))
     return h
 
 
 def _digit_at_rank(hist, need):
-    """Largest digit d with count(digit >= d) >= need, and count(digit > d)."""
-    at_or_above = jnp.cumsum(hist[::-1])[::-1]
+    """Largest digit d with count(digit >= d) >= need, and count(digit > d) (exact: < need)."""
+    at_or_above = _sat_cumsum(hist[::-1])[::-1]
     d = jnp.sum(at_or_above >= need, dtype=jnp.int32) - 1
     d = jnp.maximum(d, 0)
-    return d, at_or_above[d] - hist[d]
+    above = jnp.concatenate([at_or_above[1:], jnp.zeros((1,), at_or_above.dtype)])
+    return d, above[d]
 
 
 def _radix_threshold(keys, k):
@@ -604,7 +623,7 @@ def _radix_threshold(keys, k):
     one = lambda flat: jnp.ones(flat.shape, jnp.int32)  # noqa: E731
     hi = _hist16(keys, lambda f: f >> 16, one)
     hi = hi.at[0].set(0)  # bin 0 holds only key 0 (non-finite); finite keys start at 0x0080..
-    n_eligible = jnp.sum(hi)
+    n_eligible = _sat_cumsum(hi)[-1]
     kk = jnp.minimum(k, n_eligible)
     d_hi, above_hi = _digit_at_rank(hi, kk)
     lo = _hist16(
@@ -620,8 +639,9 @@ def _radix_threshold(keys, k):
 def _cumsum_cutoff(keys, thr, r):
     """Per-leaf exclusive index cutoffs so that exactly the first r ties (global order) pass."""
     per_leaf = jnp.stack([jnp.sum(key == thr, dtype=jnp.int32) for key in keys])
-    before = jnp.cumsum(per_leaf) - per_leaf
-    star = jnp.sum(before + per_leaf < r, dtype=jnp.int32)  # leaf holding the r-th tie
+    through = _sat_cumsum(per_leaf)  # ties up to and including each leaf
+    before = jnp.concatenate([jnp.zeros((1,), jnp.int32), through[:-1]])  # exact up to the star
+    star = jnp.sum(through < r, dtype=jnp.int32)  # leaf holding the r-th tie
     need = r - before[jnp.minimum(star, len(keys) - 1)]
 
     def branch(key):
@@ -644,7 +664,10 @@ def _cutoffs_from(keys, star, pos):
 
 
 def _count(keys, pred):
-    return sum(jnp.sum(pred(key), dtype=jnp.int32) for key in keys)
+    total = jnp.zeros([], jnp.int32)
+    for key in keys:
+        total = _sat_add(total, jnp.sum(pred(key), dtype=jnp.int32))
+    return total
 
 
 def _counting_threshold(keys, k):
@@ -667,8 +690,9 @@ def _counting_threshold(keys, k):
 
 def _counting_cutoff(keys, thr, r):
     per_leaf = jnp.stack([jnp.sum(key == thr, dtype=jnp.int32) for key in keys])
-    before = jnp.cumsum(per_leaf) - per_leaf
-    star = jnp.sum(before + per_leaf < r, dtype=jnp.int32)
+    through = _sat_cumsum(per_leaf)  # ties up to and including each leaf
+    before = jnp.concatenate([jnp.zeros((1,), jnp.int32), through[:-1]])  # exact up to the star
+    star = jnp.sum(through < r, dtype=jnp.int32)
     need = r - before[jnp.minimum(star, len(keys) - 1)]
     index = [_flat_iota(key.shape) for key in keys]
 

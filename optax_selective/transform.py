@@ -26,7 +26,7 @@ import optax
 
 from optax_selective import methods as _methods
 from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
-from optax_selective.compact import CompactInner, check_compact_inner
+from optax_selective.compact import CompactInner, check_compact_inner, check_leaf_sizes
 
 NO_PARAMS_MSG = (
     "This selective transformation needs the current parameters: call "
@@ -136,6 +136,9 @@ def selective(
         if inner_tx is None:
             _warn_float16_chain(params, layout, f"selective_{method.name}")
         leaves, treedef = jax.tree.flatten(params)
+        # Selection and the mask writes index entries within a leaf with int32 (per leaf, so
+        # models of any total size work); refuse a single leaf too large for that, clearly.
+        check_leaf_sizes([jnp.shape(x) if is_float(x) else None for x in leaves], "selection", layout.paths)
         mask, method_state = method.init(leaves, layout)
         mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
         if compact_tx is not None:
