@@ -1,9 +1,9 @@
-"""Sharded JAX selection: on 8 simulated CPU devices and over two processes, equal to the
-single-device run.
+"""Sharded JAX selection over two processes, and the sharded example and scaling benchmark on
+8 simulated CPU devices, equal to the single-device run (in-process checks on 8 devices:
+``tests/test_sharding_8_devices.py``).
 
-The checks live in ``tests/_dist_workers/sharded_suite.py``; they run here in a fresh
-interpreter because the device count is fixed when jax is first imported, and the rest of
-the test suite shares this process with one device.
+These run in fresh interpreters because the device count is fixed when jax is first imported,
+and the rest of the test suite shares this process with one device.
 """
 
 import json
@@ -35,15 +35,6 @@ def _run_with_8_devices(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sharded_suite_on_8_cpu_devices():
-    suite = ROOT / "tests" / "_dist_workers" / "sharded_suite.py"
-    proc = _run_with_8_devices("-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite))
-    assert proc.returncode == 0, (
-        f"sharded suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    )
-
-
-@pytest.mark.slow
 def test_sharded_nnx_example_trains_within_budget():
     proc = _run_with_8_devices(
         str(ROOT / "examples" / "sharded_id3.py"), "--steps", "8", "--budget", "100"
@@ -56,11 +47,12 @@ def test_sharded_nnx_example_trains_within_budget():
 @pytest.mark.slow
 def test_scaling_benchmark_reports_1_2_4_8_devices(tmp_path):
     out = tmp_path / "scaling.json"
-    bench = str(ROOT / "benchmarks" / "scaling.py")
     args = ["--entries", "8192", "--steps", "2", "--modes", "explicit", "--out", str(out)]
-    proc = _run_with_8_devices(bench, *args)  # explicit mode only, to keep the test short
+    proc = _run_with_8_devices("-m", "benchmarks.scaling", *args)  # explicit mode only, to keep the test short
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    written = json.loads(out.read_text())
+    assert set(written["run"]) >= {"commit", "dirty", "date"}
+    rows = written["rows"]
     assert [(r["mode"], r["devices"]) for r in rows] == [("explicit", n) for n in (1, 2, 4, 8)]
     # Explicit mode selects with reductions only: no collective moves more than a scalar.
     assert all(r["largest_collective"] <= 1 for r in rows), rows
