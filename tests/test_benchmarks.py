@@ -4,13 +4,17 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.quality.ablation import EntryAdam, late_step_factor
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -39,9 +43,67 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
 
 
 def test_gpu_script_parses_and_documents_its_command():
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--help"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0 and "--budget-seconds" in r.stdout
+    assert "python -m benchmarks.gpu" in r.stdout
+
+
+PATH_EDIT = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\[.*\])?\s*\+?=")
+RUN_BY_PATH = re.compile(r"sys\.executable,\s*(str\()?(os\.path\.abspath\()?__file__")
+
+
+def test_benchmarks_run_as_modules_without_path_hacks_and_install_the_reference_once():
+    """No benchmark edits ``sys.path`` or runs itself by file path, and only
+    ``benchmarks/runs.py`` installs the 0.4 reference with pip (the tests use it too, through
+    the ``reference_0_4`` fixture)."""
+    offenders, installers = [], []
+    for folder in ("benchmarks", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            rel = path.relative_to(ROOT).as_posix()
+            if folder == "benchmarks" and (PATH_EDIT.search(text) or RUN_BY_PATH.search(text)):
+                offenders.append(rel)
+            if path != Path(__file__).resolve() and '"--target"' in text:  # pip install --target
+                installers.append(rel)
+    assert offenders == []
+    assert installers == ["benchmarks/runs.py"]
+
+
+def test_results_record_the_commit_they_ran_on(tmp_path):
+    from benchmarks.runs import run_info, run_line, write_json
+
+    written = write_json(tmp_path / "sub" / "r.json", {"rows": [1]})
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == written
+    assert written["rows"] == [1] and set(written["run"]) == {"commit", "dirty", "date", "python"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI); an unpacked archive records None
+        assert written["run"]["commit"] == head.stdout.strip()
+        assert isinstance(written["run"]["dirty"], bool)
+        assert head.stdout.strip() in run_line(written["run"])
+    else:
+        assert written["run"]["commit"] is None
+    # An existing record is kept (a resumed run keeps the commit it started on).
+    assert write_json(tmp_path / "r2.json", {"run": {"commit": "abc"}})["run"] == {"commit": "abc"}
+    assert run_info(tmp_path)["commit"] is None  # not a git checkout
+
+
+def test_reference_process_imports_the_reference_not_ours(tmp_path):
+    """A fake folder standing in for the installed reference: a process set up with
+    reference_process imports its selective_optimizers and this checkout's benchmarks."""
+    from benchmarks.runs import reference_process
+
+    fake = tmp_path / "selective_optimizers"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("REFERENCE = True\n")
+    code = ("import selective_optimizers as s, benchmarks.runs as r;"
+            "print(s.__file__); print(r.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         **reference_process(tmp_path))
+    assert out.returncode == 0, out.stderr
+    ref, ours = out.stdout.split()
+    assert Path(ref) == fake / "__init__.py"
+    assert Path(ours) == ROOT / "benchmarks" / "runs.py"
 
 
 def test_torch_rows_time_dense_and_compact_bridge_and_count_state():
