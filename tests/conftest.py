@@ -19,6 +19,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from tests._memory import release_memory  # noqa: E402
+
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile("ci")
 
@@ -26,33 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "data", "saved_on_cuda")
 
 
-def _release_memory():
-    """Drops jax's compiled programs and traces, collects garbage and gives freed heap back to
-    the OS, so one test module's (or one end-to-end test's) memory is not held by the next."""
-    import gc
-
-    if "jax" in sys.modules:
-        sys.modules["jax"].clear_caches()
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_memory_after_each_module():
     yield
-    _release_memory()
+    release_memory()
 
 
 @pytest.fixture(autouse=True)
 def _release_memory_after_slow_tests(request):
     yield
     if request.node.get_closest_marker("slow"):  # end-to-end runs: models, large programs
-        _release_memory()
+        release_memory()
 
 
 @pytest.fixture(scope="session")
