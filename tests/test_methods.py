@@ -481,8 +481,8 @@ def test_random_budget_errors_at_init():
         osel.selective_random(3, choose_all=CHOOSE_HEAD).init(params)
 
 
+@pytest.mark.eight_devices  # runs in the 8-device child pytest (tests/conftest.py)
 def test_fish_sum_is_sharded_like_its_parameter():
-    # Needs several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8).
     if jax.device_count() < 2:
         pytest.skip("needs at least 2 devices")
     mesh = jax.make_mesh((2,), ("x",))
