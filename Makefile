@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m optax_selective.demo $(ARGS)
+	$(BIN)/python -m examples.demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

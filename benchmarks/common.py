@@ -1,4 +1,8 @@
-"""Shared pieces of the CPU and GPU benchmarks: models, timing, memory, state size."""
+"""Shared pieces of the CPU and GPU benchmarks: models, timing, memory, state size.
+
+Writing results (with the commit they ran on) and installing the 0.4 reference live in the
+jax-free :mod:`benchmarks.runs` and are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from benchmarks.runs import (  # noqa: F401 - re-exported: one import point for benchmarks
+    ReferenceUnavailable,
+    install_reference,
+    reference_process,
+    run_info,
+    run_line,
+    write_json,
+)
 
 
 def steady_malloc() -> bool:

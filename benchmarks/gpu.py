@@ -1,6 +1,6 @@
 """GPU benchmark, one command, under 5 minutes on one H100 (1B parameters by default):
 
-    python benchmarks/gpu.py [--out bench_out/gpu] [--budget-seconds 280]
+    python -m benchmarks.gpu [--out bench_out/gpu] [--budget-seconds 280]
 
 Model: 15 x Linear(8192, 8192) in float32 (1.007B parameters, as in issue 4). Every case runs
 in its own subprocess (a clean device, its own peak-memory counter, its own timeout), in this
@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import runs
+
 CASES = ["jax_adamw", "jax_id3", "jax_pafi", "torch_fused", "torch_foreach", "bridge_id3", "bridge_id3_dense",
          "reference_id3"]
 
@@ -33,7 +34,6 @@ def _jax_case(name, width, layers, budget_frac, max_steps, steps):
     import numpy as np
     import optax
 
-    sys.path.insert(0, HERE)
     import optax_selective as osel
 
     @jax.jit
@@ -93,10 +93,6 @@ def _torch_case(name, width, layers, budget_frac, max_steps, steps, ref_dir=None
     import numpy as np
     import torch
 
-    if ref_dir:
-        sys.path.insert(0, ref_dir)
-    else:
-        sys.path.insert(0, HERE)
     dev = "cuda"
     torch.manual_seed(0)
     with torch.device(dev):
@@ -138,20 +134,8 @@ def _torch_case(name, width, layers, budget_frac, max_steps, steps, ref_dir=None
     }
 
 
-def _install_reference(timeout):
-    import tempfile
-
-    target = tempfile.mkdtemp(prefix="selective_optimizers_0.4_")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, "selective-optimizers==0.4"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, str(e)
-    return (target, None) if r.returncode == 0 else (None, r.stderr.strip()[-200:])
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--budget-frac", type=float, default=0.01)
@@ -176,20 +160,21 @@ def main():
         if left < 20:
             results[case] = {"skipped": "time budget spent"}
             continue
-        extra = []
+        extra, where = [], {"cwd": str(runs.ROOT)}
         if case == "reference_id3":
-            ref_dir, err = _install_reference(min(60, left - 15))
-            if not ref_dir:
-                results[case] = {"skipped": f"pip install selective-optimizers==0.4 failed: {err}"}
+            try:
+                ref_dir = str(runs.install_reference(timeout=min(60, left - 15)))
+            except runs.ReferenceUnavailable as e:
+                results[case] = {"skipped": str(e)}
                 continue
-            extra = ["--ref-dir", ref_dir]
-        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--width", str(a.width),
+            # Started in ref_dir: the reference's selective_optimizers comes first on sys.path.
+            extra, where = ["--ref-dir", ref_dir], runs.reference_process(ref_dir)
+        cmd = [sys.executable, "-m", "benchmarks.gpu", "--case", case, "--width", str(a.width),
                "--layers", str(a.layers), "--budget-frac", str(a.budget_frac),
                "--max-steps", str(a.max_steps), "--steps", str(a.steps), *extra]
-        env = dict(os.environ, PYTHONPATH=HERE if case != "reference_id3" else "")
         print(f"[gpu] {case} ...", flush=True)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left - 5), env=env, cwd=HERE if case != "reference_id3" else extra[1])
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left - 5), **where)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
             tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
             results[case] = json.loads(lines[-1][7:]) if lines else {"error": (tail[-1] if tail else f"exit {r.returncode}")[-300:]}
@@ -213,9 +198,7 @@ def main():
             f"{f(pk / ref_peak if pk and ref_peak else None)} | {f(r['state_bytes'] / 1e9 if 'state_bytes' in r else None)} | "
             f"{f(r.get('init_s'))} |"
         )
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "results.json"), "w") as fh:
-        json.dump({"args": vars(a), "results": results}, fh, indent=2)
+    runs.write_json(os.path.join(a.out, "results.json"), {"args": vars(a), "results": results})
     print(f"\n[gpu] total {time.time() - start:.0f}s; wrote {a.out}/results.json")
 
 

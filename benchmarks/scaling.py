@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.runs import ROOT, write_json
+
 DEVICE_COUNTS = (1, 2, 4, 8)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(entries: int, steps: int, mode: str) -> dict:
@@ -109,10 +110,9 @@ def run_all(entries: int, steps: int, modes: list[str]) -> list[dict]:
         env = dict(os.environ)
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
         env["JAX_PLATFORMS"] = "cpu"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, __file__, "--worker", "--entries", str(entries)]
+        cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker", "--entries", str(entries)]
         cmd += ["--steps", str(steps), "--modes", mode]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} mode, {n} devices failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -151,8 +151,7 @@ def main() -> None:
         return
     rows = run_all(args.entries, args.steps, args.modes.split(","))
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "scaling", "rows": rows}, indent=2) + "\n")
+    write_json(args.out, {"benchmark": "scaling", "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -13,21 +13,15 @@ process, checks that both pick the same entries, and prints a Markdown table::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import fake_grads, median_ms, mlp_params  # noqa: E402
-from optax_selective import selection  # noqa: E402
-from optax_selective.methods import ID3  # noqa: E402
+from benchmarks.common import fake_grads, median_ms, mlp_params
+from optax_selective import selection
+from optax_selective.methods import ID3
 
 
 def selection_fn(method: ID3, k: int, groups: int):

@@ -9,7 +9,6 @@ state bytes, compiled peak memory of the step, init time, and summary bytes on d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ import optax
 
 import optax_selective as osel
 from benchmarks import common
+from benchmarks.runs import run_info, run_line, write_json
 
 DEFAULT_SIZES = "512x4,1024x5,2048x6"  # width x layers: about 1.05M, 5.2M, 25.2M params
 QUICK_SIZES = "64x2,96x2,128x2"
@@ -130,6 +130,8 @@ def markdown(results: dict) -> str:
         f"{m['time_utc']} UTC; 1-min load average at start {m.get('loadavg_1min_at_start')} "
         "(the cores are shared, so absolute times are noisy; ratios are measured side by side). "
         f"Command: `{results['command']}`.",
+        "",
+        run_line(results.get("run") or run_info()),
         "",
         "Step = jit(update + apply_updates), params and state donated; median of "
         f"{results['repeats']} interleaved steps. Ratio = step / dense optax.adamw step in the same run. "
@@ -251,9 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         if torch_rows is not None:
             results["torch"] = torch_rows.run(sizes, quick=args.quick, repeats=repeats,
                                               threads=args.torch_threads)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    results = write_json(os.path.join(args.out, "results.json"), results)
     md = markdown(results)
     if "torch" in results:
         from benchmarks import torch_rows

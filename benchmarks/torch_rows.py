@@ -1,11 +1,12 @@
 """Torch rows of the benchmark: the bridge's ID3 step (dense and ``compact=True`` inner state)
 against a dense torch AdamW step and against the reference package ``selective-optimizers==0.4``.
 
-The reference is installed at run time into a temporary folder with
-``pip install --no-deps --target <tmp> selective-optimizers==0.4`` and run in a subprocess
-whose ``sys.path`` starts with that folder (its code is never copied here; its package name
-is the same as our compatibility package, hence the separate process). Each process also
-times its own dense AdamW step, so every ratio compares steps timed in the same process.
+The reference is installed at run time into a temporary folder
+(:func:`benchmarks.runs.install_reference`) and run in a subprocess started in that folder,
+so its ``selective_optimizers`` comes first on ``sys.path`` (its code is never copied here; its
+package name is the same as our compatibility package, hence the separate process). Each
+process also times its own dense AdamW step, so every ratio compares steps timed in the same
+process.
 
 Each row also reports the bridge's JAX compile time (tracing, lowering and XLA compilation of
 the shared method's update, summed from ``jax.monitoring``'s compile events while the
@@ -17,13 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import runs
 
 # jax.monitoring duration events of one jit compilation: trace, lower, XLA compile
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -114,17 +115,12 @@ def _selective(get_selective_optimizer, width, layers, repeats, budget_frac, max
 
 
 def install_reference() -> str | None:
-    target = tempfile.mkdtemp(prefix="selective_optimizers_0.4_")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, "selective-optimizers==0.4"]
+    """The reference in a temporary folder (:func:`benchmarks.runs.install_reference`), or None."""
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"[bench] could not install selective-optimizers==0.4: {e}", flush=True)
+        return str(runs.install_reference(timeout=240))
+    except runs.ReferenceUnavailable as e:
+        print(f"[bench] {e}", flush=True)
         return None
-    if r.returncode != 0:
-        print(f"[bench] could not install selective-optimizers==0.4: {r.stderr.strip()[-300:]}", flush=True)
-        return None
-    return target
 
 
 def run_reference(target, width, layers, repeats, budget_frac, max_steps, device="cpu", timeout=900,
@@ -133,7 +129,7 @@ def run_reference(target, width, layers, repeats, budget_frac, max_steps, device
     code = (
         "from benchmarks.common import steady_malloc; steady_malloc();"
         + (f"import torch; torch.set_num_threads({int(threads)});" if threads else "")
-        + "import sys, json; sys.path.insert(0, {t!r});"
+        + "import json;"
         "import selective_optimizers.wrap as w;"
         "assert w.__file__.startswith({t!r}), w.__file__;"
         "from benchmarks.torch_rows import _selective, _dense;"
@@ -144,10 +140,9 @@ def run_reference(target, width, layers, repeats, budget_frac, max_steps, device
         a=f"{width}, {layers}, {repeats}, {budget_frac}, {max_steps}, {device!r}",
         d=f"{width}, {layers}, {repeats}, {device!r}",
     )
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=here)
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=target)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           **runs.reference_process(target))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s"}
     if r.returncode != 0:

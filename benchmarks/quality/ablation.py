@@ -52,9 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.runs import ROOT, run_info, run_line
 
 
 class EntryAdam(torch.optim.Optimizer):
@@ -218,6 +216,7 @@ def summarize(runs: list[dict], arm: str, key: str) -> tuple[float, float, int]:
 
 def write(out: Path, tag: str, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "run": payload.get("run") or run_info()}  # the commit it ran on
     (out / f"{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
     cfg, runs, m = payload["config"], payload["runs"], payload["machine"]
     n_test = runs[0]["n_eval_rows"] if runs else cfg["n_test"]
@@ -227,6 +226,7 @@ def write(out: Path, tag: str, payload: dict) -> None:
              f"- machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']};"
              f" GPU: {m['gpu']}",
              f"- date: {payload['date']}, wall time {payload['wall_seconds'] / 60:.1f} min",
+             run_line(payload["run"]),
              f"- MiniLM on Rotten Tomatoes, budget {cfg['budget_frac']:.2%} of the encoder + "
              f"head, lr {cfg['lr']:g} for every arm, {cfg['steps']} steps, batch 16, "
              f"train rows {cfg['n_train']}, test rows {n_test or 'all'}, seeds {cfg['seeds']}",

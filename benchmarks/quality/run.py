@@ -64,9 +64,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.runs import ROOT, run_info, run_line
 
 SELECTIVE = ("id3", "pafi", "bitfit", "fish", "random")
 TORCH_METHODS = (*SELECTIVE, "lora", "fft")
@@ -218,6 +216,7 @@ def fmt(a: dict) -> str:
 
 def write_outputs(out: Path, tag: str, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "run": payload.get("run") or run_info()}  # the commit it ran on
     (out / f"{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
     cfg, runs = payload["config"], payload["runs"]
     title = "# Quality benchmark" + (" (QUICK smoke run, not a result)" if payload["quick"] else "")
@@ -234,6 +233,7 @@ def write_outputs(out: Path, tag: str, payload: dict) -> None:
              f"- date: {payload['date']}, wall time {payload['wall_seconds'] / 60:.1f} min"
              + (f" over {len(payload['commands'])} commands" if len(payload.get("commands", []))
                 > 1 else ""),
+             run_line(payload["run"]),
              f"- steps {cfg['steps']}, batch {cfg['batch_size']}, max length {cfg['max_length']},"
              f" train rows {cfg['n_train']}, test rows {payload['n_test_rows']}",
              f"- encoder parameters {payload.get('encoder_params')}, head (choose_all) "

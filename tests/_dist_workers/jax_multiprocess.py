@@ -4,7 +4,7 @@ Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES P
 
 OPT names one of ``common.optimizers()`` (default ``OPTIMIZER``, dense inner state).
 
-Started by tests/test_distributed_jax.py with 2 CPU devices per process (XLA_FLAGS). Each
+Started by tests/test_sharding.py with 2 CPU devices per process (XLA_FLAGS). Each
 process writes ``rank{PROCESS_ID}.npz`` (the global mask after every step and the final
 params, gathered to every process) and all processes together write one orbax checkpoint
 ``OUT_DIR/ckpt`` of the final params and optimizer state, and one summary ``OUT_DIR/summary``

@@ -4,7 +4,7 @@ Trains a tiny model with ID3 (wrapper form) for 3 steps on the GPU, checks that 
 made from GPU arrays (compiled gather path) matches a NumPy reference and that applying it on
 the GPU works, then writes OUT_DIR/summary (save_summary), OUT_DIR/state (orbax
 StandardCheckpointer: params and optimizer state, with cuda:0 shardings) and
-OUT_DIR/expected.npz. tests/test_summary.py and tests/test_resume.py restore them on CPU.
+OUT_DIR/expected.npz. tests/test_summary.py and tests/test_transform.py restore them on CPU.
 Made with jax 0.11.2, orbax-checkpoint 0.12.4 on an NVIDIA H100.
 """
 

@@ -1,8 +1,10 @@
-"""Sharded selection on 8 simulated CPU devices; run by tests/test_sharding.py.
+"""Sharded selection on 8 simulated CPU devices, equal to the single-device run.
 
-Not collected on its own (its name does not start with ``test_``): it needs
-``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported, which the
-wrapper sets in a fresh interpreter.
+The device count is fixed when jax is first imported and the rest of the suite runs on one
+device, so these tests run in a child pytest started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; each one is still collected and
+reported here on its own, with the child's outcome and traceback (``tests/conftest.py``,
+marker ``eight_devices``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,7 @@ import optax_selective as osel
 from optax_selective import selection
 from tests._dist_workers import common
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _eight_devices():
-    # Checked here, not at import: --doctest-modules imports this file in the main run.
-    if jax.device_count() != 8:
-        raise RuntimeError(
-            f"this suite needs 8 devices, found {jax.device_count()}: run it through "
-            "tests/test_sharding.py (it sets XLA_FLAGS before jax is imported)"
-        )
-
+pytestmark = [pytest.mark.eight_devices, pytest.mark.slow]
 
 NAMES = list(common.optimizers())
 STEPS = {n: common.STEPS for n in NAMES if n.startswith("id3")}

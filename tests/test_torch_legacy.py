@@ -1,6 +1,7 @@
 """Side by side with selective-optimizers 0.4 (installed at test time), and reading its summaries.
 
-The reference is installed with ``pip install --no-deps --target <tmp>``; its code is only
+The reference is installed once per session into a temporary folder (the ``reference_0_4``
+fixture, with the benchmarks' ``benchmarks.runs.install_reference``); its code is only
 imported, never copied. Its package name is ours too, so it is imported with our
 ``selective_optimizers`` modules set aside and put back afterwards.
 """
@@ -10,7 +11,6 @@ import copy
 import importlib
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,17 +29,8 @@ from torch_bridge import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    target = tmp_path_factory.mktemp("selective_optimizers_0.4")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-           "selective-optimizers==0.4"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"pip could not install selective-optimizers==0.4: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"pip could not install selective-optimizers==0.4: {r.stderr.strip()[-400:]}")
-    return target
+def ref_dir(reference_0_4):
+    return reference_0_4
 
 
 def _ours():

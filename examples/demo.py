@@ -1,4 +1,4 @@
-"""The library's main job in miniature: ``python -m optax_selective.demo`` (or ``make demo``).
+"""The library's main job in miniature: ``python -m examples.demo`` (or ``make demo``).
 
 1. Pretrain a small Flax NNX MLP on digits 0-4 of ``sklearn.datasets.load_digits``.
 2. Fine-tune a copy of it on digits 5-9 with each method (ID3, PaFI, BitFit, FISH mask,
@@ -10,7 +10,7 @@
    show that the accuracy (and every parameter) is reproduced exactly.
 
 Example:
-  $ python -m optax_selective.demo --methods id3,pafi --budget 300 --steps 150 --out /tmp/d
+  $ python -m examples.demo --methods id3,pafi --budget 300 --steps 150 --out /tmp/d
 
 Everything runs on CPU in well under a minute on two cores.
 """
@@ -311,7 +311,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m optax_selective.demo",
+        prog="python -m examples.demo",
         description="Pretrain a small MLP on digits 0-4, fine-tune it on digits 5-9 with ID3, "
         "PaFI, BitFit, FISH, a random mask and full fine-tuning at the same budget, save each sparse summary and "
         "reload it onto the pretrained model.",

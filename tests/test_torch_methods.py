@@ -1,4 +1,5 @@
-"""FISH and R-Mask through the torch bridge: the same masks as JAX, step by step."""
+"""torch_bridge.methods and jax_interop: the torch wrapper selects exactly what the optax
+transformation selects, step by step, for every method (FISH and R-Mask included)."""
 
 import os
 
@@ -12,16 +13,77 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import optax_selective as osel  # noqa: E402
-from torch_bridge import METHOD_NAMES, get_selective_optimizer  # noqa: E402
+from torch_bridge import (
+    METHOD_NAMES,  # noqa: E402
+    get_selective_optimizer,  # noqa: E402
+)
 
-# Leaf order: head (4, 3), head bias (3,), body (6, 5), an int buffer-like param, body (5,).
-SHAPES = [(4, 3), (3,), (6, 5), (3,), (5,)]
-INT_LEAF = 3
+SHAPES = [(4, 3), (3,), (6, 5), (5,), (2, 2, 3)]  # the first two form the head
 LR = 0.5  # a power of two: SGD updates are exact in both frameworks
 
 
+def make_tx(method, choose_all, budget, max_steps, exp):
+    ca = [choose_all, choose_all, False, False, False]
+    offered = dict(budget=budget, max_steps=max_steps, exp=exp, eps=1e-3)
+    takes = osel.methods.arguments(method)  # the registry says what each method takes
+    args = {k: v for k, v in offered.items() if k in takes}
+    return osel.selective(method, choose_all=ca, inner=optax.sgd(LR), **args)
+
+
+CASES = [("id3", ca, exp) for ca in (False, True) for exp in (0.0, 1.0)] + [
+    (m, ca, 1.0) for m in ("pafi", "bitfit", "fft") for ca in (False, True)
+]
+
+
+@pytest.mark.parametrize("method,choose_all,exp", CASES)
+def test_same_masks_every_step(method, choose_all, exp):
+    rng = np.random.default_rng(0)
+    init = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    init[3][:] = 0.0  # zero-initialised bias: PaFI ties, ID3 infinite-ish scores
+    init[2][0, :2] = init[2][1, :2]  # repeated magnitudes: ties broken by global index
+    budget, max_steps, steps = (15 + 20 if choose_all else 20), 4, 6
+    if method == "bitfit":  # the last bias leaf is taken partly
+        budget = 15 + 3 if choose_all else 3 + 4
+    tparams = [torch.nn.Parameter(torch.tensor(a)) for a in init]
+    groups = ([{"params": tparams[:2], "choose_all": True}, {"params": tparams[2:]}]
+              if choose_all else [{"params": tparams}])
+    kwargs = {} if method == "fft" else {"budget": budget, "max_steps": max_steps, "exp": exp, "eps": 1e-3}
+    if method != "id3":
+        kwargs.pop("exp", None), kwargs.pop("eps", None)
+    opt = get_selective_optimizer(torch.optim.SGD, method)(groups, lr=LR, **kwargs)
+    tx = make_tx(method, choose_all, budget, max_steps, exp)
+    jparams = [jnp.asarray(a) for a in init]
+    state = tx.init(jparams)
+    update = jax.jit(tx.update)
+    for t in range(steps):
+        grads = rng.normal(size=(sum(np.prod(s) for s in SHAPES),)).astype(np.float32)
+        grads = np.round(grads, 1)  # many equal |g|: exercises the tie rule
+        grads = np.split(grads, np.cumsum([np.prod(s) for s in SHAPES])[:-1])
+        grads = [g.reshape(s) for g, s in zip(grads, SHAPES)]
+        for p, g in zip(tparams, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+        updates, state = update([jnp.asarray(g) for g in grads], state, jparams)
+        jparams = optax.apply_updates(jparams, updates)
+        jmask = osel.selected_mask(state)
+        for i, (tm, jm) in enumerate(zip(opt.get_masks(), jmask)):
+            np.testing.assert_array_equal(tm.numpy(), np.asarray(jm), err_msg=f"step {t} leaf {i}")
+        for p, jp in zip(tparams, jparams):
+            np.testing.assert_array_equal(p.detach().numpy(), np.asarray(jp))
+    assert opt.get_budget_used() == osel.budget_used(state)
+    if method in ("id3", "pafi"):
+        assert opt.get_budget_used() == budget
+
+
+# FISH and R-Mask through the torch bridge: the same masks as JAX, step by step.
+
+# Leaf order: head (4, 3), head bias (3,), body (6, 5), an int buffer-like param, body (5,).
+FISH_SHAPES = [(4, 3), (3,), (6, 5), (3,), (5,)]
+INT_LEAF = 3
+
+
 def initial_values(rng):
-    vals = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    vals = [rng.normal(size=s).astype(np.float32) for s in FISH_SHAPES]
     vals[INT_LEAF] = np.arange(3, dtype=np.int32)
     return vals
 
@@ -42,7 +104,7 @@ def jax_choose_all(choose_all):
 
 def random_grads(rng):
     grads = []
-    for i, s in enumerate(SHAPES):
+    for i, s in enumerate(FISH_SHAPES):
         g = np.round(rng.normal(size=s), 1).astype(np.float32)  # many equal g**2: ties
         grads.append(None if i == INT_LEAF else g)
     return grads
