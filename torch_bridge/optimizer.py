@@ -29,15 +29,18 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import torch
 
 from optax_selective._tree import LeafLayout
+from optax_selective.methods import ID3
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
+from torch_bridge.leafwise import LeafwiseSelector
 from torch_bridge.methods import build_method, check_method_name
 from torch_bridge.safety import restore_scope
 
@@ -79,6 +82,20 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
+        With the compact state, ID3 selects one parameter (chunk) at a time
+        (:mod:`torch_bridge.leafwise`), so no whole-model score or mask copy is made.
+      * ``stream_grads`` (default False): consume each parameter's gradient while
+        ``backward`` runs (a ``register_post_accumulate_grad_hook`` per parameter): its values
+        at the selected entries go into the compact buffers, ID3 keeps the parameter's best
+        candidates for this step, and ``param.grad`` is set to None at once, so the dense
+        gradients of the whole model never exist together. Needs the compact state. The
+        parameters and selected entries equal those of ``stream_grads=False``. After
+        ``backward``, ``param.grad`` is None for selectable parameters (choose_all ones keep
+        theirs), so clip gradients and unscale with ``GradScaler`` are not available; FISH
+        keeps dense gradients during its ``fish_steps``. Accumulating gradients over several
+        ``backward`` calls works once the mask is fixed and raises while ID3 still selects;
+        call ``zero_grad()`` on this optimizer (not only the model's) to discard gradients.
+        Refused under multi-process data parallelism (DDP all-reduces after the hooks).
 
     Example:
       >>> import torch
@@ -132,6 +149,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         budget = kwargs.pop("budget", None)
         verify = kwargs.pop("verify", False)
         compact = kwargs.pop("compact", None)
+        stream_grads = kwargs.pop("stream_grads", False)
         max_steps = kwargs.pop("max_steps", None)
         fish_steps = kwargs.pop("fish_steps", None)
         seed = kwargs.pop("seed", 0)
@@ -148,6 +166,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise TypeError(f"verify must be True or False, got {verify!r}.")
         if compact is not None and not isinstance(compact, bool):
             raise TypeError(f"compact must be True, False or None (auto), got {compact!r}.")
+        if not isinstance(stream_grads, bool):
+            raise TypeError(f"stream_grads must be True or False, got {stream_grads!r}.")
+        if stream_grads and compact is False:
+            raise ValueError(
+                "stream_grads=True needs the compact state (the dense form steps on dense "
+                "gradients); pass compact=True or leave compact unset."
+            )
         method = build_method(
             self.method_name, budget=budget, max_steps=max_steps, exp=exp, eps=eps,
             fish_steps=fish_steps, seed=seed,
@@ -155,6 +180,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
         self._setup(method, None if budget is None else int(budget), verify, compact)
+        self._streaming = False
+        self._streamed: set[int] = set()
+        self._hooks: list[Any] = []
+        if stream_grads:
+            self._start_streaming()
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup(self, method: Any, budget: int | None, verify: bool, compact: bool | None) -> None:
@@ -211,6 +241,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i, m in enumerate(self._masks):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
+        self._leafwise: LeafwiseSelector | None = None
+        if compact and isinstance(method, ID3):
+            # ID3's per-step top-k one parameter at a time; masks get torch-owned storage,
+            # as new entries are set in place.
+            self._leafwise = LeafwiseSelector(method.score, method.k_max, [p.numel() for p in params])
+            self._b_eff = method.effective_budget(layout)
+            self._masks = [None if m is None else m.clone() for m in self._masks]
         self._initial = _verify.snapshot(params) if verify else None
         self._zero = {}
         if method.frozen_after == 0:
@@ -273,6 +310,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         frozen_after = self._runner.method.frozen_after
         if frozen_after is not None and self._count >= frozen_after:
             return
+        if self._leafwise is not None:
+            self._select_leafwise()
+            if frozen_after is not None and self._count + 1 >= frozen_after:
+                self._classify()
+            return
         grads = [p.grad for p in self._params]
         active = [
             i for i, (st, g) in enumerate(zip(self._status, grads))
@@ -296,6 +338,90 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._masks[i] = m
         if frozen_after is not None and self._count + 1 >= frozen_after:
             self._classify()
+
+    @torch.no_grad()
+    def _select_leafwise(self) -> None:
+        """ID3's step with the compact state: candidates leaf by leaf, one global merge."""
+        sel = self._leafwise
+        if not self._streaming:
+            for i, (p, st) in enumerate(zip(self._params, self._status)):
+                if st == PARTIAL and p.grad is not None and self._layout.selectable[i]:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+                    sel.offer(i, p.grad, p, self._masks[i])
+        k = int(self._runner.method.increment(jnp.int32(self._count), jnp.int32(self._b_eff)))
+        for i, (idx, grads) in sel.finish(k).items():
+            self._compact.add(i, idx)
+            self._masks[i].view(-1)[idx.to(self._masks[i].device)] = True
+            if self._streaming:
+                self._compact.set_grads(i, grads)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def _start_streaming(self) -> None:
+        if self._compact is None:
+            raise ValueError(
+                "stream_grads=True needs the compact state; "
+                + (_why_not_compact(self.inner_class, self.param_groups, self._params, self._paths,
+                                    self._layout.selectable, is_sharded(self._params),
+                                    self._runner.method.name) or "pass compact=True.")
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1
+        ):
+            raise ValueError(
+                "stream_grads=True is not supported with several processes: data-parallel "
+                "wrappers (DDP) all-reduce gradients in buckets after the hooks that stream "
+                "them, so the streamed gradients would be local ones. Use stream_grads=False."
+            )
+        self._streaming = True
+        for i, p in enumerate(self._params):
+            if self._layout.selectable[i]:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
+
+    def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            self._stream(i, p)
+        return hook
+
+    @torch.no_grad()
+    def _stream(self, i: int, p: torch.Tensor) -> None:
+        """Consumes ``p.grad`` (parameter ``i``) during backward; see ``stream_grads``."""
+        g = p.grad
+        if g is None:
+            return
+        if self._status[i] == EMPTY:
+            p.grad = None
+            return
+        frozen_after = self._runner.method.frozen_after
+        frozen = frozen_after is not None and self._count >= frozen_after
+        if not frozen and self._leafwise is None:
+            return  # a method scored from dense gradients (FISH's fish_steps): keep them
+        if g.is_sparse:
+            raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+        if i in self._streamed:
+            if not frozen:
+                raise RuntimeError(
+                    f"stream_grads=True: a second backward reached {self._paths[i]} before "
+                    f"step() while ID3 still selects entries (step {self._count} of "
+                    f"{frozen_after}); its candidates were taken from the first gradient, so "
+                    "accumulation would not be exact. Call step() after every backward until "
+                    "max_steps, or use stream_grads=False."
+                )
+            self._compact.gather(i, g, accumulate=True)
+        else:
+            self._compact.gather(i, g)
+            if not frozen:
+                self._leafwise.offer(i, g, p, self._masks[i])
+            self._streamed.add(i)
+        p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients, the streamed ones (``stream_grads=True``) included."""
+        super().zero_grad(set_to_none=set_to_none)
+        if getattr(self, "_streaming", False):
+            self._streamed.clear()
+            if self._leafwise is not None:
+                self._leafwise.reset()
 
     def _zero_of(self, g: torch.Tensor) -> torch.Tensor:
         key = (g.dtype, g.device)
@@ -351,7 +477,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             snaps = self._snapshots()
             scope = contextlib.nullcontext()
         else:
-            scope = compact.inner_view(self, self._params)
+            streamed = None
+            if self._streaming:  # the gradients are in the buffers already (FISH scoring aside)
+                fa = self._runner.method.frozen_after
+                if self._leafwise is not None or (fa is not None and self._count >= fa):
+                    streamed = set(self._streamed)
+            scope = compact.inner_view(self, self._params, gathered=streamed)
         with scope:
             if closure is None:
                 inner(self, **kwargs)
@@ -374,6 +505,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if compact is None:
             self._restore(snaps)
         self._count += 1
+        self._streamed.clear()
         return loss
 
     def state_nbytes(self) -> int:
