@@ -260,7 +260,7 @@ def _git_commit() -> str:
 
 
 def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
-        jax_rows: bool = True, malloc: str = "fixed", log=print) -> dict:
+        jax_rows: bool = True, malloc: str = "fixed", log=print, save=None) -> dict:
     reference = None
     if "reference_id3" in cases:
         from benchmarks.torch_rows import install_reference
@@ -288,6 +288,8 @@ def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
                 f"state {r['state_bytes'] / 2**20:,.1f} MiB"))
         _ratios(rows)
         result["sizes"][size] = rows
+        if save is not None:  # after every size, so a long run keeps what it measured
+            save(result)
     if jax_rows:
         status, rows = _jax_rows(sizes, steps)
         result["jax"] = {"status": status, "rows": rows}
@@ -361,15 +363,18 @@ def main(argv: list[str] | None = None) -> None:
     for c in cases:
         if c not in LABELS:
             raise SystemExit(f"--cases: unknown case {c!r}; choose from {', '.join(LABELS)}.")
-    result = run(sizes, cases, a.steps, jax_rows=not a.no_jax, malloc=a.malloc)
-    md = markdown(result)
-    print(md)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "memory.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(a.out, "memory.md"), "w") as f:
-            f.write(md + "\n")
+
+    def save(result: dict) -> None:
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "memory.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            with open(os.path.join(a.out, "memory.md"), "w") as f:
+                f.write(markdown(result) + "\n")
+
+    result = run(sizes, cases, a.steps, jax_rows=not a.no_jax, malloc=a.malloc, save=save)
+    save(result)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

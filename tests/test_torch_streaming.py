@@ -85,6 +85,20 @@ def test_streaming_dtypes(method, dtype):
     assert_same(streamed, run(method, False, compact=False, dtype=dtype))
 
 
+def test_compact_keeps_no_dense_masks():
+    opt, params = run("id3", True)
+    assert all(m is None for m in opt._masks)
+    w = torch.nn.Parameter(torch.randn(100, 100))
+    big = get_selective_optimizer(torch.optim.AdamW, "id3")([w], lr=0.1, budget=40, max_steps=2)
+    w.square().sum().backward()
+    big.step()
+    assert big.get_masks()[0].sum() == 20 and big._masks == [None]
+    assert big.state_nbytes() < w.numel()  # not one byte per entry
+    dense, _ = run("id3", False, compact=False)
+    assert opt.state_dict()["selective"]["masks"][0].tolist() == \
+        dense.state_dict()["selective"]["masks"][0].tolist()
+
+
 def test_dense_gradients_are_freed_in_backward():
     params = make_params()
     opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
@@ -117,9 +131,12 @@ def test_leafwise_selector_matches_numpy_top_k(chunk):
     masks = [torch.zeros(s, dtype=torch.bool) for s in shapes]
     masks[0][:4] = True  # already selected: excluded
     m = ID3(budget=24, max_steps=2)
-    sel = LeafwiseSelector(m.score, m.k_max, [g.numel() for g in grads], chunk=chunk)
+    sel = LeafwiseSelector(m, [g.numel() for g in grads], chunk=chunk)
+    before = [g.clone() for g in grads]
     for i in (3, 1, 0, 2):  # any order, as backward produces them
-        sel.offer(i, grads[i], params[i], masks[i])
+        sel.offer(i, grads[i], params[i], torch.nonzero(masks[i].reshape(-1)).view(-1))
+    for g, b in zip(grads, before):  # excluded entries' gradients are put back
+        assert torch.equal(g, b) or torch.equal(g.isnan(), b.isnan())
     got = sel.finish(11)
     scores = [np.where(mk.numpy(), -np.inf, np.abs(g.numpy()) / (1 + 1e-8))
               for g, mk in zip(grads, masks)]
@@ -136,7 +153,7 @@ def test_indices_past_int32_in_one_leaf():
     needs (chunk number * chunk + index in the chunk, in int64) is what a small chunk runs
     too. This checks that the result is int64 and not truncated at 2**31 for a large chunk."""
     m = ID3(budget=4, max_steps=1)
-    sel = LeafwiseSelector(m.score, m.k_max, [3 * 2**30 + 8], chunk=2**30)
+    sel = LeafwiseSelector(m, [3 * 2**30 + 8], chunk=2**30)
     g = torch.tensor([0.0, 0.0, 5.0, 1.0])
     sel._push(torch.tensor([5.0, 1.0]), torch.tensor([2, 2], dtype=torch.int32),
               torch.tensor([2, 3], dtype=torch.int32), g[2:].double())  # chunk 2 of leaf 0
@@ -146,7 +163,7 @@ def test_indices_past_int32_in_one_leaf():
 
 def test_accumulation_refused_while_selecting_then_exact():
     params = make_params()
-    opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
+    _opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
         groups(params), lr=0.01, stream_grads=True, **METHOD_KW["id3"])
     loss_fn(params, torch.randn(4, 7)).backward()
     with pytest.raises(RuntimeError, match="still selects entries"):
@@ -218,3 +235,16 @@ def test_streaming_refusals():
             params, lr=0.1, weight_decay=0.1, stream_grads=True, **METHOD_KW["id3"])
     with pytest.raises(ValueError, match="stream_grads=True needs the compact state"):
         get_selective_optimizer(torch.optim.AdamW, "fft")(params, lr=0.1, stream_grads=True)
+
+
+def test_leafwise_compiles_once_per_shape_and_stops_after_max_steps():
+    opt, params = run("id3", True)  # 5 steps, max_steps 3: warms the compiled programs
+    before = leafwise.TRACES[0]
+    for stream in (True, False):
+        o, ps = run("id3", stream)
+        assert o._leafwise.offered == set()
+    assert leafwise.TRACES[0] == before  # same shapes: nothing compiled again
+    calls = []
+    o._leafwise._offer = lambda *a: calls.append(a)
+    train(o, ps, steps=2)  # after max_steps: no selection work at all
+    assert calls == [] and o.count == 7

@@ -256,6 +256,20 @@ class CompactState:
         if values.numel():
             self.buffers[self._key_of[leaf]].set_last_grads(leaf, values)
 
+    def indices_of(self, leaf: int) -> torch.Tensor:
+        """The selected entries of parameter ``leaf`` (flat int64 indices, in slot order)."""
+        buf = self.buffers.get(self._key_of.get(leaf))
+        if buf is None or leaf not in buf.members:
+            return torch.zeros(0, dtype=torch.int64)
+        return buf.members[leaf][0]
+
+    def mask_of(self, leaf: int, param: torch.Tensor) -> torch.Tensor:
+        """A bool mask shaped like ``param``, true at the selected entries of ``leaf``: the
+        slot indices are the record of what is selected, so no mask is kept."""
+        m = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        m[self.indices_of(leaf).to(param.device)] = True
+        return m.reshape(param.shape)
+
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buffers.values())
 

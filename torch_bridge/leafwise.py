@@ -21,8 +21,10 @@ more are handled (in chunks) too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,13 +36,33 @@ CHUNK = 1 << 24  # entries scored by one call: bounds the float32 temporaries (6
 _PENDING = 4  # the candidate buffer holds (1 + _PENDING) * k_max entries
 
 
+@dataclasses.dataclass(frozen=True)
+class _Unmasked:
+    """``method.score(grad, param, False)``: excluded entries arrive with a NaN gradient
+    instead of a mask, which the score maps to -inf exactly as the exclusion would (no mask
+    needed). Holds the method (a frozen dataclass, equal by value), so equal methods share
+    compiled programs."""
+
+    method: Any
+
+    def __call__(self, grad, param):
+        return self.method.score(grad, param, False)
+
+
+TRACES = [0]  # compilations of the two programs below, all selectors together (tests read it)
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _chunk_candidates(score_fn: Callable, k: int, *xs):
+    TRACES[0] += 1
     values, _, index, valid = selection.shard_candidates([xs], k, score_fn=score_fn)
     return values, index, valid
 
 
-_merge = jax.jit(selection.merge_candidates, static_argnums=4)
+@partial(jax.jit, static_argnums=4)
+def _merge(values, leaf, index, k, k_max):
+    TRACES[0] += 1
+    return selection.merge_candidates(values, leaf, index, k, k_max)
 
 
 def _to_jax(t: torch.Tensor) -> jax.Array:
@@ -51,8 +73,9 @@ class LeafwiseSelector:
     """Collects one step's candidates leaf by leaf and picks the global top-``k``.
 
     Args:
-      score_fn: the method's elementwise score ``score_fn(grad, param, mask)`` (``ID3.score``).
-      k_max: static bound on the entries one step adds (``ID3.k_max``).
+      method: the method (``ID3``): its elementwise ``score(grad, param, mask)`` is called
+        with ``mask=False`` (excluded entries come with a NaN gradient), and ``k_max`` bounds
+        the entries one step adds.
       numels: the number of entries of every leaf, in leaf order (fixes the chunk numbering).
       chunk: entries per scoring call (default :data:`CHUNK`, read at construction; tests
         lower it to exercise leaves split into chunks).
@@ -61,19 +84,19 @@ class LeafwiseSelector:
       >>> from optax_selective.methods import ID3
       >>> m = ID3(budget=2, max_steps=1)
       >>> g, p = torch.tensor([0.1, 3.0, -2.0]), torch.ones(3)
-      >>> sel = LeafwiseSelector(m.score, m.k_max, [3])
-      >>> sel.offer(0, g, p, torch.zeros(3, dtype=torch.bool))
+      >>> sel = LeafwiseSelector(m, [3])
+      >>> sel.offer(0, g, p)
       >>> leaf_idx = sel.finish(2)
       >>> leaf_idx[0][0].tolist(), leaf_idx[0][1].tolist()
       ([1, 2], [3.0, -2.0])
     """
 
-    def __init__(self, score_fn: Callable, k_max: int, numels: Sequence[int], chunk: int | None = None):
+    def __init__(self, method: Any, numels: Sequence[int], chunk: int | None = None):
         chunk = CHUNK if chunk is None else chunk
         if not 0 < chunk < 2**31:
             raise ValueError(f"chunk must be in [1, 2**31), got {chunk}.")
-        self.score_fn = score_fn
-        self.k_max = int(k_max)
+        self.score_fn = _Unmasked(method)
+        self.k_max = int(method.k_max)
         self.chunk = int(chunk)
         counts = [-(-int(n) // self.chunk) for n in numels]
         self._first_chunk = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -91,14 +114,33 @@ class LeafwiseSelector:
         self._n = 0
         self.offered: set[int] = set()
 
-    def offer(self, leaf: int, grad: torch.Tensor, param: torch.Tensor, mask: torch.Tensor) -> None:
+    def offer(self, leaf: int, grad: torch.Tensor, param: torch.Tensor,
+              selected: torch.Tensor | None = None) -> None:
         """Adds leaf ``leaf``'s best ``k_max`` entries (per chunk) to the candidates, with the
-        gradient values there (needed once the dense gradient is gone). Reads the three
-        tensors during the call only."""
+        gradient values there (needed once the dense gradient is gone). ``selected`` (flat
+        int64 indices) are excluded: their gradient is set to NaN during the call and put
+        back after it. Reads the tensors during the call only."""
         if self.k_max == 0:
             return
         self.offered.add(leaf)
-        flats = [t.detach().reshape(-1) for t in (grad, param, mask)]
+        flat_grad = grad.detach().reshape(-1)
+        if selected is not None and selected.numel():
+            if flat_grad.data_ptr() != grad.data_ptr() or not grad.is_contiguous():
+                flat_grad = flat_grad.clone()  # a copy: nothing to put back
+                selected_values = None
+            else:
+                selected_values = flat_grad[selected]
+            flat_grad[selected] = float("nan")
+            try:
+                self._offer(leaf, flat_grad, param)
+            finally:
+                if selected_values is not None:
+                    flat_grad[selected] = selected_values
+            return
+        self._offer(leaf, flat_grad, param)
+
+    def _offer(self, leaf: int, flat_grad: torch.Tensor, param: torch.Tensor) -> None:
+        flats = [flat_grad, param.detach().reshape(-1)]
         n = flats[0].numel()
         for j, start in enumerate(range(0, n, self.chunk)):
             end = min(n, start + self.chunk)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -243,11 +244,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     self._compact.add_mask(i, m)
         self._leafwise: LeafwiseSelector | None = None
         if compact and isinstance(method, ID3):
-            # ID3's per-step top-k one parameter at a time; masks get torch-owned storage,
-            # as new entries are set in place.
-            self._leafwise = LeafwiseSelector(method.score, method.k_max, [p.numel() for p in params])
+            # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
+            self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
             self._b_eff = method.effective_budget(layout)
-            self._masks = [None if m is None else m.clone() for m in self._masks]
+        self._drop_masks()
         self._initial = _verify.snapshot(params) if verify else None
         self._zero = {}
         if method.frozen_after == 0:
@@ -267,10 +267,25 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for i, m in enumerate(self._masks):
             if self._status[i] != PARTIAL:
                 continue
-            if not _dist.any_true(m):
+            if m is None:  # compact: the slots are the record
+                n = int(self._compact.indices_of(i).numel())
+                empty, full = n == 0, n == self._params[i].numel()
+            else:
+                empty, full = not _dist.any_true(m), _dist.all_true(m)
+            if empty:
                 self._status[i], self._masks[i] = EMPTY, None
-            elif _dist.all_true(m):
+            elif full:
                 self._status[i], self._masks[i] = FULL, None
+
+    def _drop_masks(self) -> None:
+        """With the compact state, the slot indices say which entries are selected: the dense
+        masks are dropped (one byte per entry) once no method call needs them, i.e. for ID3's
+        leafwise selection and once a method's mask is fixed."""
+        frozen_after = self._runner.method.frozen_after
+        frozen = frozen_after is not None and self._count >= frozen_after
+        if self._compact is not None and (self._leafwise is not None or frozen):
+            self._masks = [None] * len(self._masks)
+            self._runner.forget_masks()
 
     # -- masks -------------------------------------------------------------------------------
     @property
@@ -293,7 +308,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         out = []
         for p, st, m in zip(self._params, self._status, self._masks):
             if st == PARTIAL:
-                out.append(m)
+                out.append(m if m is not None else self._compact.mask_of(len(out), p))
             else:
                 out.append(_dist.full_mask(p, st == FULL))
         return out
@@ -301,8 +316,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def get_budget_used(self) -> int:
         """Entries selected so far, choose_all params included."""
         used = 0
-        for p, st, m in zip(self._params, self._status, self._masks):
-            used += p.numel() if st == FULL else _dist.count_true(m) if st == PARTIAL else 0
+        for i, (p, st, m) in enumerate(zip(self._params, self._status, self._masks)):
+            if st == PARTIAL and m is None:
+                used += int(self._compact.indices_of(i).numel())
+            else:
+                used += p.numel() if st == FULL else _dist.count_true(m) if st == PARTIAL else 0
         return used
 
     # -- the step ----------------------------------------------------------------------------
@@ -338,6 +356,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._masks[i] = m
         if frozen_after is not None and self._count + 1 >= frozen_after:
             self._classify()
+            if self._compact is not None:
+                self._masks = [None] * len(self._masks)  # fixed: the slots are the record
+                self._runner.forget_masks()
 
     @torch.no_grad()
     def _select_leafwise(self) -> None:
@@ -348,11 +369,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 if st == PARTIAL and p.grad is not None and self._layout.selectable[i]:
                     if p.grad.is_sparse:
                         raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
-                    sel.offer(i, p.grad, p, self._masks[i])
+                    sel.offer(i, p.grad, p, self._compact.indices_of(i))
         k = int(self._runner.method.increment(jnp.int32(self._count), jnp.int32(self._b_eff)))
         for i, (idx, grads) in sel.finish(k).items():
             self._compact.add(i, idx)
-            self._masks[i].view(-1)[idx.to(self._masks[i].device)] = True
             if self._streaming:
                 self._compact.set_grads(i, grads)
 
@@ -379,8 +399,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
 
     def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        ref = weakref.ref(self)  # the parameter must not keep the optimizer alive
+
         def hook(p: torch.Tensor) -> None:
-            self._stream(i, p)
+            opt = ref()
+            if opt is not None:
+                opt._stream(i, p)
         return hook
 
     @torch.no_grad()
@@ -411,7 +435,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         else:
             self._compact.gather(i, g)
             if not frozen:
-                self._leafwise.offer(i, g, p, self._masks[i])
+                self._leafwise.offer(i, g, p, self._compact.indices_of(i))
             self._streamed.add(i)
         p.grad = None
 
@@ -556,7 +580,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         masks: list[Any] = []
         for st, m in zip(self._status, self._masks):
-            masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
+            if st != PARTIAL:
+                masks.append(st)
+            elif m is None:
+                masks.append(torch.sort(self._compact.indices_of(len(masks)).cpu()).values)
+            else:
+                masks.append(_dist.selected_entries(m, m)[0])
         sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks}
         if self._compact is not None:
             sd[STATE_KEY]["compact"] = self._compact.state_dict()
@@ -610,6 +639,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._status, self._masks = status, tensors
         self._count = int(sel["count"])
         self._runner.forget_masks()
+        self._drop_masks()
         frozen_after = self._runner.method.frozen_after
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
