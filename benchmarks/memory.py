@@ -296,6 +296,28 @@ def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
     return result
 
 
+TARGETS = (  # (case, baseline, measure, at most): the issue's targets, bf16 on this CPU
+    ("id3_compact", "adamw", "peak", 0.6),
+    ("id3_stream", "lora", "peak", 1.35),
+    ("id3_stream", "adamw", "step", 1.25),
+)
+
+
+def targets(result: dict) -> list[str]:
+    """One line per target and size: the measured ratio and whether it is met."""
+    out = []
+    for size, rows in result["sizes"].items():
+        by = {r["case"]: r for r in rows if "error" not in r}
+        for case, base, what, limit in TARGETS:
+            r = by.get(case, {}).get(f"{what}_over_{base}")
+            if r is None:
+                continue
+            verdict = "met" if r <= limit else f"NOT met (by {r / limit - 1:.0%})"
+            out.append(f"{size}: {LABELS[case]} {what} = {r:.2f}x {LABELS[base]} "
+                       f"(target <= {limit}x): {verdict}")
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# Memory of a bf16 Llama fine-tuning step (torch)",
@@ -330,6 +352,7 @@ def markdown(result: dict) -> str:
                 f"{x(r.get('step_over_adamw'))} | {r['state_bytes'] / 2**20:,.1f} MiB | "
                 f"{x(r.get('state_over_adamw'))} |")
         lines.append("")
+    lines += [f"- {t}" for t in targets(result)] + [""]
     if "jax" in result:
         lines += ["## JAX", ""]
         if result["jax"]["rows"] is None:
@@ -349,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-jax", action="store_true", help="skip the JAX rows")
     ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
                     help="fixed: glibc mmap threshold fixed at 128 KiB in every case (default)")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite the markdown of a saved memory.json (to --out)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -358,6 +383,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--sizes: unknown size {s!r}; choose from {', '.join(SIZES)}.")
     if a.child:
         print(json.dumps(run_case(a.child, sizes[0], a.steps, a.reference)))
+        return
+    if a.render:
+        with open(a.render) as f:
+            result = json.load(f)
+        md = markdown(result)
+        if a.out:
+            with open(os.path.join(a.out, "memory.md"), "w") as f:
+                f.write(md + "\n")
+        print(md)
         return
     cases = a.cases.split(",")
     for c in cases:

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 9, quick 2)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke test")
     ap.add_argument("--torch", choices=["auto", "off"], default="auto", help="torch rows if the bridge is installed")
+    ap.add_argument("--memory", choices=["auto", "off"], default="auto",
+                    help="with the torch rows: peak memory of a bf16 Llama step (benchmarks.memory; "
+                         "200M, quick: tiny), full AdamW / LoRA / ID3 compact / ID3 streaming")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for the torch rows (default: torch's; 1 on a busy machine)")
     args = ap.parse_args(argv)
@@ -241,6 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         if torch_rows is not None:
             results["torch"] = torch_rows.run(sizes, quick=args.quick, repeats=repeats,
                                               threads=args.torch_threads)
+            if args.memory == "auto":
+                from benchmarks import memory
+
+                results["memory"] = memory.run(
+                    ["tiny" if args.quick else "200m"], ["adamw", "lora", "id3_compact", "id3_stream"],
+                    steps=2, jax_rows=False)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -249,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks import torch_rows
 
         md += "\n" + torch_rows.markdown(results["torch"])
+    if "memory" in results:
+        from benchmarks import memory
+
+        md += "\n" + memory.markdown(results["memory"])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     plot(results, os.path.join(args.out, "results.png"))

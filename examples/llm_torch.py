@@ -130,7 +130,7 @@ def train_loop(model, opt, data: torch.Tensor, args) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", selected=opt.get_budget_used())
     return losses
 

@@ -221,8 +221,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
+        leafwise = bool(compact) and isinstance(method, ID3)
         try:
-            masks = self._runner.init(params)
+            if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
+                method.effective_budget(layout)  # the budget checks of ID3.init
+                masks = [None] * len(params)
+            else:
+                masks = self._runner.init(params)
         except ValueError as e:
             msg = str(e).replace("use selective_fft() instead", "use the method 'fft' instead")
             raise ValueError(msg) from None
@@ -243,7 +248,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
         self._leafwise: LeafwiseSelector | None = None
-        if compact and isinstance(method, ID3):
+        if leafwise:
             # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
             self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
             self._b_eff = method.effective_budget(layout)
