@@ -353,6 +353,7 @@ def markdown(result: dict) -> str:
                 f"{x(r.get('state_over_adamw'))} |")
         lines.append("")
     lines += [f"- {t}" for t in targets(result)] + [""]
+    lines += [f"Note: {n}" for n in result.get("notes", [])]
     if "jax" in result:
         lines += ["## JAX", ""]
         if result["jax"]["rows"] is None:

@@ -33,3 +33,15 @@ def test_tiny_trainer_path():
 
     check(main(["--preset", "tiny", "--steps", "16", "--train-blocks", "200", "--quiet",
                 "--trainer"]))
+
+
+def test_help_runs_from_any_directory(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "llm_torch.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert "--preset" in out.stdout and "1b" in out.stdout
