@@ -6,8 +6,9 @@ dtype and device live in one flat *slot buffer* of fixed capacity; each step cop
 values and gradients into the buffer, runs the inner step on the buffers (plus the
 ``choose_all`` parameters, which stay dense), and copies the values back. The inner
 optimizer's state (Adam moments, momentum buffers, ...) therefore holds ``capacity`` entries
-per buffer instead of one per parameter entry: optimizer memory is one mask byte per entry
-plus O(budget).
+per buffer instead of one per parameter entry, and the slots' indices are the record of what
+is selected (the optimizer keeps no dense masks once the method needs none; see
+``CompactState.mask_of``): optimizer memory is O(budget).
 
 Capacity is fixed at construction (the budget left after ``choose_all``, capped by the
 group's selectable entries) so ID3's growing selection never reallocates. Unfilled slots hold

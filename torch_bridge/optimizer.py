@@ -79,7 +79,8 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         :meth:`post_train_work` that the budget held and nothing unselected moved.
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
-        is one mask byte per entry plus O(budget) and the inner step costs O(budget). It gives
+        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3
+        never keeps them) and the inner step costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
@@ -538,8 +539,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state: the inner optimizer's tensors, the masks and, with
-        ``compact=True``, the slot buffers with their state and bookkeeping."""
+        """Bytes of optimizer state: the inner optimizer's tensors, the masks that are kept
+        and, with ``compact=True``, the slot buffers with their state and bookkeeping."""
         total = 0
         for st in self.state.values():
             for v in st.values():
