@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 9, quick 2)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke test")
     ap.add_argument("--torch", choices=["auto", "off"], default="auto", help="torch rows if the bridge is installed")
+    ap.add_argument("--memory", choices=["auto", "off"], default="auto",
+                    help="with the torch rows: peak memory of a bf16 Llama step (benchmarks.memory; "
+                         "200M, quick: tiny), full AdamW / LoRA / ID3 compact / ID3 streaming")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for the torch rows (default: torch's; 1 on a busy machine)")
     ap.add_argument("--memory-presets", default=None,
@@ -253,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
         if torch_rows is not None:
             results["torch"] = torch_rows.run(sizes, quick=args.quick, repeats=repeats,
                                               threads=args.torch_threads)
+            if args.memory == "auto":
+                from benchmarks import memory
+
+                results["memory"] = memory.run(
+                    ["tiny" if args.quick else "200m"], ["adamw", "lora", "id3_compact", "id3_stream"],
+                    steps=2, jax_rows=False)
     results = write_json(os.path.join(args.out, "results.json"), results)
     md = markdown(results)
     if "torch" in results:
@@ -263,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks import memory_jax
 
         md += "\n### JAX: compiled memory of one step at Llama shapes (bf16)\n\n" + memory_jax.markdown(results["memory_jax"])
+    if "memory" in results:
+        from benchmarks import memory
+
+        md += "\n" + memory.markdown(results["memory"])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     plot(results, os.path.join(args.out, "results.png"))

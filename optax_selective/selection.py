@@ -342,20 +342,28 @@ def top_k_indices(
 
 
 def shard_candidates(
-    scores: Sequence[jax.Array | None], k_max: int
+    scores: Sequence[Any], k_max: int, *, score_fn: Callable[..., jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One shard's top-``k_max`` entries as candidates for :func:`merge_candidates`.
 
     ``scores`` are this shard's local arrays in leaf order (``None``: no part). Returns
     ``k_max`` slots ``(value, leaf, index, valid)``: float32 score (``-inf`` in unused slots),
     leaf position, row-major index in the *local* array, and whether the slot is used. The
-    caller turns local indices into indices in the whole leaf.
+    caller turns local indices into indices in the whole leaf. With ``score_fn``
+    (elementwise), each ``scores[i]`` is a tuple of same-shape arrays and the score is
+    ``score_fn(*scores[i])``, as in :func:`top_k_indices`: it is then evaluated at the chosen
+    entries only, so no full score array is written (the torch bridge scores one chunk of a
+    leaf at a time this way).
     """
-    leaf, index, valid = top_k_indices(scores, k_max, k_max)
+    leaf, index, valid = top_k_indices(scores, k_max, k_max, score_fn=score_fn)
     values = jnp.full((k_max,), NEG_INF, jnp.float32)
-    for i, s in _live(scores):
-        flat = _clean(s).reshape(-1)
-        values = jnp.where(valid & (leaf == i), flat[jnp.clip(index, 0, flat.size - 1)], values)
+    for i, s in _live([None if x is None else (x if score_fn is None else x[0]) for x in scores]):
+        at = jnp.clip(index, 0, s.size - 1)
+        if score_fn is None:
+            picked = _clean(s).reshape(-1)[at]
+        else:
+            picked = _clean(score_fn(*(jnp.reshape(x, (-1,))[at] for x in scores[i])))
+        values = jnp.where(valid & (leaf == i), picked, values)
     return values, leaf, index, valid
 
 

@@ -6,8 +6,9 @@ dtype and device live in one flat *slot buffer* of fixed capacity; each step cop
 values and gradients into the buffer, runs the inner step on the buffers (plus the
 ``choose_all`` parameters, which stay dense), and copies the values back. The inner
 optimizer's state (Adam moments, momentum buffers, ...) therefore holds ``capacity`` entries
-per buffer instead of one per parameter entry: optimizer memory is one mask byte per entry
-plus O(budget).
+per buffer instead of one per parameter entry, and the slots' indices are the record of what
+is selected (the optimizer keeps no dense masks once the method needs none; see
+``CompactState.mask_of``): optimizer memory is O(budget).
 
 Capacity is fixed at construction (the budget left after ``choose_all``, capped by the
 group's selectable entries) so ID3's growing selection never reallocates. Unfilled slots hold
@@ -124,9 +125,12 @@ class SlotBuffer:
         self.members[leaf] = (indices, slots)
         self.filled += n
 
-    def load(self, params: Sequence[torch.Tensor], grads: bool = True) -> list[int]:
+    def load(self, params: Sequence[torch.Tensor], grads: bool = True,
+             gathered: set[int] | None = None) -> list[int]:
         """Copies the members' values (and gradients) into the buffer; returns the leaves
-        that have no gradient this step (their slots get gradient 0)."""
+        that have no gradient this step (their slots get gradient 0). With ``gathered``, the
+        gradients are in the buffer already (:meth:`gather`) for those leaves, and the other
+        members have none."""
         missing = []
         with torch.no_grad():
             for leaf, (idx, slots) in self.members.items():
@@ -134,12 +138,32 @@ class SlotBuffer:
                 self.param.index_copy_(0, slots, _flat(p.detach()).index_select(0, idx))
                 if not grads:
                     continue
-                if p.grad is None:
+                if gathered is not None:
+                    if leaf not in gathered:
+                        missing.append(leaf)
+                        self.param.grad.index_fill_(0, slots, 0)
+                elif p.grad is None:
                     missing.append(leaf)
                     self.param.grad.index_fill_(0, slots, 0)
                 else:
                     self.param.grad.index_copy_(0, slots, _flat(p.grad).index_select(0, idx))
         return missing
+
+    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False) -> None:
+        """Copies (or adds) ``grad`` at the members of ``leaf`` into the buffer's gradient."""
+        if leaf not in self.members:
+            return
+        idx, slots = self.members[leaf]
+        with torch.no_grad():
+            picked = _flat(grad).index_select(0, idx)
+            if accumulate:  # the same addition autograd would have made on the dense gradient
+                picked = self.param.grad.index_select(0, slots) + picked
+            self.param.grad.index_copy_(0, slots, picked)
+
+    def set_last_grads(self, leaf: int, values: torch.Tensor) -> None:
+        """Sets the gradient of the last ``len(values)`` slots given to ``leaf``."""
+        slots = self.members[leaf][1][-int(values.numel()):]
+        self.param.grad.index_copy_(0, slots, values.to(self.param.grad.dtype))
 
     def store(self, params: Sequence[torch.Tensor], skip: Sequence[int] = ()) -> None:
         """Writes the buffer's values back into the members' entries (except ``skip`` leaves)."""
@@ -223,19 +247,43 @@ class CompactState:
         new = mask if old is None else mask & ~old
         self.add(leaf, torch.nonzero(new.reshape(-1)).view(-1))
 
+    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False) -> None:
+        """Copies (or adds) ``grad`` of parameter ``leaf`` at its selected entries into the
+        slot gradients, so the dense gradient can be freed (``stream_grads=True``)."""
+        self.buffers[self._key_of[leaf]].gather(leaf, grad, accumulate)
+
+    def set_grads(self, leaf: int, values: torch.Tensor) -> None:
+        """Gives the entries just added to ``leaf`` (by :meth:`add`) their gradient ``values``."""
+        if values.numel():
+            self.buffers[self._key_of[leaf]].set_last_grads(leaf, values)
+
+    def indices_of(self, leaf: int) -> torch.Tensor:
+        """The selected entries of parameter ``leaf`` (flat int64 indices, in slot order)."""
+        buf = self.buffers.get(self._key_of.get(leaf))
+        if buf is None or leaf not in buf.members:
+            return torch.zeros(0, dtype=torch.int64)
+        return buf.members[leaf][0]
+
+    def mask_of(self, leaf: int, param: torch.Tensor) -> torch.Tensor:
+        """A bool mask shaped like ``param``, true at the selected entries of ``leaf``: the
+        slot indices are the record of what is selected, so no mask is kept."""
+        m = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        m[self.indices_of(leaf).to(param.device)] = True
+        return m.reshape(param.shape)
+
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buffers.values())
 
     @contextlib.contextmanager
     def inner_view(self, optimizer: torch.optim.Optimizer,
-                   params: Sequence[torch.Tensor]) -> Iterator[None]:
+                   params: Sequence[torch.Tensor], gathered: set[int] | None = None) -> Iterator[None]:
         """Inside: ``optimizer.param_groups`` hold the choose_all params and the slot buffers
-        (with their state), filled from ``params``. On exit the buffers' values are written
-        back, the real params and state are put back."""
+        (with their state), filled from ``params`` (gradients: see :meth:`SlotBuffer.load`).
+        On exit the buffers' values are written back, the real params and state are put back."""
         missing: dict[tuple, list[int]] = {}
         held: dict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         for key, buf in self.buffers.items():
-            missing[key] = buf.load(params)
+            missing[key] = buf.load(params, gathered=gathered)
             if missing[key]:  # keep these leaves' slot state as it is (see module docstring)
                 slots = buf.slots_of(missing[key])
                 held[key] = (slots, {k: v.index_select(0, slots) for k, v in buf.state.items()

@@ -27,19 +27,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import torch
 
 from optax_selective._tree import LeafLayout
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
+from optax_selective.methods import ID3
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
+from torch_bridge.leafwise import LeafwiseSelector
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
@@ -84,10 +88,25 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         passed.
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
-        is one mask byte per entry plus O(budget) and the inner step costs O(budget). It gives
+        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3
+        never keeps them) and the inner step costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
+        With the compact state, ID3 selects one parameter (chunk) at a time
+        (:mod:`torch_bridge.leafwise`), so no whole-model score or mask copy is made.
+      * ``stream_grads`` (default False): consume each parameter's gradient while
+        ``backward`` runs (a ``register_post_accumulate_grad_hook`` per parameter): its values
+        at the selected entries go into the compact buffers, ID3 keeps the parameter's best
+        candidates for this step, and ``param.grad`` is set to None at once, so the dense
+        gradients of the whole model never exist together. Needs the compact state. The
+        parameters and selected entries equal those of ``stream_grads=False``. After
+        ``backward``, ``param.grad`` is None for selectable parameters (choose_all ones keep
+        theirs), so clip gradients and unscale with ``GradScaler`` are not available; FISH
+        keeps dense gradients during its ``fish_steps``. Accumulating gradients over several
+        ``backward`` calls works once the mask is fixed and raises while ID3 still selects;
+        call ``zero_grad()`` on this optimizer (not only the model's) to discard gradients.
+        Refused under multi-process data parallelism (DDP all-reduces after the hooks).
 
     Example:
       >>> import torch
@@ -141,6 +160,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         verify = kwargs.pop("verify", False)
         compact = kwargs.pop("compact", None)
+        stream_grads = kwargs.pop("stream_grads", False)
         # The arguments the method's registered factory names (eps: ID3's when it takes it,
         # else the inner optimizer's, as in 0.4); the rest go to the inner optimizer.
         method_args = split_kwargs(self.method_name, kwargs)
@@ -155,6 +175,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise TypeError(f"verify must be True or False, got {verify!r}.")
         if compact is not None and not isinstance(compact, bool):
             raise TypeError(f"compact must be True, False or None (auto), got {compact!r}.")
+        if not isinstance(stream_grads, bool):
+            raise TypeError(f"stream_grads must be True or False, got {stream_grads!r}.")
+        if stream_grads and compact is False:
+            raise ValueError(
+                "stream_grads=True needs the compact state (the dense form steps on dense "
+                "gradients); pass compact=True or leave compact unset."
+            )
         method = build_method(self.method_name, **method_args)
         if not isinstance(params, torch.Tensor):
             params = list(params)  # read twice: for the announcement below, then by torch
@@ -162,6 +189,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
         self._setup(method, verify, compact)
+        self._streaming = False
+        self._streamed: set[int] = set()
+        self._hooks: list[Any] = []
+        if stream_grads:
+            self._start_streaming()
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup(self, method: Any, verify: bool, compact: bool | None) -> None:
@@ -197,8 +229,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
+        leafwise = bool(compact) and isinstance(method, ID3)
         try:
-            masks = self._runner.init(params)
+            if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
+                method.effective_budget(layout)  # the budget checks of ID3.init
+                masks = [None] * len(params)
+            else:
+                masks = self._runner.init(params)
         except ValueError as e:
             msg = str(e).replace("use selective_fft() instead", "use the method 'fft' instead")
             raise ValueError(msg) from None
@@ -220,6 +257,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i, m in enumerate(self._masks):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
+        self._leafwise: LeafwiseSelector | None = None
+        if leafwise:
+            # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
+            self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
+            self._b_eff = method.effective_budget(layout)
+        self._drop_masks()
         self._initial = _verify.snapshot(params) if verify else None
         self._shortfall_warned = False
         self._zero = {}
@@ -240,10 +283,25 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for i, m in enumerate(self._masks):
             if self._status[i] != PARTIAL:
                 continue
-            if not _dist.any_true(m):
+            if m is None:  # compact: the slots are the record
+                n = int(self._compact.indices_of(i).numel())
+                empty, full = n == 0, n == self._params[i].numel()
+            else:
+                empty, full = not _dist.any_true(m), _dist.all_true(m)
+            if empty:
                 self._status[i], self._masks[i] = EMPTY, None
-            elif _dist.all_true(m):
+            elif full:
                 self._status[i], self._masks[i] = FULL, None
+
+    def _drop_masks(self) -> None:
+        """With the compact state, the slot indices say which entries are selected: the dense
+        masks are dropped (one byte per entry) once no method call needs them, i.e. for ID3's
+        leafwise selection and once a method's mask is fixed."""
+        frozen_after = self._runner.method.frozen_after
+        frozen = frozen_after is not None and self._count >= frozen_after
+        if self._compact is not None and (self._leafwise is not None or frozen):
+            self._masks = [None] * len(self._masks)
+            self._runner.forget_masks()
 
     # -- masks -------------------------------------------------------------------------------
     @property
@@ -266,7 +324,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         out = []
         for p, st, m in zip(self._params, self._status, self._masks):
             if st == PARTIAL:
-                out.append(m)
+                out.append(m if m is not None else self._compact.mask_of(len(out), p))
             else:
                 out.append(_dist.full_mask(p, st == FULL))
         return out
@@ -274,14 +332,22 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def get_budget_used(self) -> int:
         """Entries selected so far, choose_all params included."""
         used = 0
-        for p, st, m in zip(self._params, self._status, self._masks):
-            used += p.numel() if st == FULL else _dist.count_true(m) if st == PARTIAL else 0
+        for i, (p, st, m) in enumerate(zip(self._params, self._status, self._masks)):
+            if st == PARTIAL and m is None:
+                used += int(self._compact.indices_of(i).numel())
+            else:
+                used += p.numel() if st == FULL else _dist.count_true(m) if st == PARTIAL else 0
         return used
 
     # -- the step ----------------------------------------------------------------------------
     def _select(self) -> None:
         frozen_after = self._runner.method.frozen_after
         if frozen_after is not None and self._count >= frozen_after:
+            return
+        if self._leafwise is not None:
+            self._select_leafwise()
+            if frozen_after is not None and self._count + 1 >= frozen_after:
+                self._classify()
             return
         grads = [p.grad for p in self._params]
         active = [
@@ -305,6 +371,96 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._masks[i] = m
         if frozen_after is not None and self._count + 1 >= frozen_after:
             self._classify()
+            if self._compact is not None:
+                self._masks = [None] * len(self._masks)  # fixed: the slots are the record
+                self._runner.forget_masks()
+
+    @torch.no_grad()
+    def _select_leafwise(self) -> None:
+        """ID3's step with the compact state: candidates leaf by leaf, one global merge."""
+        sel = self._leafwise
+        if not self._streaming:
+            for i, (p, st) in enumerate(zip(self._params, self._status)):
+                if st == PARTIAL and p.grad is not None and self._layout.selectable[i]:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+                    sel.offer(i, p.grad, p, self._compact.indices_of(i))
+        k = int(self._runner.method.increment(jnp.int32(self._count), jnp.int32(self._b_eff)))
+        for i, (idx, grads) in sel.finish(k).items():
+            self._compact.add(i, idx)
+            if self._streaming:
+                self._compact.set_grads(i, grads)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def _start_streaming(self) -> None:
+        if self._compact is None:
+            raise ValueError(
+                "stream_grads=True needs the compact state; "
+                + (_why_not_compact(self.inner_class, self.param_groups, self._params, self._paths,
+                                    self._layout.selectable, is_sharded(self._params),
+                                    self._runner.method) or "pass compact=True.")
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1
+        ):
+            raise ValueError(
+                "stream_grads=True is not supported with several processes: data-parallel "
+                "wrappers (DDP) all-reduce gradients in buckets after the hooks that stream "
+                "them, so the streamed gradients would be local ones. Use stream_grads=False."
+            )
+        self._streaming = True
+        for i, p in enumerate(self._params):
+            if self._layout.selectable[i]:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
+
+    def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        ref = weakref.ref(self)  # the parameter must not keep the optimizer alive
+
+        def hook(p: torch.Tensor) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._stream(i, p)
+        return hook
+
+    @torch.no_grad()
+    def _stream(self, i: int, p: torch.Tensor) -> None:
+        """Consumes ``p.grad`` (parameter ``i``) during backward; see ``stream_grads``."""
+        g = p.grad
+        if g is None:
+            return
+        if self._status[i] == EMPTY:
+            p.grad = None
+            return
+        frozen_after = self._runner.method.frozen_after
+        frozen = frozen_after is not None and self._count >= frozen_after
+        if not frozen and self._leafwise is None:
+            return  # a method scored from dense gradients (FISH's fish_steps): keep them
+        if g.is_sparse:
+            raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+        if i in self._streamed:
+            if not frozen:
+                raise RuntimeError(
+                    f"stream_grads=True: a second backward reached {self._paths[i]} before "
+                    f"step() while ID3 still selects entries (step {self._count} of "
+                    f"{frozen_after}); its candidates were taken from the first gradient, so "
+                    "accumulation would not be exact. Call step() after every backward until "
+                    "max_steps, or use stream_grads=False."
+                )
+            self._compact.gather(i, g, accumulate=True)
+        else:
+            self._compact.gather(i, g)
+            if not frozen:
+                self._leafwise.offer(i, g, p, self._compact.indices_of(i))
+            self._streamed.add(i)
+        p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients, the streamed ones (``stream_grads=True``) included."""
+        super().zero_grad(set_to_none=set_to_none)
+        if getattr(self, "_streaming", False):
+            self._streamed.clear()
+            if self._leafwise is not None:
+                self._leafwise.reset()
 
     def _zero_of(self, g: torch.Tensor) -> torch.Tensor:
         key = (g.dtype, g.device)
@@ -362,7 +518,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             snaps = self._snapshots()
             scope = contextlib.nullcontext()
         else:
-            scope = compact.inner_view(self, self._params)
+            streamed = None
+            if self._streaming:  # the gradients are in the buffers already (FISH scoring aside)
+                fa = self._runner.method.frozen_after
+                if self._leafwise is not None or (fa is not None and self._count >= fa):
+                    streamed = set(self._streamed)
+            scope = compact.inner_view(self, self._params, gathered=streamed)
         with scope:
             if closure is None:
                 inner(self, **kwargs)
@@ -385,11 +546,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if compact is None:
             self._restore(snaps)
         self._count += 1
+        self._streamed.clear()
         return loss
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state: the inner optimizer's tensors, the masks and, with
-        ``compact=True``, the slot buffers with their state and bookkeeping."""
+        """Bytes of optimizer state: the inner optimizer's tensors, the masks that are kept
+        and, with ``compact=True``, the slot buffers with their state and bookkeeping."""
         total = 0
         for st in self.state.values():
             for v in st.values():
@@ -476,7 +638,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         masks: list[Any] = []
         for st, m in zip(self._status, self._masks):
-            masks.append(st if st != PARTIAL else _dist.selected_entries(m, m)[0])
+            if st != PARTIAL:
+                masks.append(st)
+            elif m is None:
+                masks.append(torch.sort(self._compact.indices_of(len(masks)).cpu()).values)
+            else:
+                masks.append(_dist.selected_entries(m, m)[0])
         sd[STATE_KEY] = {"method": self._runner.method.name, "count": self._count, "masks": masks,
                          "budget": self._budget, "shapes": [list(p.shape) for p in self._params]}
         frozen_after = self._runner.method.frozen_after
@@ -530,6 +697,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._runner.forget_masks()
         if "method_state" in sel:
             self._runner.load_state_tensors(sel["method_state"])
+        self._drop_masks()
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
 

@@ -1,0 +1,37 @@
+"""benchmarks/memory.py runs each case in its own process and writes ratios and targets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_memory_benchmark_tiny_writes_json_and_markdown(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--sizes", "tiny", "--cases",
+         "adamw,lora,id3_compact,id3_stream", "--steps", "2", "--no-jax", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "memory.json").read_text())
+    assert result["commit"] and result["malloc"].startswith("MALLOC_MMAP_THRESHOLD_")
+    rows = {row["case"]: row for row in result["sizes"]["tiny"]}
+    assert set(rows) == {"adamw", "lora", "id3_compact", "id3_stream"}
+    for case, row in rows.items():
+        assert "error" not in row, row
+        assert row["hwm_reset"] and row["extra_peak"] > 0 and row["step_s"] > 0, case
+        assert row["peak_over_adamw"] > 0 and row["peak_over_lora"] > 0
+    assert rows["adamw"]["peak_over_adamw"] == pytest.approx(1.0)
+    # the optimizer state: AdamW two moments per parameter, ID3 O(budget)
+    n = rows["adamw"]["params"]
+    assert rows["adamw"]["state_bytes"] >= 2 * 2 * n
+    assert 0 < rows["id3_stream"]["state_bytes"] < n
+    assert rows["id3_stream"]["budget_used"] == rows["id3_compact"]["budget_used"] > 0
+    md = (tmp_path / "memory.md").read_text()
+    assert "| ID3 0.5%, compact, stream_grads=True |" in md and "target <= 1.35x" in md
