@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks import runs
+
 SIZES: dict[str, dict[str, int]] = {
     # name: LlamaConfig fields (16 / 4 heads in the two large ones, as in the issue)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=176, vocab_size=1000,
@@ -114,8 +116,7 @@ def _prepare(case: str, model, reference: str | None):
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    if case == "reference_id3":
-        sys.path.insert(0, reference)
+    if case == "reference_id3":  # the child runs in the reference's folder (runs.reference_process)
         import selective_optimizers.wrap as wrap
 
         assert wrap.__file__.startswith(reference), wrap.__file__
@@ -210,11 +211,14 @@ def _child(case: str, size: str, steps: int, reference: str | None, timeout: int
            "--steps", str(steps)]
     if reference:
         cmd += ["--reference", reference]
-    env = dict(os.environ, PYTHONPATH=here)
+    env, cwd = dict(os.environ, PYTHONPATH=here), here
+    if reference:  # the reference's selective_optimizers first on sys.path, ours for the rest
+        where = runs.reference_process(reference)
+        env, cwd = where["env"], where["cwd"]
     if malloc == "fixed":
         env.update(MALLOC_ENV)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=here)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"case": case, "size": size, "error": f"timed out after {timeout}s"}
     if r.returncode != 0:
@@ -271,9 +275,10 @@ def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
         jax_rows: bool = True, malloc: str = "fixed", log=print, save=None) -> dict:
     reference = None
     if "reference_id3" in cases:
-        from benchmarks.torch_rows import install_reference
-
-        reference = install_reference()
+        try:
+            reference = str(runs.install_reference())
+        except runs.ReferenceUnavailable as e:
+            log(f"[memory] {e}")
     result: dict[str, Any] = {
         "command": "python -m " + " ".join(["benchmarks.memory", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

@@ -112,7 +112,7 @@ def test_bad_arguments_are_refused(capsys):
 def test_module_help():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(
-        [sys.executable, "-m", "optax_selective.demo", "--help"],
+        [sys.executable, "-m", "examples.demo", "--help"],
         capture_output=True,
         text=True,
         env=env,
