@@ -20,10 +20,14 @@ import shutil
 TMP_MARK = ".optax-selective-tmp-"
 
 
-def temp_sibling(path: str) -> str:
-    """A fresh name next to ``path`` that marks itself as a temporary of this library."""
+def temp_sibling(path: str, token: str | None = None) -> str:
+    """A fresh name next to ``path`` that marks itself as a temporary of this library.
+
+    ``token`` replaces the process id and random part, e.g. one value agreed by every
+    process of a multi-process save (they must all write into the same folder)."""
     folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    token = f"{os.getpid()}-{secrets.token_hex(4)}" if token is None else token
+    return os.path.join(folder, f".{base}{TMP_MARK}{token}")
 
 
 def fsync_dir(folder: str) -> None:

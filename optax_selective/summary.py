@@ -490,7 +490,8 @@ def save_summary(
     tmp-*``), flushed to disk, and then moved to ``path``; an existing summary there is
     swapped out in one atomic step (Linux ``renameat2``) and deleted. So a reader, or a crash
     at any point, sees the old summary or the new one, never a mix or nothing, and of two
-    concurrent writers the last to finish wins. Run it in one process.
+    concurrent writers the last to finish wins. With several JAX processes, call it in every
+    process (as orbax requires): they write one temporary folder and process 0 moves it.
 
     Args:
       path: folder to create; it must not exist unless ``overwrite=True``.
@@ -507,6 +508,7 @@ def save_summary(
       >>> osel.load_summary(path).leaves[0].indices.tolist()
       [1]
     """
+    import secrets
     import shutil
 
     import orbax.checkpoint as ocp
@@ -549,15 +551,33 @@ def save_summary(
     items = {"metadata": ocp.args.JsonSave(meta)}
     if arrays:
         items["arrays"] = ocp.args.PyTreeSave(arrays)
-    tmp = temp_sibling(path)
+    if jax.process_count() == 1:
+        tmp = temp_sibling(path)
+        try:
+            with _checkpointer() as ckptr:
+                ckptr.save(tmp, ocp.args.Composite(**items))
+            fsync_tree(tmp)
+            replace_dir(tmp, path, overwrite=overwrite, is_replaceable=_not_replaceable)
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # Several JAX processes: orbax's save is collective, so every process writes into one
+    # temporary folder (a name process 0 draws), then process 0 alone moves it into place.
+    from jax.experimental import multihost_utils
+
+    token = multihost_utils.broadcast_one_to_all(np.asarray(secrets.randbits(31), np.int32))
+    tmp = temp_sibling(path, token=f"jax-{int(token):08x}")
     try:
         with _checkpointer() as ckptr:
             ckptr.save(tmp, ocp.args.Composite(**items))
-        fsync_tree(tmp)
-        replace_dir(tmp, path, overwrite=overwrite, is_replaceable=_not_replaceable)
+        if jax.process_index() == 0:
+            fsync_tree(tmp)
+            replace_dir(tmp, path, overwrite=overwrite, is_replaceable=_not_replaceable)
     finally:
-        if os.path.lexists(tmp):
+        if jax.process_index() == 0 and os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        multihost_utils.sync_global_devices(f"optax_selective.save_summary {tmp}")
 
 
 def _not_replaceable(path: str) -> str | None:
