@@ -89,6 +89,7 @@ def backend_compiles():
     ("id3", dict(max_steps=4, compact=False)),
     ("id3", dict(max_steps=4, compact=True)),
     ("fish", dict(fish_steps=3, compact=False)),
+    ("id3", dict(max_steps=4, compact=True, stream_grads=True)),
 ])
 def test_the_method_update_compiles_once(method, kw):
     model = small_model()
@@ -99,9 +100,9 @@ def test_the_method_update_compiles_once(method, kw):
     with backend_compiles() as later:
         train(model, opt, 3, seed=2)
     assert later == [], later  # step 0 and step 1 used to compile one each
-    if kw["compact"]:  # ID3's leafwise selection: one program per chunk size, one merge
+    if kw.get("stream_grads"):  # ID3's leafwise selection: one program per chunk size, one merge
         sizes = {p.numel() for p in model.parameters()}
-        assert sorted(first) == sorted(["jit(_chunk_candidates)"] * len(sizes) + ["jit(_merge)"])
+        assert first.count("jit(_chunk_candidates)") == len(sizes) and "jit(_merge)" in first
     else:
         assert len(first) == 1, first
         assert opt._runner.traces == 1

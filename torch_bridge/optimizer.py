@@ -43,6 +43,7 @@ from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
+from torch_bridge.leafwise import CHUNK as LEAFWISE_MIN
 from torch_bridge.leafwise import LeafwiseSelector
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
@@ -188,6 +189,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         _announce_default_weight_decay(self.inner_class, params, args, kwargs)
         self._selective_ready = False
         super().__init__(params, *args, **kwargs)
+        self._stream_requested = stream_grads  # read by _setup: streaming needs leafwise
         self._setup(method, verify, compact)
         self._streaming = False
         self._streamed: set[int] = set()
@@ -229,7 +231,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
-        leafwise = bool(compact) and isinstance(method, ID3)
+        # ID3 one parameter at a time (no whole-model scores or masks) where that saves
+        # memory: streaming, or models of at least one chunk. Below that, one whole-model
+        # program per step is faster (a fixed cost per parameter dominates small models).
+        leafwise = bool(compact) and isinstance(method, ID3) and (
+            getattr(self, "_stream_requested", False)
+            or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
+        )
         try:
             if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
                 method.effective_budget(layout)  # the budget checks of ID3.init
