@@ -90,7 +90,9 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
         is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3
-        never keeps them) and the inner step costs O(budget). It gives
+        keeps none at all with ``stream_grads=True`` or on models of at least 2**24
+        selectable entries, where it selects one parameter at a time) and the inner step
+        costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
