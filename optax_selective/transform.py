@@ -265,11 +265,6 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
     return updates, mask, method_state, inner_state
 
 
-def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)) and value < 0:  # traced values (inject_hyperparams) pass
-        raise ValueError(f"{name} must be >= 0, got {value}.")
-
-
 def selective_id3(
     budget: int,
     max_steps: int,
