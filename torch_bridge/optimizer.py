@@ -155,7 +155,25 @@ def _inner_step(optimizer_class: type) -> Callable[..., Any]:
 
 
 class SelectiveOptimizer(torch.optim.Optimizer):
-    """Mixin placed before a torch optimizer class by :func:`get_selective_optimizer`."""
+    """Mixin placed before a torch optimizer class by :func:`get_selective_optimizer`.
+
+    Every optimizer :func:`get_selective_optimizer` returns is an instance of both this class
+    and its inner optimizer class; its constructor's arguments are described there.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1)
+      >>> with torch.no_grad():
+      ...     _ = model.weight.copy_(torch.tensor([[0.5, -2.0]])), model.bias.fill_(1.0)
+      >>> opt = torch_bridge.get_selective_optimizer(torch.optim.SGD, "pafi")(
+      ...     model.parameters(), lr=0.1, budget=1)  # PaFI: the smallest |θ|, weight[0, 0]
+      >>> isinstance(opt, torch_bridge.SelectiveOptimizer), isinstance(opt, torch.optim.SGD)
+      (True, True)
+      >>> model(torch.ones(1, 2)).sum().backward()
+      >>> opt.step()
+      >>> model.weight.detach(), model.bias.detach()  # only the selected entry moved
+      (tensor([[ 0.4000, -2.0000]]), tensor([1.]))
+    """
 
     method_name: str = ""
     inner_class: type = torch.optim.Optimizer
@@ -667,8 +685,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """Loads a state dict saved by :meth:`state_dict` of the same kind of optimizer.
 
         Everything is checked before anything changes (see :mod:`torch_bridge.state_check`):
-        the same method, budget and parameter shapes, masks within the budget, a step count
-        >= 0, inner state of the parameters' shapes. On any mismatch a ``ValueError`` names it
+        the same method, budget and parameter shapes, masks within the budget, a step
+        count ``>= 0``, inner state of the parameters' shapes. On any mismatch a ``ValueError`` names it
         and the optimizer is left exactly as it was.
         """
         if not isinstance(state_dict, dict):
