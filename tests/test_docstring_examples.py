@@ -116,7 +116,7 @@ def test_the_api_reference_lists_the_known_public_names():
     # spot checks that the enumeration reads both __all__ and the pages' directives
     for name in ("optax_selective.selective_id3", "optax_selective.methods.ID3",
                  "torch_bridge.SelectiveOptimizer", "optax_selective.verify.verify",
-                 "torch_bridge.distributed.ShardedMethodRunner",
+                 "torch_bridge.distributed.ShardedMethodRunner", "optax_selective.testing.Report",
                  "selective_optimizers.wrap.get_selective_optimizer"):
         assert name in names, name
     assert len(names) > 50
