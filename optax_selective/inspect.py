@@ -77,12 +77,37 @@ def selected_mask(opt_state: Any) -> Any:
 
 
 def budget_used(opt_state: Any) -> int:
-    """Number of entries selected so far, as a Python int."""
+    """Number of entries selected so far, as a Python int.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> tx = optax.chain(osel.selective_bitfit(budget=2), optax.sgd(0.1))
+      >>> osel.budget_used(tx.init({"b": jnp.zeros(3), "w": jnp.ones((2, 2))}))
+      2
+    """
     return int(sum(int(np.sum(np.asarray(m))) for m in jax.tree.leaves(selected_mask(opt_state))))
 
 
 class BudgetShortfallWarning(UserWarning):
-    """Emitted once when training ends with fewer entries selected than the budget allows."""
+    """Emitted once when training ends with fewer entries selected than the budget allows.
+
+    :func:`optax_selective.make_summary` (and the torch bridge's ``post_train_work``) warns
+    with it; the message names the likely cause.
+
+    Example:
+      >>> import warnings, jax.numpy as jnp, optax_selective as osel
+      >>> params = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+      >>> tx = osel.selective_id3(budget=4, max_steps=4)  # one entry per update, for 4 updates
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"w": jnp.ones(4)}, state, params)  # but only 1 update ran
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     summary = osel.make_summary(params, state)
+      >>> caught[0].category is osel.BudgetShortfallWarning
+      True
+      >>> str(caught[0].message).split(":")[0]
+      'id3 selected 1 of its budget of 4 entries (25.0%)'
+    """
 
 
 def budget_shortfall_message(

@@ -32,12 +32,44 @@ LR = 0.5  # a power of two: lr * g is exact, so JAX and torch SGD steps agree bi
 
 
 class ConformanceError(AssertionError):
-    """A method broke one of the rules :func:`check_method` checks."""
+    """A method broke one of the rules :func:`check_method` checks.
+
+    Example:
+      >>> import dataclasses
+      >>> from optax_selective.testing import ConformanceError, check_method
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Broken:
+      ...     budget: str = "10"  # must be an int (or None)
+      ...     name: str = "broken"
+      ...     needs_params: bool = False
+      ...     frozen_after: int = 0
+      ...     k_max: int = 0
+      ...     def init(self, params, layout): ...
+      ...     def update(self, mask, state, count, grads, params, selectable, *, report_added=False): ...
+      >>> try:
+      ...     check_method(Broken)
+      ... except ConformanceError as e:
+      ...     print(e)
+      budget must be int or NoneType, got '10'.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What :func:`check_method` ran: the method, steps, entries selected, compilations."""
+    """What :func:`check_method` ran: the method, steps, entries selected, compilations.
+
+    Attributes:
+      name: the method's ``name``.
+      steps: the updates run.
+      budget_used: entries selected after the last update.
+      traces: how many times the jitted update was traced (1: no retracing).
+      torch_checked: whether the torch bridge was compared with JAX.
+
+    Example:
+      >>> from optax_selective.testing import check_method
+      >>> check_method("fft", check_torch=False)  # every entry of default_params()
+      Report(name='fft', steps=3, budget_used=116, traces=1, torch_checked=False)
+    """
 
     name: str
     steps: int
@@ -47,7 +79,13 @@ class Report:
 
 
 def default_params(seed: int = 0) -> dict[str, jax.Array]:
-    """A small pytree (three float32 leaves of 48, 8 and 60 entries) to check methods on."""
+    """A small pytree (three float32 leaves of 48, 8 and 60 entries) to check methods on.
+
+    Example:
+      >>> from optax_selective.testing import default_params
+      >>> {name: leaf.shape for name, leaf in default_params(seed=1).items()}
+      {'a': (6, 8), 'b': (8,), 'c': (3, 4, 5)}
+    """
     rng = np.random.default_rng(seed)
     shapes = {"a": (6, 8), "b": (8,), "c": (3, 4, 5)}
     return {k: jnp.asarray(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}

@@ -47,6 +47,14 @@ class SelectiveState(NamedTuple):
     transformation's state is of a subclass per method, so the name is static and the
     arrays, their paths and checkpoints are the same for every method); ``make_summary``
     records it.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> state = osel.selective_pafi(budget=1).init({"w": jnp.array([3.0, -1.0])})
+      >>> isinstance(state, osel.SelectiveState), type(state).method_name
+      (True, 'pafi')
+      >>> int(state.count), state.mask["w"].tolist()
+      (0, [False, True])
     """
 
     count: jax.Array

@@ -13,7 +13,19 @@ from optax_selective.inspect import find_selective_state
 
 
 class VerificationError(AssertionError):
-    """Raised by :func:`verify` when the budget or the mask was not respected."""
+    """Raised by :func:`verify` when the budget or the mask was not respected.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_selective as osel
+      >>> params = {"w": jnp.array([1.0, 0.0])}
+      >>> state = osel.selective_pafi(budget=1, inner=optax.sgd(0.1)).init(params)  # w[1]
+      >>> try:
+      ...     osel.verify(params, {"w": jnp.array([2.0, 0.0])}, state, budget=1)
+      ... except osel.VerificationError as e:
+      ...     print(e)
+      selective fine-tuning check failed:
+        ['w']: 1 unselected entries changed
+    """
 
 
 def changed_entries(before: Any, after: Any) -> np.ndarray:

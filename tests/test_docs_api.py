@@ -42,6 +42,14 @@ def test_every_public_name_is_rendered_in_the_api_reference(site):
     assert not missing, f"not rendered by docs/api/*.md: {missing}"
 
 
+def test_docstring_examples_render_as_code(site):
+    """``>>>`` lines sit in code blocks: not Markdown text (block quotes, outputs read as links)."""
+    for page in sorted((site / "api").rglob("*.html")):
+        html = page.read_text()
+        text = re.sub(r"<pre\b.*?</pre>|<code\b.*?</code>", "", html, flags=re.S)
+        assert "&gt;&gt;&gt;" not in text and "<blockquote>" not in text, page
+
+
 def test_site_has_every_nav_page(site):
     assert (site / "index.html").exists()
     for page in ("concepts", "methods/id3", "guides/flax", "benchmarks/quality", "DESIGN"):

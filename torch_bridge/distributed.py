@@ -109,6 +109,22 @@ class ShardedMethodRunner:
       params: the parameters (``DTensor`` s or plain tensors), in leaf order.
       group: the process group to exchange candidates over; by default the group of the
         parameters' mesh (or the default group for plain tensors).
+
+    The selective optimizers use it by themselves when their parameters are ``DTensor`` s.
+
+    Example:
+      On plain tensors in one process (no exchange), it selects what the method's ``init``
+      selects; every rank of an FSDP2 job calls it the same way on its ``DTensor`` s:
+
+      >>> import torch
+      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import PaFI
+      >>> from torch_bridge.distributed import ShardedMethodRunner
+      >>> params = [torch.tensor([0.5, -0.1, 2.0]), torch.tensor([0.0, 3.0])]
+      >>> layout = LeafLayout(("a", "b"), ((3,), (2,)), (True, True), (False, False))
+      >>> runner = ShardedMethodRunner(PaFI(budget=2), layout, params)
+      >>> [m.tolist() for m in runner.init(params)]  # the 2 smallest |θ| of both leaves
+      [[False, True, False], [True, False]]
     """
 
     def __init__(

@@ -57,6 +57,20 @@ def read_legacy_summary(path: Any) -> Summary:
         TorchScript archive, say), not a ``SelectivePeftSummary``, or a field that breaks the
         checks above. A file naming any other Python global raises the subclass
         ``UnsafeFileError`` (also a ``pickle.UnpicklingError``) before anything runs.
+
+    Example:
+      With a file 0.4 wrote, ``load_weights_from_summary(model, read_legacy_summary(path))``
+      loads it as 0.4 did. Any other file is refused:
+
+      >>> import os, tempfile, torch, torch_bridge
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "weights.pt")
+      ...     torch.save({"weight": torch.ones(2)}, path)  # a torch file, not a 0.4 summary
+      ...     try:
+      ...         torch_bridge.read_legacy_summary(path)
+      ...     except torch_bridge.SummaryMismatchError as e:
+      ...         print(str(e).replace(folder, "<folder>"))
+      <folder>/weights.pt does not hold a selective-optimizers 0.4 SelectivePeftSummary.
     """
     obj = read_torch_zip(path)
     if not isinstance(obj, LegacyRecord):
@@ -142,6 +156,19 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Su
 
     Raises:
       SummaryMismatchError: if the counts, shapes or dtypes do not fit ``model``.
+
+    Example:
+      A 0.4 summary as :func:`read_legacy_summary` returns it, here selecting ``weight[0, 1]``
+      of a ``Linear(2, 1)``:
+
+      >>> import torch, torch_bridge
+      >>> legacy = torch_bridge.Summary(
+      ...     format="selective_optimizers-0.4", budget_used=1, bn_metadata=[],
+      ...     values=[torch.tensor([5.0]), None], pointers=[torch.tensor([[0, 1]]), None],
+      ...     shapes=[torch.Size([1, 2]), None])
+      >>> s = torch_bridge.convert_legacy_summary(legacy, torch.nn.Linear(2, 1))
+      >>> list(s["params"]), s["params"]["weight"]["indices"].tolist(), s.budget_used
+      (['weight'], [1], 1)
     """
     if not isinstance(legacy, dict) or legacy.get("format") != LEGACY_FORMAT:
         raise SummaryMismatchError("convert_legacy_summary needs a summary from "

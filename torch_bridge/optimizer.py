@@ -155,7 +155,25 @@ def _inner_step(optimizer_class: type) -> Callable[..., Any]:
 
 
 class SelectiveOptimizer(torch.optim.Optimizer):
-    """Mixin placed before a torch optimizer class by :func:`get_selective_optimizer`."""
+    """Mixin placed before a torch optimizer class by :func:`get_selective_optimizer`.
+
+    Every optimizer :func:`get_selective_optimizer` returns is an instance of both this class
+    and its inner optimizer class; its constructor's arguments are described there.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1)
+      >>> with torch.no_grad():
+      ...     _ = model.weight.copy_(torch.tensor([[0.5, -2.0]])), model.bias.fill_(1.0)
+      >>> opt = torch_bridge.get_selective_optimizer(torch.optim.SGD, "pafi")(
+      ...     model.parameters(), lr=0.1, budget=1)  # PaFI: the smallest |θ|, weight[0, 0]
+      >>> isinstance(opt, torch_bridge.SelectiveOptimizer), isinstance(opt, torch.optim.SGD)
+      (True, True)
+      >>> model(torch.ones(1, 2)).sum().backward()
+      >>> opt.step()
+      >>> model.weight.detach(), model.bias.detach()  # only the selected entry moved
+      (tensor([[ 0.4000, -2.0000]]), tensor([1.]))
+    """
 
     method_name: str = ""
     inner_class: type = torch.optim.Optimizer
@@ -330,7 +348,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return self._count
 
     def get_masks(self) -> list[torch.Tensor]:
-        """One bool tensor per parameter, in leaf order: true where an entry may change."""
+        """One bool tensor per parameter, in leaf order: true where an entry may change.
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(2, 1)
+          >>> with torch.no_grad():
+          ...     _ = model.weight.copy_(torch.tensor([[0.5, -2.0]])), model.bias.fill_(1.0)
+          >>> opt = get_selective_optimizer(torch.optim.SGD, "pafi")(
+          ...     model.parameters(), lr=0.1, budget=2)  # the 2 smallest |θ|: 0.5 and 1.0
+          >>> [m.tolist() for m in opt.get_masks()]
+          [[[True, False]], [True]]
+        """
         out = []
         for p, st, m in zip(self._params, self._status, self._masks):
             if st == PARTIAL:
@@ -340,7 +369,17 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return out
 
     def get_budget_used(self) -> int:
-        """Entries selected so far, choose_all params included."""
+        """Entries selected so far, choose_all params included.
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(4, 2)
+          >>> opt = get_selective_optimizer(torch.optim.SGD, "pafi")(
+          ...     [{"params": [model.weight]}, {"params": [model.bias], "choose_all": True}],
+          ...     lr=0.1, budget=5)
+          >>> opt.get_budget_used()  # the bias's 2 entries and the weight's 3 smallest
+          5
+        """
         used = 0
         for i, (p, st, m) in enumerate(zip(self._params, self._status, self._masks)):
             if st == PARTIAL and m is None:
@@ -607,6 +646,17 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         ``model`` may be the model or ``torch.compile(model)``: the summary names parameters
         as the plain model does. Warns once, like :meth:`post_train_work`, if the budget was
         under-used.
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(4, 2)
+          >>> opt = get_selective_optimizer(torch.optim.SGD, "pafi")(
+          ...     model.parameters(), lr=0.1, budget=3)
+          >>> model(torch.ones(1, 4)).sum().backward()
+          >>> opt.step()
+          >>> summary = opt.get_summary(model)
+          >>> summary["method"], sum(e["indices"].numel() for e in summary["params"].values())
+          ('pafi', 3)
         """
         summary = _summary.make_summary(
             model, self._params, self.get_masks(), method=self._runner.method.name
@@ -644,7 +694,25 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"selective"``: method, step count and masks
-        (per parameter ``"full"``, ``"empty"`` or the int64 flat indices of its selection)."""
+        (per parameter ``"full"``, ``"empty"`` or the int64 flat indices of its selection).
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(2, 1)
+          >>> with torch.no_grad():
+          ...     _ = model.weight.copy_(torch.tensor([[0.5, -2.0]])), model.bias.fill_(1.0)
+          >>> make = get_selective_optimizer(torch.optim.Adam, "pafi")
+          >>> opt = make(model.parameters(), lr=0.1, budget=2)
+          >>> model(torch.ones(1, 2)).sum().backward()
+          >>> opt.step()
+          >>> saved = opt.state_dict()
+          >>> saved["selective"]["count"], saved["selective"]["masks"]
+          (1, [tensor([0]), 'full'])
+          >>> resumed = make(model.parameters(), lr=0.1, budget=2)
+          >>> resumed.load_state_dict(saved)
+          >>> resumed.count, resumed.get_budget_used()
+          (1, 2)
+        """
         sd = super().state_dict()
         masks: list[Any] = []
         for st, m in zip(self._status, self._masks):
@@ -667,9 +735,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """Loads a state dict saved by :meth:`state_dict` of the same kind of optimizer.
 
         Everything is checked before anything changes (see :mod:`torch_bridge.state_check`):
-        the same method, budget and parameter shapes, masks within the budget, a step count
-        >= 0, inner state of the parameters' shapes. On any mismatch a ``ValueError`` names it
-        and the optimizer is left exactly as it was.
+        the same method, budget and parameter shapes, masks within the budget, a step
+        count ``>= 0``, inner state of the parameters' shapes. On any mismatch a
+        ``ValueError`` names it and the optimizer is left exactly as it was.
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(2, 1)
+          >>> make = get_selective_optimizer(torch.optim.SGD, "pafi")
+          >>> saved = make(model.parameters(), lr=0.1, budget=2).state_dict()
+          >>> make(model.parameters(), lr=0.1, budget=1).load_state_dict(saved)
+          Traceback (most recent call last):
+          ...
+          ValueError: state_dict was saved with budget 2, this optimizer has budget 1; build the optimizer with budget=2 to resume.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")

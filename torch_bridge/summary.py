@@ -83,6 +83,16 @@ class Summary(dict):
 
     Note that ``summary.values`` is 0.4's list of value tensors; the dict's own values are
     ``dict.values(summary)``.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1)
+      >>> masks = [torch.tensor([[False, True]]), torch.tensor([False])]
+      >>> s = torch_bridge.make_summary(model, list(model.parameters()), masks, method="pafi")
+      >>> isinstance(s, torch_bridge.Summary), s["params"]["weight"]["indices"].tolist()
+      (True, [1])
+      >>> s.budget_used, s.pointers, s.shapes  # 0.4's attributes: one entry per parameter
+      (1, [tensor([[0, 1]]), None], [torch.Size([1, 2]), None])
     """
 
     def __reduce__(self):
@@ -168,8 +178,23 @@ def make_summary(
 ) -> Summary:
     """The summary of ``params`` (with their masks) as parameters of ``model``.
 
+    ``SelectiveOptimizer.get_summary(model)`` calls it with the optimizer's parameters and
+    masks; parameters with no selected entry are left out.
+
     Raises:
       ValueError: if a parameter with selected entries is not a parameter of ``model``.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(3, 1)
+      >>> with torch.no_grad():
+      ...     _ = model.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+      >>> masks = [torch.tensor([[True, False, True]]), torch.tensor([False])]
+      >>> s = torch_bridge.make_summary(model, list(model.parameters()), masks, method="pafi")
+      >>> s["budget_used"], list(s["params"]), s["method"]
+      (2, ['weight'], 'pafi')
+      >>> s["params"]["weight"]["indices"].tolist(), s["params"]["weight"]["values"].tolist()
+      ([0, 2], [1.0, 3.0])
     """
     named = list(_names.named_parameters(model))
     where = {id(p): (pos, name) for pos, (name, p) in enumerate(named)}
@@ -303,6 +328,17 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
 
     Raises:
       SummaryMismatchError: naming the first mismatch; the model is then left untouched.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> trained, base = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+      >>> with torch.no_grad():
+      ...     _ = trained.weight.fill_(7.0), base.weight.zero_()
+      >>> masks = [torch.tensor([[False, True]]), torch.tensor([False])]
+      >>> s = torch_bridge.make_summary(trained, list(trained.parameters()), masks, method="pafi")
+      >>> torch_bridge.load_weights_from_summary(base, s)
+      >>> base.weight.tolist()  # the selected entry, written into the base model
+      [[0.0, 7.0]]
     """
     if isinstance(summary, dict) and summary.get("format") == LEGACY_FORMAT:
         from torch_bridge.legacy import convert_legacy_summary
@@ -534,6 +570,20 @@ def load_summary_from_disk(path: Any) -> Summary:
     Raises:
       FileNotFoundError: if there is no file at ``path``.
       SummaryMismatchError: naming the file and the problem, if it is not a valid summary.
+
+    Example:
+      >>> import os, tempfile, torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1)
+      >>> masks = [torch.tensor([[True, False]]), torch.tensor([True])]
+      >>> s = torch_bridge.make_summary(model, list(model.parameters()), masks, method="bitfit")
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "summary.safetensors")
+      ...     _ = torch_bridge.write_summary_to_disk(path, s)
+      ...     loaded = torch_bridge.load_summary_from_disk(path)
+      >>> loaded["method"], loaded.budget_used
+      ('bitfit', 2)
+      >>> torch.equal(loaded["params"]["bias"]["values"], model.bias.detach())
+      True
     """
     path = os.fspath(path)
     for attempt in range(3):

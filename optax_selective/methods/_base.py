@@ -42,6 +42,14 @@ class Method(Protocol):
         fixed at init, ``None`` if the mask may change at any step); callers skip the call.
       k_max: a static bound on the entries one ``update`` adds (``None``: up to the budget);
         callers that must find the new entries by comparing masks look at no more.
+
+    Example:
+      >>> from optax_selective import methods
+      >>> method = methods.build("id3", budget=10, max_steps=5)
+      >>> isinstance(method, methods.Method)
+      True
+      >>> method.name, method.budget, method.needs_params, method.frozen_after, method.k_max
+      ('id3', 10, True, 5, 2)
     """
 
     name: str
@@ -88,6 +96,13 @@ class ShardInit(NamedTuple):
     (row-major) of each leaf ``i``, and the ``k`` entries with the highest ``scores`` over
     all leaves together (ties to the lower global index; ``scores[i]`` is ``None`` for a
     leaf that takes no part, and is shaped like this shard of leaf ``i`` otherwise).
+
+    Example:
+      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import BitFit
+      >>> layout = LeafLayout(("b1", "b2"), ((3,), (2,)), (True, True), (False, False))
+      >>> BitFit(budget=4).shard_init([None, None], [0, 0], layout)  # b1 whole, b2's first
+      ShardInit(state=(), leading=[3, 1], scores=None, k=0)
     """
 
     state: Any
@@ -103,6 +118,12 @@ class ShardedMethod(Method, Protocol):
     Each rank holds a contiguous row-major part (a *shard*) of every leaf. The method states
     its rule as elementwise scores on the shards and a global top-k, which the runner
     computes by exchanging candidates only, so no rank ever holds a whole leaf.
+
+    Example:
+      >>> from optax_selective import methods
+      >>> all(isinstance(methods.build(n, **a), methods.ShardedMethod) for n, a in [
+      ...     ("id3", {"budget": 4, "max_steps": 2}), ("pafi", {"budget": 4}), ("fft", {})])
+      True
     """
 
     def shard_init(
@@ -129,7 +150,17 @@ class ShardedMethod(Method, Protocol):
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
-    """Validates an int argument at construction and returns it as a Python int."""
+    """Validates an int argument at construction and returns it as a Python int.
+
+    Example:
+      >>> from optax_selective.methods import check_int
+      >>> check_int("max_steps", 3, 1)
+      3
+      >>> check_int("max_steps", 0, 1)
+      Traceback (most recent call last):
+      ...
+      ValueError: max_steps must be in [1, 2147483647], got 0.
+    """
     traced = isinstance(value, jax.core.Tracer)
     if traced or isinstance(value, bool) or not hasattr(value, "__index__"):
         hint = ""
@@ -179,7 +210,15 @@ def check_not_full(method: str, budget: int, layout: LeafLayout) -> None:
 
 
 def choose_all_mask(layout: LeafLayout) -> Leaves:
-    """The starting mask: choose_all leaves fully selected, every other leaf empty."""
+    """The starting mask: choose_all leaves fully selected, every other leaf empty.
+
+    Example:
+      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import choose_all_mask
+      >>> layout = LeafLayout(("b", "w"), ((2,), (2, 2)), (False, True), (True, False))
+      >>> [m.tolist() for m in choose_all_mask(layout)]
+      [[True, True], [[False, False], [False, False]]]
+    """
     return [jnp.full(shape, c, dtype=bool) for shape, c in zip(layout.shapes, layout.choose_all)]
 
 
@@ -229,20 +268,50 @@ def register_with_schedule(state_type: type) -> type:
 
 
 def require(method: str, arg: str, value: Any, what: str) -> Any:
-    """``value``, or a ValueError naming the missing argument if it is ``None``."""
+    """``value``, or a ValueError naming the missing argument if it is ``None``.
+
+    Example:
+      >>> from optax_selective.methods import require
+      >>> require("fish", "fish_steps", 3, "number of scoring steps")
+      3
+      >>> require("fish", "fish_steps", None, "number of scoring steps")
+      Traceback (most recent call last):
+      ...
+      ValueError: method 'fish' needs fish_steps=<number of scoring steps>, got None.
+    """
     if value is None:
         raise ValueError(f"method {method!r} needs {arg}=<{what}>, got None.")
     return value
 
 
 def required_budget(method: str, budget: Any) -> int:
-    """A required, valid budget (see :func:`check_budget`)."""
+    """A required, valid budget (see :func:`check_budget`).
+
+    Example:
+      >>> from optax_selective.methods import required_budget
+      >>> required_budget("pafi", 5)
+      5
+      >>> required_budget("pafi", None)
+      Traceback (most recent call last):
+      ...
+      ValueError: method 'pafi' needs budget=<entries that may change>, got None.
+    """
     return check_budget(require(method, "budget", budget, "entries that may change"))
 
 
 def check_nonnegative_number(method: str, arg: str, value: Any) -> Any:
     """A number ``>= 0`` as a Python float; a JAX array (e.g. traced by
-    ``optax.inject_hyperparams``) passes unchecked."""
+    ``optax.inject_hyperparams``) passes unchecked.
+
+    Example:
+      >>> from optax_selective.methods import check_nonnegative_number
+      >>> check_nonnegative_number("my_method", "eps", 0)
+      0.0
+      >>> check_nonnegative_number("my_method", "eps", -1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: eps must be >= 0, got -1.0.
+    """
     if isinstance(value, jax.Array):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):

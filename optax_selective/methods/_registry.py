@@ -60,7 +60,17 @@ def register(name: str, factory: Factory | None = None, *, replace: bool = False
 
 
 def unregister(name: str) -> None:
-    """Removes a registration (e.g. a test's own method)."""
+    """Removes a registration (e.g. a test's own method).
+
+    Example:
+      >>> from optax_selective import methods
+      >>> factory = methods.register("pafi_copy", methods.get("pafi"))
+      >>> methods.build("pafi_copy", budget=2).budget
+      2
+      >>> methods.unregister("pafi_copy")
+      >>> "pafi_copy" in methods.names()
+      False
+    """
     _FACTORIES.pop(_key(name), None)
 
 
@@ -76,12 +86,24 @@ def get(name: str) -> Factory:
 
 
 def names() -> tuple[str, ...]:
-    """The registered names, in registration order (the built-ins first)."""
+    """The registered names, in registration order (the built-ins first).
+
+    Example:
+      >>> from optax_selective import methods
+      >>> methods.names()[:6]
+      ('bitfit', 'fft', 'fish', 'id3', 'pafi', 'random')
+    """
     return tuple(_FACTORIES)
 
 
 def arguments(name: str) -> tuple[str, ...]:
-    """The keyword arguments the factory of ``name`` takes."""
+    """The keyword arguments the factory of ``name`` takes.
+
+    Example:
+      >>> from optax_selective import methods
+      >>> methods.arguments("id3")
+      ('budget', 'max_steps', 'exp', 'eps')
+    """
     return tuple(
         n for n, p in _parameters(get(name)).items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -89,7 +111,17 @@ def arguments(name: str) -> tuple[str, ...]:
 
 
 def build(name: str, **kwargs: Any) -> Method:
-    """``get(name)(**kwargs)``, with an error naming the arguments the method takes."""
+    """``get(name)(**kwargs)``, with an error naming the arguments the method takes.
+
+    Example:
+      >>> from optax_selective import methods
+      >>> methods.build("pafi", budget=3)
+      PaFI(budget=3, name='pafi', needs_params=False)
+      >>> methods.build("pafi", budget=3, max_steps=2)
+      Traceback (most recent call last):
+      ...
+      TypeError: method 'pafi' takes no argument 'max_steps'; it takes 'budget'.
+    """
     factory = get(name)
     unknown = sorted(set(kwargs) - set(arguments(name)))
     if unknown:

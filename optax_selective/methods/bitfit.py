@@ -13,13 +13,34 @@ from optax_selective.methods import _base, _registry
 
 
 def default_is_bias(path: str, shape: tuple[int, ...]) -> bool:
-    """A bias leaf is 1-D or 0-D (as in the reference, so LayerNorm scales count too)."""
+    """A bias leaf is 1-D or 0-D (as in the reference, so LayerNorm scales count too).
+
+    Example:
+      >>> from optax_selective.methods import default_is_bias
+      >>> default_is_bias("dense/bias", (4,)), default_is_bias("dense/kernel", (3, 4))
+      (True, False)
+    """
     del path
     return len(shape) <= 1
 
 
 @dataclasses.dataclass(frozen=True)
 class BitFit:
+    """BitFit's rule: whole bias leaves (``is_bias(path, shape)``), in leaf order, until the
+    budget is spent; the last one may be taken in part (its first entries, row-major).
+
+    Chosen at init and fixed. :func:`optax_selective.selective_bitfit` builds it from checked
+    arguments.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import BitFit
+      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3), "w": jnp.ones((2, 2))}
+      >>> mask = osel.selected_mask(osel.selective(BitFit(budget=3)).init(params))
+      >>> mask["a"].tolist(), mask["b"].tolist(), bool(mask["w"].any())
+      ([True, True], [True, False, False], False)
+    """
+
     budget: int
     is_bias: Callable[[str, tuple[int, ...]], bool] = default_is_bias
     name: str = "bitfit"

@@ -13,6 +13,19 @@ from optax_selective.methods import _base, _registry
 
 @dataclasses.dataclass(frozen=True)
 class FFT:
+    """Full fine-tuning: every floating-point entry is selected at init; no budget.
+
+    The baseline the selective methods are measured against (:func:`optax_selective.selective_fft`).
+    Integer leaves (step counters, say) are never selected.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import FFT
+      >>> params = {"w": jnp.ones((2, 3)), "step": jnp.array(0)}
+      >>> osel.budget_used(osel.selective(FFT()).init(params)), FFT().budget is None
+      (6, True)
+    """
+
     name: str = "fft"
     needs_params: bool = False
     budget = None  # every eligible entry

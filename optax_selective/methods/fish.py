@@ -45,6 +45,16 @@ class FishState(NamedTuple):
       effective_budget: int32 scalar, ``budget - |choose_all|``, fixed at init.
       fisher_sum: one float32 array per leaf (leaf order): the running sum of squared
         gradients, shaped like the leaf for selectable leaves, shape ``(0,)`` for the others.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"b": jnp.zeros(2), "w": jnp.zeros(3)}
+      >>> tx = osel.selective_fish(budget=3, fish_steps=2, choose_all={"b": True, "w": False})
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"b": jnp.ones(2), "w": jnp.array([1.0, -2.0, 3.0])}, state)
+      >>> fish_state = state.method_state
+      >>> int(fish_state.effective_budget), [s.tolist() for s in fish_state.fisher_sum]
+      (1, [[], [1.0, 4.0, 9.0]])
     """
 
     effective_budget: jax.Array
@@ -60,6 +70,25 @@ def fisher_increment(grad: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Fish:
+    """FISH's rule: the entries with the highest empirical Fisher score (the sum of squared
+    gradients over the first ``fish_steps`` updates) join at update ``fish_steps - 1``; the
+    mask is fixed from then on (schedule in the module docstring).
+
+    :func:`optax_selective.selective_fish` builds it from checked arguments.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import Fish
+      >>> method = Fish(budget=2, fish_steps=1)
+      >>> method.frozen_after  # no change after the first update
+      1
+      >>> tx = osel.selective(method)
+      >>> params = {"w": jnp.zeros(4)}
+      >>> _, state = tx.update({"w": jnp.array([3.0, 0.5, -4.0, 1.0])}, tx.init(params))
+      >>> osel.selected_mask(state)["w"].tolist()
+      [True, False, True, False]
+    """
+
     budget: int
     fish_steps: int
     name: str = "fish"

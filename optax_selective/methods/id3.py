@@ -18,7 +18,16 @@ from optax_selective.methods import _base, _registry
 @_base.register_with_schedule
 class ID3State(NamedTuple):
     """ID3's own state: the budget left after choose_all, fixed at init, and the (static)
-    schedule the under-used budget check reads (:func:`optax_selective.make_summary`)."""
+    schedule the under-used budget check reads (:func:`optax_selective.make_summary`).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"b": jnp.zeros(2), "w": jnp.ones(4)}
+      >>> tx = osel.selective_id3(budget=5, max_steps=3, choose_all={"b": True, "w": False})
+      >>> method_state = tx.init(params).method_state
+      >>> int(method_state.effective_budget)  # 5 minus the 2 entries of the choose_all leaf
+      3
+    """
 
     effective_budget: jax.Array  # int32 scalar
     schedule: _base.SpendSchedule | None = None
@@ -48,6 +57,28 @@ def check_exp_eps(exp: Any, eps: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ID3:
+    """ID3's rule: each of the first ``max_steps`` updates adds the entries with the highest
+    D3 score ``|g| / (|θ| + eps) ** exp`` among those not yet selected.
+
+    Update ``t`` adds ``B // max_steps`` entries, one more while ``t < B % max_steps``, where
+    ``B`` is the budget left after the choose_all leaves; after ``max_steps`` updates exactly
+    ``budget`` entries are selected and the mask is frozen. Build it with checked arguments
+    through :func:`optax_selective.selective_id3` or ``methods.build("id3", ...)``; the
+    constructor checks ``exp`` and ``eps`` only.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import ID3
+      >>> method = ID3(budget=2, max_steps=1)  # both entries join at the first update
+      >>> method.k_max, method.frozen_after
+      (2, 1)
+      >>> tx = osel.selective(method)  # chain form: zeroes the gradient outside the mask
+      >>> params = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+      >>> _, state = tx.update({"w": jnp.array([4.0, 1.0, 3.0, 0.0])}, tx.init(params), params)
+      >>> osel.selected_mask(state)["w"].tolist()  # scores |g| / |θ|: 4, 0.5, 1, 0
+      [True, False, True, False]
+    """
+
     budget: int
     max_steps: int
     exp: Any = 1.0

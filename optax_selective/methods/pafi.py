@@ -13,6 +13,19 @@ from optax_selective.methods import _base, _registry
 
 @dataclasses.dataclass(frozen=True)
 class PaFI:
+    """PaFI's rule: the ``budget`` entries of smallest magnitude, chosen at init and fixed.
+
+    Choose_all leaves count towards ``budget``; ties go to the lower global index.
+    :func:`optax_selective.selective_pafi` builds it from checked arguments.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import PaFI
+      >>> state = osel.selective(PaFI(budget=2)).init({"w": jnp.array([0.5, -0.1, 2.0, 0.0])})
+      >>> osel.selected_mask(state)["w"].tolist()
+      [False, True, False, True]
+    """
+
     budget: int
     name: str = "pafi"
     needs_params: bool = False

@@ -41,6 +41,19 @@ def random_keys(seed: int, leaf_index: int, shape: tuple[int, ...]) -> jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class RandomMask:
+    """The random mask: ``budget`` eligible entries drawn uniformly at init (see the module
+    docstring for the exact draw), fixed; the same ``seed`` selects the same entries in JAX
+    and torch. :func:`optax_selective.selective_random` builds it from checked arguments.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> from optax_selective.methods import RandomMask
+      >>> params = {"w": jnp.zeros((3, 4))}
+      >>> mask = osel.selected_mask(osel.selective(RandomMask(budget=5, seed=3)).init(params))
+      >>> int(mask["w"].sum())
+      5
+    """
+
     budget: int
     seed: int = 0
     name: str = "random"
