@@ -136,6 +136,11 @@ def _private_uses(name: str, tree: ast.Module) -> list[str]:
     return found
 
 
+def test_no_private_names_cross_torch_bridge_modules():
+    found = [f for name, tree in _modules().items() for f in _private_uses(name, tree)]
+    assert not found, "\n".join(found)
+
+
 def test_the_check_sees_what_it_forbids():
     """The two checks above on small sources: each kind of violation is reported."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}

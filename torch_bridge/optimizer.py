@@ -34,9 +34,8 @@ from typing import Any
 import jax.numpy as jnp
 import torch
 
-from optax_selective._tree import LeafLayout
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
-from optax_selective.methods import ID3
+from optax_selective.methods import ID3, LeafLayout
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -424,12 +423,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
 
     def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        ref = weakref.ref(self)  # the parameter must not keep the optimizer alive
+        stream = weakref.WeakMethod(self._stream)  # the parameter must not keep us alive
 
         def hook(p: torch.Tensor) -> None:
-            opt = ref()
-            if opt is not None:
-                opt._stream(i, p)
+            consume = stream()
+            if consume is not None:
+                consume(i, p)
         return hook
 
     @torch.no_grad()
@@ -680,7 +679,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"state_dict has no {STATE_KEY!r} entry: it was not saved by a selective "
                 "optimizer, so the masks and step count cannot be restored."
             ))
-        status, tensors = check_state(self, sel, state_dict)
+        status, tensors = check_state(
+            sel, state_dict, params=self._params, paths=self._paths, layout=self._layout,
+            method=self._runner.method.name, budget=self._budget, compact=self._compact,
+            inner_class=self.inner_class,
+        )
         method = self._runner.method.name
         frozen_after = self._runner.method.frozen_after
         selecting = 0 < int(sel["count"]) and (frozen_after is None or int(sel["count"]) < frozen_after)

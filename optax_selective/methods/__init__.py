@@ -1,10 +1,11 @@
 """Selection methods, one module each, and the registry that names them.
 
 ``Method`` (and ``ShardedMethod`` for sharded torch runs) is the whole interface; see
-``_base``. Every built-in registers a factory here on import; add your own with
+``_base``. A method sees the parameters' static :class:`LeafLayout`. Every built-in registers a factory here on import; add your own with
 :func:`register` (``docs/guides/custom-methods.md``).
 """
 
+from optax_selective._tree import LeafLayout
 from optax_selective.methods._base import (
     Added,
     Method,
@@ -29,6 +30,7 @@ __all__ = [
     "ShardedMethod",
     "ShardInit",
     "Added",
+    "LeafLayout",
     "check_int",
     "check_nonnegative_number",
     "choose_all_mask",
