@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import torch
 
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
-from optax_selective.methods import ID3, LeafLayout
+from optax_selective.methods import LeafLayout, LeafwiseMethod
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -232,16 +232,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
-        # ID3 one parameter at a time (no whole-model scores or masks) where that saves
-        # memory: streaming, or models of at least one chunk. Below that, one whole-model
-        # program per step is faster (a fixed cost per parameter dominates small models).
-        leafwise = bool(compact) and isinstance(method, ID3) and (
+        # A LeafwiseMethod (ID3) one parameter at a time (no whole-model scores or masks)
+        # where that saves memory: streaming, or models of at least one chunk. Below that, one
+        # whole-model program per step is faster (a fixed cost per parameter dominates).
+        leafwise = bool(compact) and isinstance(method, LeafwiseMethod) and method.leafwise and (
             getattr(self, "_stream_requested", False)
             or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
         )
         try:
-            if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
-                method.effective_budget(layout)  # the budget checks of ID3.init
+            if leafwise:  # it starts from choose_all only: no mask to compute (or keep)
+                method.effective_budget(layout)  # the budget checks of its init
                 masks = [None] * len(params)
             else:
                 masks = self._runner.init(params)
@@ -268,7 +268,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     self._compact.add_mask(i, m)
         self._leafwise: LeafwiseSelector | None = None
         if leafwise:
-            # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
+            # the per-step top-k one parameter at a time (no whole-model scores or masks)
             self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
             self._b_eff = method.effective_budget(layout)
         self._drop_masks()
@@ -386,7 +386,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _select_leafwise(self) -> None:
-        """ID3's step with the compact state: candidates leaf by leaf, one global merge."""
+        """A LeafwiseMethod's step with the compact state: candidates leaf by leaf, one
+        global merge."""
         sel = self._leafwise
         if not self._streaming:
             for i, (p, st) in enumerate(zip(self._params, self._status)):
