@@ -88,15 +88,15 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         passed.
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
-        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3
-        keeps none at all with ``stream_grads=True`` or on models of at least 2**24
-        selectable entries, where it selects one parameter at a time) and the inner step
+        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3, and
+        any method that declares ``optax_selective.methods.LeafwiseMethod``, keeps none at
+        all with ``stream_grads=True`` or on models of at least 2**24 selectable entries,
+        where it selects one parameter at a time) and the inner step
         costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
-        With the compact state, ID3 selects one parameter (chunk) at a time
-        (:mod:`torch_bridge.leafwise`), so no whole-model score or mask copy is made.
+        There (:mod:`torch_bridge.leafwise`) no whole-model score or mask copy is made.
       * ``stream_grads`` (default False): consume each parameter's gradient while
         ``backward`` runs (a ``register_post_accumulate_grad_hook`` per parameter): its values
         at the selected entries go into the compact buffers, ID3 keeps the parameter's best
@@ -232,9 +232,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
-        # A LeafwiseMethod (ID3) one parameter at a time (no whole-model scores or masks)
-        # where that saves memory: streaming, or models of at least one chunk. Below that, one
-        # whole-model program per step is faster (a fixed cost per parameter dominates).
+        # A LeafwiseMethod (ID3) selects one parameter at a time (no whole-model scores or
+        # masks) where that saves memory: streaming, or models of at least one chunk. Below
+        # that, one whole-model program per step is faster (a fixed cost per parameter).
         leafwise = bool(compact) and isinstance(method, LeafwiseMethod) and method.leafwise and (
             getattr(self, "_stream_requested", False)
             or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
