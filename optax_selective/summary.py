@@ -513,7 +513,7 @@ def save_summary(
 
     import orbax.checkpoint as ocp
 
-    from optax_selective._atomic import fsync_tree, replace_dir, temp_sibling
+    from optax_selective.atomic import fsync_tree, replace_dir, temp_sibling
 
     if not isinstance(summary, SparseSummary):
         raise TypeError(f"summary must be a SparseSummary, got {type(summary).__name__}.")

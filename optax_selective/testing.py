@@ -10,7 +10,9 @@ every caller of a :class:`~optax_selective.methods.Method` relies on:
 * the compact (O(budget)) and dense wrapper forms give the same parameters, and entries
   outside the mask never move;
 * the jitted update compiles once (no retracing from step to step);
-* the torch bridge selects the same entries as JAX, step by step (if torch is importable).
+* the torch bridge selects the same entries as JAX, step by step (if torch is importable),
+  also through its leafwise path for a method that declares
+  :class:`~optax_selective.methods.LeafwiseMethod` (given by its registered name).
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def check_method(
             check_torch = True
     if check_torch:
         _check_torch(name, kwargs, m, leaves, grads, treedef, masks)
+        if name is not None and isinstance(m, _methods.LeafwiseMethod) and m.leafwise:
+            _check_torch_leafwise(name, kwargs, leaves, grads, masks)
         torch_checked = True
     used = int(sum(int(x.sum()) for x in masks[-1]))
     return Report(m.name, steps, used, traces, torch_checked)
@@ -191,6 +195,20 @@ def _check_interface(m: Any) -> None:
         if not isinstance(value, ok) or (attr != "needs_params" and isinstance(value, bool)):
             raise ConformanceError(
                 f"{attr} must be {' or '.join(t.__name__ for t in ok)}, got {value!r}."
+            )
+    # A method opts into leafwise selection with ``leafwise = True`` (LeafwiseMethod).
+    if getattr(m, "leafwise", False) is True:
+        if not isinstance(m, _methods.LeafwiseMethod):
+            missing = [a for a in ("effective_budget", "score", "increment")
+                       if not callable(getattr(m, a, None))]
+            raise ConformanceError(
+                f"{m!r} declares leafwise = True but lacks {', '.join(missing)} (see "
+                "optax_selective.methods.LeafwiseMethod)."
+            )
+        if m.k_max is None or m.budget is None:
+            raise ConformanceError(
+                "a LeafwiseMethod needs an int k_max and an int budget, got "
+                f"k_max={m.k_max!r}, budget={m.budget!r}."
             )
 
 
@@ -294,6 +312,28 @@ def _check_torch(name, kwargs, m, leaves, grads, treedef, want) -> None:
         if runner.traces > 1:
             raise ConformanceError(f"the torch bridge traced the update {runner.traces} times.")
     _same(got, want, "torch and JAX select different entries")
+
+
+def _check_torch_leafwise(name, kwargs, leaves, grads, want) -> None:
+    """The torch bridge's leafwise selection (``stream_grads=True`` always takes it) selects
+    the entries JAX selects: ``score`` and ``increment`` are the rule ``update`` follows."""
+    import torch
+
+    from torch_bridge.optimizer import get_selective_optimizer
+
+    params = [torch.nn.Parameter(torch.from_numpy(np.array(p))) for p in leaves]
+    opt = get_selective_optimizer(torch.optim.SGD, name)(
+        params, lr=LR, stream_grads=True, **kwargs)
+    got = [[np.asarray(x.numpy()) for x in opt.get_masks()]]
+    for g in grads:
+        opt.zero_grad()
+        # d/dp sum(p * g) is g exactly: backward hands the check's gradients to the hooks
+        sum((p * torch.from_numpy(np.array(x))).sum()
+            for p, x in zip(params, jax.tree.leaves(g))).backward()
+        opt.step()
+        got.append([np.asarray(x.numpy()) for x in opt.get_masks()])
+    _same(got, want, "the torch bridge's leafwise selection (score, increment and "
+          "effective_budget of the LeafwiseMethod) and update select different entries")
 
 
 def _same(got, want, what: str) -> None:

@@ -203,7 +203,7 @@ def test_damaged_folders_only_raise_summary_format_error(saved, tmp_path):
 
 def test_overwrite_without_the_atomic_swap_still_replaces(saved, monkeypatch):
     """Where renameat2 is unavailable (not Linux), the old folder is renamed aside first."""
-    from optax_selective import _atomic
+    from optax_selective import atomic as _atomic
 
     monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
     other = osel.SparseSummary(a_summary().leaves[1:], 2, "bitfit")

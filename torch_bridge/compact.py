@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from torch_bridge.safety import _nonzero  # "is this hyper-parameter set?", also for tensors
+from torch_bridge.safety import nonzero  # "is this hyper-parameter set?", also for tensors
 
 ELEMENTWISE: tuple[type, ...] = (
     torch.optim.SGD,
@@ -67,7 +67,7 @@ def compact_refusal(optimizer_class: type, param_groups: Sequence[dict[str, Any]
         return None
     for gi, group in enumerate(param_groups):
         decoupled = group.get("decoupled_weight_decay", False)
-        if _nonzero(group.get("weight_decay", 0.0)) and not decoupled:
+        if nonzero(group.get("weight_decay", 0.0)) and not decoupled:
             return (
                 f"compact=True with coupled weight decay (param_groups[{gi}] of "
                 f"{optimizer_class.__name__} has weight_decay={group['weight_decay']}) is not "
@@ -256,6 +256,11 @@ class CompactState:
         """Gives the entries just added to ``leaf`` (by :meth:`add`) their gradient ``values``."""
         if values.numel():
             self.buffers[self._key_of[leaf]].set_last_grads(leaf, values)
+
+    def buffer_key(self, leaf: int) -> tuple | None:
+        """The ``(group, dtype, device)`` key of the slot buffer of parameter ``leaf`` (None
+        for a parameter that cannot be selected)."""
+        return self._key_of.get(leaf)
 
     def indices_of(self, leaf: int) -> torch.Tensor:
         """The selected entries of parameter ``leaf`` (flat int64 indices, in slot order)."""

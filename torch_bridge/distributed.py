@@ -52,9 +52,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optax_selective import selection
-from optax_selective._tree import LeafLayout
-from optax_selective.methods import ShardedMethod
-from torch_bridge.jax_interop import _state_from_tensors
+from optax_selective.methods import LeafLayout, ShardedMethod
+from torch_bridge.jax_interop import state_from_tensors
 
 # Compiled once per shape; the rules themselves are the shared ones of ``selection``.
 _shard_candidates = jax.jit(selection.shard_candidates, static_argnums=1)
@@ -100,6 +99,15 @@ def _placement_kind(p: torch.Tensor) -> str:
     )
 
 
+def _like(mask_local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The local mask ``mask_local`` as a tensor laid out like ``p`` (a DTensor if ``p`` is)."""
+    if not isinstance(p, DTensor):
+        return mask_local
+    return DTensor.from_local(
+        mask_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+    )
+
+
 class ShardedMethodRunner:
     """Runs a method on sharded parameters; same interface as the bridge's ``MethodRunner``.
 
@@ -117,7 +125,7 @@ class ShardedMethodRunner:
       selects; every rank of an FSDP2 job calls it the same way on its ``DTensor`` s:
 
       >>> import torch
-      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import LeafLayout
       >>> from optax_selective.methods import PaFI
       >>> from torch_bridge.distributed import ShardedMethodRunner
       >>> params = [torch.tensor([0.5, -0.1, 2.0]), torch.tensor([0.0, 3.0])]
@@ -191,14 +199,6 @@ class ShardedMethodRunner:
         dist.all_gather(out, t, group=self.group)
         self.exchanged.append(t.numel() * self.world)
         return torch.stack(out)
-
-    @staticmethod
-    def _like(mask_local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        if not isinstance(p, DTensor):
-            return mask_local
-        return DTensor.from_local(
-            mask_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-        )
 
     # -- the global top-k ----------------------------------------------------------------------
     def _select(
@@ -275,7 +275,7 @@ class ShardedMethodRunner:
             return {i: masks[i] for i in active}
         new = self._select(scores, k, m.k_max if m.k_max is not None else k)
         return {
-            i: self._like(
+            i: _like(
                 local(masks[i]) | new[i].reshape(local(masks[i]).shape).to(local(masks[i]).device),
                 params[i],
             )
@@ -291,12 +291,12 @@ class ShardedMethodRunner:
 
     def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Restores what :meth:`state_tensors` returned on this rank."""
-        self.method_state = _state_from_tensors(self.method_state, tensors)
+        self.method_state = state_from_tensors(self.method_state, tensors)
 
     # -- helpers -------------------------------------------------------------------------------
     def _full(self, p: torch.Tensor, value: bool) -> torch.Tensor:
         lp = local(p)
-        return self._like(torch.full(lp.shape, value, dtype=torch.bool, device=lp.device), p)
+        return _like(torch.full(lp.shape, value, dtype=torch.bool, device=lp.device), p)
 
     @staticmethod
     def _to_jax(t: torch.Tensor) -> jax.Array:
@@ -312,7 +312,7 @@ class ShardedMethodRunner:
                 out.append(mk)
             else:
                 lm = local(mk)
-                out.append(self._like(lm | n.reshape(lm.shape).to(lm.device), p))
+                out.append(_like(lm | n.reshape(lm.shape).to(lm.device), p))
         return out
 
 
@@ -350,7 +350,7 @@ def full_mask(param: torch.Tensor, value: bool) -> torch.Tensor:
     """An all-``value`` bool mask shaped and placed like ``param``."""
     lp = local(param)
     m = torch.full(lp.shape, value, dtype=torch.bool, device=lp.device)
-    return ShardedMethodRunner._like(m, param)
+    return _like(m, param)
 
 
 def _flat_offset(t: DTensor) -> int:
@@ -389,4 +389,4 @@ def mask_from_indices(param: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     idx = idx[(idx >= 0) & (idx < lp.numel())]
     m = torch.zeros(lp.numel(), dtype=torch.bool, device=lp.device)
     m[idx.to(lp.device)] = True
-    return ShardedMethodRunner._like(m.reshape(lp.shape), param)
+    return _like(m.reshape(lp.shape), param)

@@ -30,8 +30,7 @@ import jax
 import numpy as np
 import torch
 
-from optax_selective._tree import LeafLayout
-from optax_selective.methods import Method
+from optax_selective.methods import LeafLayout, Method
 
 _INT32_MAX = 2**31 - 1
 # dtypes NumPy can view (not bfloat16): per-step CPU inputs go to jax.jit as NumPy views
@@ -53,12 +52,12 @@ class MethodRunner:
 
     Args:
       method: an ``optax_selective.methods.Method`` (a built-in or a registered one).
-      layout: the static :class:`~optax_selective._tree.LeafLayout` of the parameters.
+      layout: the static :class:`~optax_selective.methods.LeafLayout` of the parameters.
       params: the parameters, in leaf order (used to pick the selection device).
 
     Example:
       >>> import torch
-      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import LeafLayout
       >>> from optax_selective.methods import PaFI
       >>> w = torch.tensor([0.5, -0.1, 2.0, 0.0])
       >>> layout = LeafLayout(("w",), ((4,),), (True,), (False,))
@@ -162,7 +161,7 @@ class MethodRunner:
 
     def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Restores what :meth:`state_tensors` returned, checked against the current state."""
-        self.method_state = _state_from_tensors(self.method_state, tensors, self._jax_device)
+        self.method_state = state_from_tensors(self.method_state, tensors, self._jax_device)
 
     def update(
         self,
@@ -220,8 +219,16 @@ class MethodRunner:
         self._param_views.clear()
 
 
-def _state_from_tensors(current, tensors, device=None):
-    """``current``'s tree with its leaves replaced by ``tensors`` (same shapes and dtypes)."""
+def state_from_tensors(current, tensors, device=None):
+    """``current``'s tree with its leaves replaced by ``tensors`` (same shapes and dtypes).
+
+    Raises ``ValueError`` naming the first leaf whose count, shape or dtype differs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state_from_tensors((jnp.zeros(2), jnp.int32(0)), [torch.ones(2), torch.tensor(3, dtype=torch.int32)])
+      (Array([1., 1.], dtype=float32), Array(3, dtype=int32))
+    """
     leaves, treedef = jax.tree.flatten(current)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != len(leaves):
         raise ValueError(

@@ -73,7 +73,7 @@ class LeafwiseSelector:
     """Collects one step's candidates leaf by leaf and picks the global top-``k``.
 
     Args:
-      method: the method (``ID3``): its elementwise ``score(grad, param, mask)`` is called
+      method: a ``LeafwiseMethod`` (ID3): its elementwise ``score(grad, param, mask)`` is called
         with ``mask=False`` (excluded entries come with a NaN gradient), and ``k_max`` bounds
         the entries one step adds.
       numels: the number of entries of every leaf, in leaf order (fixes the chunk numbering).

@@ -28,13 +28,13 @@ import torch
 from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge._safe_zip import LegacyRecord, RestrictedUnpickler, read_torch_zip
-from torch_bridge.summary import (
+from torch_bridge.summary_types import (
     FORMAT,
     FORMAT_VERSION,
     LEGACY_FORMAT,
     Summary,
-    _dtype_name,
     check_summary,
+    dtype_name,
 )
 
 __all__ = ["read_legacy_summary", "convert_legacy_summary", "RestrictedUnpickler",
@@ -46,7 +46,7 @@ def read_legacy_summary(path: Any) -> Summary:
     """Reads a selective-optimizers 0.4 summary file, onto the CPU, running nothing from it.
 
     Returns:
-      A :class:`~torch_bridge.summary.Summary` with ``format="selective_optimizers-0.4"`` and
+      A :class:`~torch_bridge.summary_types.Summary` with ``format="selective_optimizers-0.4"`` and
       0.4's fields as keys and attributes: ``values``, ``pointers`` (``(n, ndim)`` int64
       ``mask.nonzero()`` rows) and ``shapes`` (one entry per ``model.parameters()``, ``None``
       where nothing was selected), ``bn_metadata`` and ``budget_used``. Pass it to
@@ -200,7 +200,7 @@ def convert_legacy_summary(legacy: dict[str, Any], model: torch.nn.Module) -> Su
         params[name] = {
             "position": pos,
             "shape": list(p.shape),
-            "dtype": _dtype_name(p.dtype),
+            "dtype": dtype_name(p.dtype),
             "indices": flat.to(torch.int32 if p.numel() < 2**31 else torch.int64),
             "values": val.reshape(-1),
         }

@@ -34,9 +34,8 @@ from typing import Any
 import jax.numpy as jnp
 import torch
 
-from optax_selective._tree import LeafLayout
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
-from optax_selective.methods import ID3
+from optax_selective.methods import LeafLayout, LeafwiseMethod
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -89,15 +88,15 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         passed.
       * ``compact`` (default None: True where exact, else False): keep the inner optimizer's
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
-        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3
-        keeps none at all with ``stream_grads=True`` or on models of at least 2**24
-        selectable entries, where it selects one parameter at a time) and the inner step
+        is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3, and
+        any method that declares ``optax_selective.methods.LeafwiseMethod``, keeps none at
+        all with ``stream_grads=True`` or on models of at least 2**24 selectable entries,
+        where it selects one parameter at a time) and the inner step
         costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
         Adagrad, RMSprop, Adamax, NAdam and RAdam without coupled weight decay, on unsharded
         parameters; ``compact=True`` raises for anything else, None falls back to dense.
-        With the compact state, ID3 selects one parameter (chunk) at a time
-        (:mod:`torch_bridge.leafwise`), so no whole-model score or mask copy is made.
+        There (:mod:`torch_bridge.leafwise`) no whole-model score or mask copy is made.
       * ``stream_grads`` (default False): consume each parameter's gradient while
         ``backward`` runs (a ``register_post_accumulate_grad_hook`` per parameter): its values
         at the selected entries go into the compact buffers, ID3 keeps the parameter's best
@@ -251,16 +250,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         compact = why_not is None if compact is None else compact
         runner = ShardedMethodRunner if sharded else MethodRunner
         self._runner = runner(method, layout, params)
-        # ID3 one parameter at a time (no whole-model scores or masks) where that saves
-        # memory: streaming, or models of at least one chunk. Below that, one whole-model
-        # program per step is faster (a fixed cost per parameter dominates small models).
-        leafwise = bool(compact) and isinstance(method, ID3) and (
+        # A LeafwiseMethod (ID3) selects one parameter at a time (no whole-model scores or
+        # masks) where that saves memory: streaming, or models of at least one chunk. Below
+        # that, one whole-model program per step is faster (a fixed cost per parameter).
+        leafwise = bool(compact) and isinstance(method, LeafwiseMethod) and method.leafwise and (
             getattr(self, "_stream_requested", False)
             or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
         )
         try:
-            if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
-                method.effective_budget(layout)  # the budget checks of ID3.init
+            if leafwise:  # it starts from choose_all only: no mask to compute (or keep)
+                method.effective_budget(layout)  # the budget checks of its init
                 masks = [None] * len(params)
             else:
                 masks = self._runner.init(params)
@@ -287,7 +286,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     self._compact.add_mask(i, m)
         self._leafwise: LeafwiseSelector | None = None
         if leafwise:
-            # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
+            # the per-step top-k one parameter at a time (no whole-model scores or masks)
             self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
             self._b_eff = method.effective_budget(layout)
         self._drop_masks()
@@ -426,7 +425,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _select_leafwise(self) -> None:
-        """ID3's step with the compact state: candidates leaf by leaf, one global merge."""
+        """A LeafwiseMethod's step with the compact state: candidates leaf by leaf, one
+        global merge."""
         sel = self._leafwise
         if not self._streaming:
             for i, (p, st) in enumerate(zip(self._params, self._status)):
@@ -463,12 +463,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
 
     def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        ref = weakref.ref(self)  # the parameter must not keep the optimizer alive
+        stream = weakref.WeakMethod(self._stream)  # the parameter must not keep us alive
 
         def hook(p: torch.Tensor) -> None:
-            opt = ref()
-            if opt is not None:
-                opt._stream(i, p)
+            consume = stream()
+            if consume is not None:
+                consume(i, p)
         return hook
 
     @torch.no_grad()
@@ -758,7 +758,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"state_dict has no {STATE_KEY!r} entry: it was not saved by a selective "
                 "optimizer, so the masks and step count cannot be restored."
             ))
-        status, tensors = check_state(self, sel, state_dict)
+        status, tensors = check_state(
+            sel, state_dict, params=self._params, paths=self._paths, layout=self._layout,
+            method=self._runner.method.name, budget=self._budget, compact=self._compact,
+            inner_class=self.inner_class,
+        )
         method = self._runner.method.name
         frozen_after = self._runner.method.frozen_after
         selecting = 0 < int(sel["count"]) and (frozen_after is None or int(sel["count"]) < frozen_after)

@@ -36,7 +36,13 @@ ZERO_GRAD_EXACT: tuple[type, ...] = (
 )
 
 
-def _nonzero(value: Any) -> bool:
+def nonzero(value: Any) -> bool:
+    """Whether a hyper-parameter (a number or a tensor, e.g. ``weight_decay``) is set.
+
+    Example:
+      >>> nonzero(0.0), nonzero(0.01), nonzero(torch.tensor([0.0, 1e-4]))
+      (False, True, True)
+    """
     if isinstance(value, torch.Tensor):
         return bool((value != 0).any())
     return bool(value)
@@ -76,7 +82,7 @@ def restore_scope(
         return "all"
     if (
         optimizer_class in ZERO_GRAD_EXACT
-        and not _nonzero(group.get("weight_decay", 0.0))
+        and not nonzero(group.get("weight_decay", 0.0))
         and not group.get("maximize", False)
         and not (optimizer_class in EPS_DIVIDED and _eps_vanishes(group, dtype))
     ):

@@ -9,9 +9,14 @@ exactly as it was (see ``SelectiveOptimizer.load_state_dict``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from optax_selective.methods import LeafLayout
+from torch_bridge.compact import CompactState
+from torch_bridge.distributed import mask_from_indices
 
 FULL, EMPTY, PARTIAL = "full", "empty", "partial"
 
@@ -42,22 +47,53 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_state(opt: Any, sel: Any, state_dict: dict[str, Any]) -> tuple[list[str], list[Any]]:
+def check_state(
+    sel: Any,
+    state_dict: dict[str, Any],
+    *,
+    params: Sequence[torch.Tensor],
+    paths: Sequence[str],
+    layout: LeafLayout,
+    method: str,
+    budget: int | None,
+    compact: CompactState | None,
+    inner_class: type,
+) -> tuple[list[str], list[Any]]:
     """Validates the ``"selective"`` entry ``sel`` and the inner state of ``state_dict`` against
-    the optimizer ``opt``; returns the status and masks to install. Raises ``ValueError``."""
-    from torch_bridge import distributed as _dist
+    an optimizer; returns the status and masks to install. Raises ``ValueError``.
 
-    params, paths, layout = opt._params, opt._paths, opt._layout
+    Args:
+      sel: ``state_dict["selective"]`` as ``SelectiveOptimizer.state_dict`` writes it.
+      state_dict: the rest of the state dict (the inner optimizer's ``state`` is checked).
+      params: the optimizer's parameters in leaf order.
+      paths: their names, for the messages.
+      layout: their layout (which can be selected, which are choose_all).
+      method: the name of the optimizer's method.
+      budget: the optimizer's budget (None: no limit).
+      compact: the optimizer's compact state, or None for the dense form.
+      inner_class: the inner ``torch.optim.Optimizer`` class.
+
+    Example:
+      >>> import torch
+      >>> from optax_selective.methods import LeafLayout
+      >>> p = torch.zeros(3)
+      >>> layout = LeafLayout(paths=("p",), shapes=((3,),), selectable=(True,), choose_all=(False,))
+      >>> mine = dict(params=[p], paths=["p"], layout=layout, method="pafi", budget=2,
+      ...             compact=None, inner_class=torch.optim.SGD)
+      >>> check_state({"method": "pafi", "count": 0, "masks": [torch.tensor([0, 2])]}, {}, **mine)
+      (['partial'], [tensor([ True, False,  True])])
+      >>> check_state({"method": "pafi", "count": 0, "masks": [torch.tensor([0, 1, 2])]}, {}, **mine)
+      Traceback (most recent call last):
+      ValueError: state_dict masks hold 3 selected entries, more than this optimizer's budget 2.
+    """
     if not isinstance(sel, dict) or not {"method", "count", "masks"} <= set(sel):
         raise ValueError("state_dict['selective'] must be a dict with 'method', 'count' and "
                          "'masks' (as SelectiveOptimizer.state_dict writes).")
-    method = opt._runner.method.name
     if sel["method"] != method:
         raise ValueError(f"state_dict was saved by method {sel['method']!r}, not {method!r}.")
     count = sel["count"]
     if not _is_int(count) or count < 0:
         raise ValueError(f"state_dict step count {count!r} must be an int >= 0.")
-    budget = opt._budget
     if "budget" in sel and sel["budget"] != budget:
         raise ValueError(
             f"state_dict was saved with budget {sel['budget']}, this optimizer has budget "
@@ -110,44 +146,45 @@ def check_state(opt: Any, sel: Any, state_dict: dict[str, Any]) -> tuple[list[st
                              "cannot select it (frozen, not floating point, or choose_all).")
         total += idx.numel()
         status.append(PARTIAL)
-        tensors.append(_dist.mask_from_indices(p, idx))
+        tensors.append(mask_from_indices(p, idx))
     if budget is not None and total > budget:
         raise ValueError(
             f"state_dict masks hold {total} selected entries, more than this optimizer's budget "
             f"{budget}."
         )
-    if (opt._compact is not None) != ("compact" in sel):
+    if (compact is not None) != ("compact" in sel):
         raise ValueError(
             "state_dict was saved with compact="
-            f"{'compact' in sel} but this optimizer has compact={opt._compact is not None}."
+            f"{'compact' in sel} but this optimizer has compact={compact is not None}."
         )
-    _check_inner_state(opt, state_dict)
-    if opt._compact is not None:
-        _check_compact(opt, sel["compact"], status, tensors)
+    _check_inner_state(state_dict, params, paths, inner_class)
+    if compact is not None:
+        _check_compact(compact, sel["compact"], status, tensors, params, paths)
     return status, tensors
 
 
-def _check_inner_state(opt: Any, state_dict: dict[str, Any]) -> None:
+def _check_inner_state(state_dict: dict[str, Any], params: Sequence[torch.Tensor],
+                       paths: Sequence[str], inner_class: type) -> None:
     state = state_dict.get("state", {})
     if not isinstance(state, dict):
         raise ValueError("state_dict['state'] must be a dict.")
-    if not issubclass(opt.inner_class, SAME_SHAPE_STATE):
+    if not issubclass(inner_class, SAME_SHAPE_STATE):
         return
     for key, per_param in state.items():
-        if not _is_int(key) or not 0 <= key < len(opt._params) or not isinstance(per_param, dict):
+        if not _is_int(key) or not 0 <= key < len(params) or not isinstance(per_param, dict):
             continue  # torch itself keeps entries it cannot map; nothing of ours reads them
-        p = opt._params[key]
+        p = params[key]
         for name, v in per_param.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
                 raise ValueError(
-                    f"{opt._paths[key]}: state_dict's {opt.inner_class.__name__} state "
+                    f"{paths[key]}: state_dict's {inner_class.__name__} state "
                     f"{name!r} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)} (saved "
                     "over other parameters?)."
                 )
 
 
-def _check_compact(opt: Any, saved: Any, status: list[str], masks: list[Any]) -> None:
-    compact = opt._compact
+def _check_compact(compact: CompactState, saved: Any, status: list[str], masks: list[Any],
+                   params: Sequence[torch.Tensor], paths: Sequence[str]) -> None:
     if not isinstance(saved, list) or len(saved) != len(compact.buffers):
         n = len(saved) if isinstance(saved, list) else "?"
         raise ValueError(
@@ -173,17 +210,17 @@ def _check_compact(opt: Any, saved: Any, status: list[str], masks: list[Any]) ->
             raise ValueError(f"compact slot buffer of group {key[0]}: leaves and indices must be "
                              f"1-D, of equal length, at most {buf.capacity}.")
         for leaf in torch.unique(leaves).tolist():
-            if compact._key_of.get(leaf) != key:
+            if compact.buffer_key(leaf) != key:
                 raise ValueError(f"compact slot buffer of group {key[0]} names parameter {leaf}, "
                                  "which does not belong to it.")
             idx = indices[leaves == leaf].to(torch.int64)
-            p, m = opt._params[leaf], masks[leaf]
+            p, m = params[leaf], masks[leaf]
             if int(idx.min()) < 0 or int(idx.max()) >= p.numel():
-                raise ValueError(f"compact slot indices out of range for {opt._paths[leaf]}.")
+                raise ValueError(f"compact slot indices out of range for {paths[leaf]}.")
             selected = status[leaf] == FULL or (
                 m is not None and bool(m.reshape(-1)[idx].all()))
             if not selected or idx.unique().numel() != idx.numel():
-                raise ValueError(f"compact slots of {opt._paths[leaf]} do not match its mask.")
+                raise ValueError(f"compact slots of {paths[leaf]} do not match its mask.")
         for name, v in s["state"].items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != (buf.capacity,):
                 raise ValueError(f"compact state {name!r} has shape {tuple(v.shape)}, expected "

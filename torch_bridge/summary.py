@@ -37,123 +37,42 @@ Example:
 
 from __future__ import annotations
 
-import collections
-import copy
 import hashlib
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from optax_selective._atomic import atomic_write_bytes
-from optax_selective._version import __version__
+from optax_selective import __version__
+from optax_selective.atomic import atomic_write_bytes
 from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
+from torch_bridge._safe_zip import LegacyRecord, is_zip, read_torch_zip
 from torch_bridge.distributed import selected_entries
+from torch_bridge.legacy import convert_legacy_summary, legacy_from_record
+from torch_bridge.summary_types import (
+    BUFFER_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_FORMAT,
+    VALUE_DTYPES,
+    Summary,
+    check_summary,
+    dtype_name,
+    is_int,
+)
 
 __all__ = ["Summary", "SummaryMismatchError", "UnsafeFileError", "make_summary",
            "load_weights_from_summary", "write_summary_to_disk", "load_summary_from_disk"]
 
-FORMAT = "optax_selective.torch_summary"
-FORMAT_VERSION = 1
-LEGACY_FORMAT = "selective_optimizers-0.4"
 _META_KEY = "optax_selective"
 MAX_HEADER_BYTES = 64 * 2**20
 _INT32_LIMIT = 2**31
-_VALUE_DTYPES = {d: getattr(torch, d) for d in (
-    "float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2")}
-_BUFFER_DTYPES = {**_VALUE_DTYPES, "int64": torch.int64, "int32": torch.int32}
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
               torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3",
               torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32"}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class Summary(dict):
-    """A summary dict (see the module docstring) that also answers selective-optimizers 0.4's
-    attribute names: ``budget_used``; ``values``, ``pointers`` (``mask.nonzero()`` rows) and
-    ``shapes``, one entry per ``model.parameters()`` (``None`` where nothing was selected);
-    and ``bn_metadata``, one dict of running statistics per BatchNorm module.
-
-    Note that ``summary.values`` is 0.4's list of value tensors; the dict's own values are
-    ``dict.values(summary)``.
-
-    Example:
-      >>> import torch, torch_bridge
-      >>> model = torch.nn.Linear(2, 1)
-      >>> masks = [torch.tensor([[False, True]]), torch.tensor([False])]
-      >>> s = torch_bridge.make_summary(model, list(model.parameters()), masks, method="pafi")
-      >>> isinstance(s, torch_bridge.Summary), s["params"]["weight"]["indices"].tolist()
-      (True, [1])
-      >>> s.budget_used, s.pointers, s.shapes  # 0.4's attributes: one entry per parameter
-      (1, [tensor([[0, 1]]), None], [torch.Size([1, 2]), None])
-    """
-
-    def __reduce__(self):
-        # Pickles as an OrderedDict, so torch.save(summary) stays readable by
-        # torch.load(weights_only=True), which refuses classes of other packages.
-        return (collections.OrderedDict, (list(self.items()),))
-
-    def __copy__(self) -> Summary:
-        return Summary(self)
-
-    def __deepcopy__(self, memo: dict) -> Summary:
-        return Summary(copy.deepcopy(dict(self), memo))
-
-    def _legacy(self) -> bool:
-        return self.get("format") == LEGACY_FORMAT
-
-    def _positional(self, what: str) -> list[Any]:
-        params = self.get("params", {})
-        n = self.get("num_params")
-        if not isinstance(n, int):
-            n = 1 + max((e["position"] for e in params.values()), default=-1)
-        out: list[Any] = [None] * n
-        for e in params.values():
-            shape = tuple(e["shape"])
-            if what == "values":
-                out[e["position"]] = e["values"]
-            elif what == "shapes":
-                out[e["position"]] = torch.Size(shape)
-            else:
-                idx = e["indices"].to(torch.int64)
-                out[e["position"]] = (torch.stack(torch.unravel_index(idx, shape), dim=1)
-                                      if shape else torch.zeros(idx.numel(), 0, dtype=torch.int64))
-        return out
-
-    @property
-    def budget_used(self) -> int:  # noqa: D102
-        return self["budget_used"]
-
-    @property
-    def values(self) -> list[Any]:  # type: ignore[override]  # 0.4's name
-        return self["values"] if self._legacy() else self._positional("values")
-
-    @property
-    def pointers(self) -> list[Any]:  # noqa: D102
-        return self["pointers"] if self._legacy() else self._positional("pointers")
-
-    @property
-    def shapes(self) -> list[Any]:  # noqa: D102
-        if self._legacy():
-            return [None if s is None else torch.Size(s) for s in self["shapes"]]
-        return self._positional("shapes")
-
-    @property
-    def bn_metadata(self) -> list[dict[str, torch.Tensor]]:  # noqa: D102
-        if self._legacy():
-            return self["bn_metadata"]
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for name, t in self.get("buffers", {}).items():
-            mod, _, buf = name.rpartition(".")
-            groups.setdefault(mod, {})[buf] = t
-        return list(groups.values())
 
 
 def batchnorm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -214,7 +133,7 @@ def make_summary(
         entries[name] = {
             "position": pos,
             "shape": list(p.shape),
-            "dtype": _dtype_name(p.dtype),
+            "dtype": dtype_name(p.dtype),
             "indices": flat.to(index_dtype),
             "values": values,
         }
@@ -229,95 +148,6 @@ def make_summary(
         params=dict(sorted(entries.items(), key=lambda kv: kv[1]["position"])),
         buffers={k: v.detach().cpu().clone() for k, v in batchnorm_buffers(model).items()},
     )
-
-
-# --------------------------------------------------------------------------------------------
-# checking
-
-
-def _check_format(summary: Any, where: str = "summary") -> None:
-    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
-        raise SummaryMismatchError(
-            f"{where} is not an optax_selective torch summary (expected a dict with "
-            f"format={FORMAT!r}); a selective-optimizers 0.4 summary is read with "
-            "load_summary_from_disk(path) or read_legacy_summary(path)."
-        )
-    if summary.get("format_version") != FORMAT_VERSION:
-        raise SummaryMismatchError(
-            f"{where}: format_version {summary.get('format_version')!r} is not supported "
-            f"(this version reads {FORMAT_VERSION}); upgrade optax-selective."
-        )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_summary(summary: Any, where: str = "summary") -> None:
-    """Checks a summary's own invariants (no model needed).
-
-    Raises:
-      SummaryMismatchError: naming ``where`` and the first problem: fields missing or of the
-        wrong type, positions repeated, indices not a strictly increasing 1-D int32/int64
-        tensor within the declared shape, values not finite or not of the declared dtype and
-        length, ``budget_used`` different from the number of entries present.
-    """
-    _check_format(summary, where)
-    for field, typ in (("method", str), ("budget_used", int), ("params", dict), ("buffers", dict)):
-        if not isinstance(summary.get(field), typ) or isinstance(summary.get(field), bool):
-            raise SummaryMismatchError(f"{where}: field {field!r} is missing or not a {typ.__name__}.")
-    if "num_params" in summary and not (_is_int(summary["num_params"]) and summary["num_params"] >= 0):
-        raise SummaryMismatchError(f"{where}: num_params must be an int >= 0.")
-    seen: set[int] = set()
-    total = 0
-    for name, e in summary["params"].items():
-        if not isinstance(name, str) or not isinstance(e, dict):
-            raise SummaryMismatchError(f"{where}: params must map names to entry dicts.")
-        pos, shape, dtype = e.get("position"), e.get("shape"), e.get("dtype")
-        if not _is_int(pos) or pos < 0 or pos in seen:
-            raise SummaryMismatchError(f"{where}: {name}: position {pos!r} is not a new int >= 0.")
-        if summary.get("num_params") is not None and pos >= summary["num_params"]:
-            raise SummaryMismatchError(f"{where}: {name}: position {pos} >= num_params.")
-        seen.add(pos)
-        if not isinstance(shape, (list, tuple)) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise SummaryMismatchError(f"{where}: {name}: shape {shape!r} is not a list of ints >= 0.")
-        if dtype not in _VALUE_DTYPES:
-            raise SummaryMismatchError(
-                f"{where}: {name}: dtype {dtype!r} is not one of {sorted(_VALUE_DTYPES)}.")
-        idx, val = e.get("indices"), e.get("values")
-        if not isinstance(idx, torch.Tensor) or not isinstance(val, torch.Tensor):
-            raise SummaryMismatchError(f"{where}: {name}: indices and values must be tensors.")
-        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64) or val.shape != idx.shape:
-            raise SummaryMismatchError(
-                f"{where}: {name}: indices must be a 1-D int32/int64 tensor and values one of the "
-                f"same length, got {tuple(idx.shape)} {idx.dtype} and {tuple(val.shape)}."
-            )
-        if val.dtype != _VALUE_DTYPES[dtype]:
-            raise SummaryMismatchError(f"{where}: {name}: values dtype {val.dtype}, declared {dtype}.")
-        size = math.prod(shape)
-        if idx.numel() > size:
-            raise SummaryMismatchError(
-                f"{where}: {name}: {idx.numel()} indices for a shape of {size} entries.")
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= size
-                            or not bool((idx[1:] > idx[:-1]).all())):
-            raise SummaryMismatchError(
-                f"{where}: {name}: indices out of range or not strictly increasing; they must "
-                f"be unique, increasing and within [0, {size}) for shape {list(shape)}."
-            )
-        if val.numel() and not bool(torch.isfinite(val.float()).all()):
-            raise SummaryMismatchError(
-                f"{where}: {name}: values hold NaN or infinity (did training diverge?).")
-        total += idx.numel()
-    if summary["budget_used"] != total:
-        raise SummaryMismatchError(
-            f"{where}: budget_used is {summary['budget_used']} but the summary holds {total} "
-            "entries."
-        )
-    for name, t in summary["buffers"].items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise SummaryMismatchError(f"{where}: buffers must map names to tensors.")
-        if _dtype_name(t.dtype) not in _BUFFER_DTYPES:
-            raise SummaryMismatchError(f"{where}: buffer {name}: dtype {t.dtype} not supported.")
 
 
 def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -> None:
@@ -341,8 +171,6 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
       [[0.0, 7.0]]
     """
     if isinstance(summary, dict) and summary.get("format") == LEGACY_FORMAT:
-        from torch_bridge.legacy import convert_legacy_summary
-
         summary = convert_legacy_summary(summary, model)
     check_summary(summary)
     named = {name: (pos, p) for pos, (name, p) in enumerate(_names.named_parameters(model))}
@@ -357,8 +185,8 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
             )
         if list(e["shape"]) != list(p.shape):
             raise SummaryMismatchError(f"{name}: summary shape {list(e['shape'])}, model shape {list(p.shape)}.")
-        if e["dtype"] != _dtype_name(p.dtype):
-            raise SummaryMismatchError(f"{name}: summary dtype {e['dtype']}, model dtype {_dtype_name(p.dtype)}.")
+        if e["dtype"] != dtype_name(p.dtype):
+            raise SummaryMismatchError(f"{name}: summary dtype {e['dtype']}, model dtype {dtype_name(p.dtype)}.")
         plan.append((p, e["indices"], e["values"]))
     buffers = batchnorm_buffers(model)
     buf_plan = []
@@ -401,12 +229,12 @@ def _digest(head: dict[str, Any], *tensors: torch.Tensor) -> str:
 
 def _param_head(name: str, e: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "position": e["position"], "shape": list(e["shape"]),
-            "dtype": e["dtype"], "index_dtype": _dtype_name(e["indices"].dtype),
+            "dtype": e["dtype"], "index_dtype": dtype_name(e["indices"].dtype),
             "count": int(e["indices"].numel())}
 
 
 def _buffer_head(name: str, t: torch.Tensor) -> dict[str, Any]:
-    return {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+    return {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
 
 
 def write_summary_to_disk(path: Any, summary: dict[str, Any]) -> bool:
@@ -497,19 +325,19 @@ def _read_safetensors(path: str) -> Summary:
                 if not isinstance(e, dict) or not isinstance(e.get("name"), str):
                     raise bad("a params entry of its metadata is malformed")
                 dtype, idt, count = e.get("dtype"), e.get("index_dtype"), e.get("count")
-                if dtype not in _VALUE_DTYPES or idt not in ("int32", "int64") or not (
-                        _is_int(count) and count >= 0):
+                if dtype not in VALUE_DTYPES or idt not in ("int32", "int64") or not (
+                        is_int(count) and count >= 0):
                     raise bad(f"{e['name']}: dtype {dtype!r}, index dtype {idt!r} or count "
                               f"{count!r} not supported")
                 pre = f"params/{e['name']}/"
                 expected[pre + "indices"] = (_ST_DTYPES[getattr(torch, idt)], [count])
-                expected[pre + "values"] = (_ST_DTYPES[_VALUE_DTYPES[dtype]], [count])
+                expected[pre + "values"] = (_ST_DTYPES[VALUE_DTYPES[dtype]], [count])
                 plan.append(("param", e))
             for e in meta["buffers"]:
                 if not isinstance(e, dict) or not isinstance(e.get("name"), str) or \
-                        e.get("dtype") not in _BUFFER_DTYPES or not isinstance(e.get("shape"), list):
+                        e.get("dtype") not in BUFFER_DTYPES or not isinstance(e.get("shape"), list):
                     raise bad("a buffers entry of its metadata is malformed")
-                expected[f"buffers/{e['name']}"] = (_ST_DTYPES[_BUFFER_DTYPES[e["dtype"]]],
+                expected[f"buffers/{e['name']}"] = (_ST_DTYPES[BUFFER_DTYPES[e["dtype"]]],
                                                     e["shape"])
                 plan.append(("buffer", e))
             keys = set(f.keys())
@@ -600,14 +428,10 @@ def load_summary_from_disk(path: Any) -> Summary:
 
 
 def _load_once(path: str) -> Summary:
-    from torch_bridge._safe_zip import LegacyRecord, is_zip, read_torch_zip
-
     if not is_zip(path):
         return _read_safetensors(path)
     obj = read_torch_zip(path)
     if isinstance(obj, LegacyRecord):
-        from torch_bridge.legacy import legacy_from_record
-
         return legacy_from_record(path, obj)
     summary = Summary(obj) if isinstance(obj, dict) else obj
     check_summary(summary, path)

@@ -1,12 +1,15 @@
 """Selection methods, one module each, and the registry that names them.
 
-``Method`` (and ``ShardedMethod`` for sharded torch runs) is the whole interface; see
-``_base``. Every built-in registers a factory here on import; add your own with
-:func:`register` (``docs/guides/custom-methods.md``).
+``Method`` (with ``ShardedMethod`` for sharded torch runs and ``LeafwiseMethod`` for
+selection one parameter at a time) is the whole interface; see ``_base``. A method sees the
+parameters' static :class:`LeafLayout`. Every built-in registers a factory here on import;
+add your own with :func:`register` (``docs/guides/custom-methods.md``).
 """
 
+from optax_selective._tree import LeafLayout
 from optax_selective.methods._base import (
     Added,
+    LeafwiseMethod,
     Method,
     ShardedMethod,
     ShardInit,
@@ -27,8 +30,10 @@ from optax_selective.methods.random import RandomMask
 __all__ = [
     "Method",
     "ShardedMethod",
+    "LeafwiseMethod",
     "ShardInit",
     "Added",
+    "LeafLayout",
     "check_int",
     "check_nonnegative_number",
     "choose_all_mask",

@@ -3,8 +3,10 @@
 A method works on flat lists of leaves (leaf order), so the optax transform and the torch
 bridge drive it the same way. :class:`Method` is everything a caller may use; a method that
 also provides :class:`ShardedMethod`'s two hooks runs on parameters sharded over
-``torch.distributed`` ranks (FSDP2) too. Callers never look for other attributes and never
-compare method names: what differs between methods is stated here.
+``torch.distributed`` ranks (FSDP2) too, and one that declares :class:`LeafwiseMethod`
+(``leafwise = True`` and its three members) lets the torch bridge's compact state select one
+parameter at a time. Callers never look for other attributes and never compare method names:
+what differs between methods is stated here.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class ShardInit(NamedTuple):
     leaf that takes no part, and is shaped like this shard of leaf ``i`` otherwise).
 
     Example:
-      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import LeafLayout
       >>> from optax_selective.methods import BitFit
       >>> layout = LeafLayout(("b1", "b2"), ((3,), (2,)), (True, True), (False, False))
       >>> BitFit(budget=4).shard_init([None, None], [0, 0], layout)  # b1 whole, b2's first
@@ -146,6 +148,53 @@ class ShardedMethod(Method, Protocol):
         ``(scores, k, state)``, where the ``k`` highest ``scores`` over all leaves and ranks
         join the mask (at most ``k_max``, or ``budget`` if that is ``None``), or
         ``scores is None`` if nothing joins this step."""
+        ...
+
+
+@runtime_checkable
+class LeafwiseMethod(Method, Protocol):
+    """A method whose every step is one global top-k of an elementwise score, declared so.
+
+    Such a method can be run one parameter (or one chunk of a parameter) at a time, with no
+    whole-model score or mask: the torch bridge's compact state does this for large models
+    and with ``stream_grads=True`` (:mod:`torch_bridge.leafwise`); other methods are always
+    given the whole model at once (the default). ID3 is one. Declaring it is a promise that
+    the method's ``init`` and ``update`` are exactly this rule:
+
+    * ``init`` selects the choose_all leaves only, after the checks of
+      :meth:`effective_budget`, and the method's state holds nothing but that budget;
+    * while ``count < frozen_after`` (for ever if ``None``), ``update`` adds the
+      ``increment(count, effective_budget(layout))`` entries with the highest ``score``
+      over all selectable leaves together (ties to the lower global index: leaf order, then
+      row-major; non-finite scores never chosen, so fewer may join), and nothing else.
+
+    Attributes:
+      leafwise: ``True`` to declare the rule (a method that sets ``False``, or lacks the
+        members below, is run whole-model).
+      k_max: a static bound on :meth:`increment` (an int, not ``None``).
+    """
+
+    leafwise: bool
+    k_max: int
+
+    def effective_budget(self, layout: LeafLayout) -> int:
+        """The entries selected outside the choose_all leaves, as a Python int, after the
+        same checks (and errors) as ``init``."""
+        ...
+
+    def score(self, grad: jax.Array, param: jax.Array, mask: jax.Array | bool) -> jax.Array:
+        """Elementwise score of each entry (float32, higher is chosen first), traceable.
+
+        Entries where ``mask`` is true are already selected and must score -inf; an entry's
+        score depends on its own ``grad``, ``param`` and ``mask`` only, and a NaN gradient
+        gives a non-finite score (the leafwise path excludes selected entries that way,
+        calling ``score(grad, param, False)``).
+        """
+        ...
+
+    def increment(self, count: jax.Array, effective_budget: jax.Array) -> jax.Array:
+        """The entries to add at update ``count`` (int32 scalars in and out, traceable),
+        at most ``k_max``."""
         ...
 
 
@@ -213,7 +262,7 @@ def choose_all_mask(layout: LeafLayout) -> Leaves:
     """The starting mask: choose_all leaves fully selected, every other leaf empty.
 
     Example:
-      >>> from optax_selective._tree import LeafLayout
+      >>> from optax_selective.methods import LeafLayout
       >>> from optax_selective.methods import choose_all_mask
       >>> layout = LeafLayout(("b", "w"), ((2,), (2, 2)), (False, True), (True, False))
       >>> [m.tolist() for m in choose_all_mask(layout)]

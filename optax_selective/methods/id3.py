@@ -85,6 +85,7 @@ class ID3:
     eps: Any = 1e-8
     name: str = "id3"
     needs_params: bool = True
+    leafwise = True  # a LeafwiseMethod: each step is the top-k of the elementwise D3 score
 
     def __post_init__(self):
         check_exp_eps(self.exp, self.eps)
