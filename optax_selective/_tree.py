@@ -39,6 +39,13 @@ class LeafLayout(NamedTuple):
 
     ``selectable[i]`` is true for float leaves that are not choose_all: the leaves whose entries
     a method may pick. ``choose_all[i]`` is true for float leaves trainable from step 0.
+
+    Example:
+      >>> from optax_selective.methods import LeafLayout
+      >>> layout = LeafLayout(paths=("b", "w"), shapes=((2,), (2, 3)),
+      ...                     selectable=(False, True), choose_all=(True, False))
+      >>> layout.num_choose_all, layout.num_selectable
+      (2, 6)
     """
 
     paths: tuple[str, ...]

@@ -172,6 +172,13 @@ class LeafwiseMethod(Method, Protocol):
       leafwise: ``True`` to declare the rule (a method that sets ``False``, or lacks the
         members below, is run whole-model).
       k_max: a static bound on :meth:`increment` (an int, not ``None``).
+
+    Example:
+      >>> from optax_selective.methods import ID3, LeafwiseMethod, PaFI
+      >>> isinstance(ID3(budget=4, max_steps=2), LeafwiseMethod)  # ID3 declares the rule
+      True
+      >>> getattr(PaFI(budget=4), "leafwise", False)  # PaFI is given the whole model
+      False
     """
 
     leafwise: bool
