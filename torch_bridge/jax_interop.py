@@ -13,6 +13,11 @@ steps do not recompile. The masks returned by the previous step stay on the JAX 
 fed back without another conversion. ``update`` waits for JAX to finish before returning, so
 torch may modify gradients and parameters in place right after.
 
+The compact state (:mod:`torch_bridge.compact`) records the selection in its slots, so it
+calls :meth:`MethodRunner.update_entries` instead: the masks never reach torch, each call
+donates them to XLA (which writes the new masks over them rather than copying every mask
+first), and the new entries come back as two arrays rather than one tensor per leaf.
+
 Devices: selection runs on one *selection device*: the device of the first trainable
 parameter. Leaves on other devices are copied there for the call (leaf by leaf; nothing is
 concatenated across devices) and their masks are copied back. If JAX cannot address the
