@@ -269,7 +269,16 @@ class CompactState:
     def add_entries(self, leaves: np.ndarray, indices: np.ndarray) -> None:
         """Records newly selected entries ``indices[j]`` (flat) of parameters ``leaves[j]``
         (int64 NumPy arrays, as :meth:`MethodRunner.update_entries` gives them), leaf after
-        leaf in ascending order, in their given order within a leaf."""
+        leaf in ascending order, in their given order within a leaf.
+
+        Example:
+          >>> import numpy as np
+          >>> ps = [torch.zeros(4), torch.zeros(3)]
+          >>> state = CompactState(ps, [0, 0], [True, True], [False, False], budget=3)
+          >>> state.add_entries(np.array([1, 0, 1]), np.array([2, 3, 0]))
+          >>> state.indices_of(0).tolist(), state.indices_of(1).tolist()
+          ([3], [2, 0])
+        """
         if len(leaves) == 0:
             return
         by_leaf = np.argsort(leaves, kind="stable")

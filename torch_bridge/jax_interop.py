@@ -220,6 +220,18 @@ class MethodRunner:
         the runner holds no mask of (the first call, or after :meth:`forget_masks`), so the
         caller may keep None there. Nothing is converted per leaf on the way back, and the
         update writes the new masks over the old ones (donated to XLA) instead of copying them.
+
+        Example:
+          >>> import torch
+          >>> from optax_selective._tree import LeafLayout
+          >>> from optax_selective.methods import ID3
+          >>> w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+          >>> layout = LeafLayout(("w",), ((4,),), (True,), (False,))
+          >>> runner = MethodRunner(ID3(budget=2, max_steps=2), layout, [w])
+          >>> leaf, index = runner.update_entries(0, [0], runner.init([w]),
+          ...                                     [torch.tensor([0.1, 0.4, 0.2, 0.3])], [w])
+          >>> leaf.tolist(), index.tolist()
+          ([0], [1])
         """
         return self._call(count, active, masks, grads, params, donate=True)[1]
 
