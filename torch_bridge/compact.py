@@ -31,6 +31,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from torch_bridge.safety import nonzero  # "is this hyper-parameter set?", also for tensors
@@ -123,6 +124,29 @@ class SlotBuffer:
             old_idx, old_slots = self.members[leaf]
             indices, slots = torch.cat([old_idx, indices]), torch.cat([old_slots, slots])
         self.members[leaf] = (indices, slots)
+        self.filled += n
+
+    def add_runs(self, runs: Sequence[tuple[int, int, int]], indices: np.ndarray) -> None:
+        """:meth:`add` for several leaves at once: ``(leaf, start, stop)`` gives ``leaf`` the
+        entries ``indices[start:stop]`` (flat, int64); the slots follow in that order."""
+        n = sum(b - a for _, a, b in runs)
+        if self.filled + n > self.capacity:
+            raise RuntimeError(  # the method selected more than the budget: a bug, not user input
+                f"compact state overflow: {self.filled + n} selected entries for "
+                f"{self.capacity} slots."
+            )
+        device = self.param.device
+        first = runs[0][1]
+        new_idx = torch.from_numpy(indices[first:runs[-1][2]]).to(device)
+        new_slots = torch.arange(self.filled, self.filled + n, device=device)
+        offset = 0
+        for leaf, a, b in runs:
+            idx, slots = new_idx[a - first:b - first], new_slots[offset:offset + b - a]
+            offset += b - a
+            if leaf in self.members:
+                old_idx, old_slots = self.members[leaf]
+                idx, slots = torch.cat([old_idx, idx]), torch.cat([old_slots, slots])
+            self.members[leaf] = (idx, slots)
         self.filled += n
 
     def load(self, params: Sequence[torch.Tensor], grads: bool = True,
@@ -241,6 +265,31 @@ class CompactState:
     def add(self, leaf: int, indices: torch.Tensor) -> None:
         """Records newly selected entries ``indices`` (flat) of parameter ``leaf``."""
         self.buffers[self._key_of[leaf]].add(leaf, indices)
+
+    def add_entries(self, leaves: np.ndarray, indices: np.ndarray) -> None:
+        """Records newly selected entries ``indices[j]`` (flat) of parameters ``leaves[j]``
+        (int64 NumPy arrays, as :meth:`MethodRunner.update_entries` gives them), leaf after
+        leaf in ascending order, in their given order within a leaf.
+
+        Example:
+          >>> import numpy as np
+          >>> ps = [torch.zeros(4), torch.zeros(3)]
+          >>> state = CompactState(ps, [0, 0], [True, True], [False, False], budget=3)
+          >>> state.add_entries(np.array([1, 0, 1]), np.array([2, 3, 0]))
+          >>> state.indices_of(0).tolist(), state.indices_of(1).tolist()
+          ([3], [2, 0])
+        """
+        if len(leaves) == 0:
+            return
+        by_leaf = np.argsort(leaves, kind="stable")
+        leaves, indices = leaves[by_leaf], indices[by_leaf]
+        cuts = (np.flatnonzero(leaves[1:] != leaves[:-1]) + 1).tolist()
+        starts, ends = [0, *cuts], [*cuts, len(leaves)]
+        ids = leaves[starts].tolist()
+        where = [self._key_of[leaf] for leaf in ids]
+        for key in dict.fromkeys(where):  # one call per buffer, its leaves in order
+            parts = [(leaf, a, b) for leaf, k, a, b in zip(ids, where, starts, ends) if k == key]
+            self.buffers[key].add_runs(parts, indices)
 
     def add_mask(self, leaf: int, mask: torch.Tensor, old: torch.Tensor | None = None) -> None:
         """Records the entries true in ``mask`` (and false in ``old``) of parameter ``leaf``."""

@@ -13,6 +13,11 @@ steps do not recompile. The masks returned by the previous step stay on the JAX 
 fed back without another conversion. ``update`` waits for JAX to finish before returning, so
 torch may modify gradients and parameters in place right after.
 
+The compact state (:mod:`torch_bridge.compact`) records the selection in its slots, so it
+calls :meth:`MethodRunner.update_entries` instead: the masks never reach torch, each call
+donates them to XLA (which writes the new masks over them rather than copying every mask
+first), and the new entries come back as two arrays rather than one tensor per leaf.
+
 Devices: selection runs on one *selection device*: the device of the first trainable
 parameter. Leaves on other devices are copied there for the call (leaf by leaf; nothing is
 concatenated across devices) and their masks are copied back. If JAX cannot address the
@@ -91,6 +96,11 @@ class MethodRunner:
         # orders JAX's reads after torch's stream.
         self._param_views: dict[int, tuple[torch.Tensor, int, jax.Array]] = {}
         self._update = jax.jit(self._update_impl)
+        # update_entries: the masks are the runner's own (never seen by torch), so XLA may
+        # write the new ones over them instead of copying every mask first. A runner uses
+        # one of the two forms (the optimizer's dense or compact state): one compile.
+        self._update_donating = jax.jit(self._update_impl, donate_argnums=0)
+        self._exported: set[int] = set()  # leaves whose held mask torch has a view of
         self._empty: dict[torch.device, torch.Tensor] = {}
 
     # -- conversions -------------------------------------------------------------------------
@@ -144,6 +154,7 @@ class MethodRunner:
         self.method_state = jax.device_put(state, self._jax_device)
         masks = jax.block_until_ready(masks)
         self._jax_masks.clear()
+        self._exported.clear()
         return [self.to_torch(m, p.device) for m, p in zip(masks, params)]
 
     def _update_impl(self, masks, state, count, grads, params):
@@ -175,38 +186,97 @@ class MethodRunner:
         """One ``method.update`` over the leaves in ``active``; returns their new masks.
 
         Leaves outside ``active`` take no part (as if their gradient were missing) and keep
-        their masks. ``count`` is the number of updates applied so far. With ``added`` (a dict,
-        only if :attr:`gives_indices`) it is filled with the flat int64 indices of the entries
-        this update selected, per leaf, on the leaf's device, for every leaf in ``active``
-        (empty if none) when the method reports them, and left empty when it does not (the
-        caller then compares old and new masks).
+        their masks. ``count`` is the number of updates applied so far. With ``added`` (a dict)
+        it is filled with the flat int64 indices of the entries this update selected, per
+        leaf, on the leaf's device, for every leaf in ``active`` (empty if none) when the
+        method reports them, and left empty when it does not (the caller then compares old
+        and new masks).
         """
+        new, reported = self._call(count, active, masks, grads, params, donate=False)
+        self._exported.update(active)
+        if added is not None and reported is not None:
+            leaf, local = reported
+            for i in active:
+                added[i] = self._empty_on(params[i].device)
+            for i in np.unique(leaf).tolist():
+                added[i] = torch.from_numpy(local[leaf == i]).to(params[i].device)
+        return {i: self.to_torch(new[i], params[i].device) for i in active}
+
+    def update_entries(
+        self,
+        count: int,
+        active: Sequence[int],
+        masks: Sequence[torch.Tensor | None],
+        grads: Sequence[torch.Tensor | None],
+        params: Sequence[torch.Tensor],
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`update` for a caller that records the selection itself (the compact state).
+
+        Returns the entries this update selected as two int64 NumPy arrays ``(leaf, index)``
+        (leaf position, flat index in that leaf), or None when the method does not report
+        them; then :meth:`torch_masks` gives the new masks to compare. The new masks stay on
+        the JAX side, where the next call reads them: ``masks[i]`` is read only for a leaf
+        the runner holds no mask of (the first call, or after :meth:`forget_masks`), so the
+        caller may keep None there. Nothing is converted per leaf on the way back, and the
+        update writes the new masks over the old ones (donated to XLA) instead of copying them.
+
+        Example:
+          >>> import torch
+          >>> from optax_selective._tree import LeafLayout
+          >>> from optax_selective.methods import ID3
+          >>> w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+          >>> layout = LeafLayout(("w",), ((4,),), (True,), (False,))
+          >>> runner = MethodRunner(ID3(budget=2, max_steps=2), layout, [w])
+          >>> leaf, index = runner.update_entries(0, [0], runner.init([w]),
+          ...                                     [torch.tensor([0.1, 0.4, 0.2, 0.3])], [w])
+          >>> leaf.tolist(), index.tolist()
+          ([0], [1])
+        """
+        return self._call(count, active, masks, grads, params, donate=True)[1]
+
+    def torch_masks(self, leaves: Sequence[int], params: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The masks the last update left for ``leaves``, as torch bool tensors (zero-copy
+        views: the next :meth:`update_entries` copies these masks before it donates them)."""
+        self._exported.update(leaves)
+        return {i: self.to_torch(self._jax_masks[i], params[i].device) for i in leaves}
+
+    def held_mask_nbytes(self, leaves: Sequence[int]) -> int:
+        """Bytes of the JAX-side masks held for ``leaves`` (one per entry)."""
+        return sum(int(self._jax_masks[i].size) for i in leaves if i in self._jax_masks)
+
+    def _call(self, count, active, masks, grads, params, donate):
+        """The jitted update; keeps the new masks (JAX side) and returns them with the
+        reported entries as valid ``(leaf, index)`` int64 arrays (None if not reported).
+        With ``donate``, the masks passed are given to XLA to overwrite: any that torch can
+        see (its own tensors, views handed out) are copied first."""
         n = len(params)
         jm: list[jax.Array | None] = [None] * n
         jg: list[jax.Array | None] = [None] * n
-        jp: list[jax.Array | None] = [None] * n
+        needs_params = self.method.needs_params
+        jp: list[jax.Array | None] | None = [None] * n if needs_params else None
+        held = self._jax_masks
         for i in active:
-            cached = self._jax_masks.get(i)
-            jm[i] = cached if cached is not None else self.to_jax(masks[i])
+            m = held.get(i)
+            if m is None or (donate and i in self._exported):
+                m = self.to_jax(masks[i]) if m is None else m
+                if donate:  # a buffer of the runner's own, on the selection device
+                    m = jax.device_put(m, self._jax_device, may_alias=False)
+            jm[i] = m
             jg[i] = self.step_view(grads[i])
-            if self.method.needs_params:
+            if needs_params:
                 jp[i] = self.param_view(i, params[i])
-        args = (jm, self.method_state, np.int32(min(count, _INT32_MAX)), jg,
-                jp if self.method.needs_params else None)
-        new, self.method_state, reported = self._update(*args)
-        if added is not None and reported is not None:
+        fn = self._update_donating if donate else self._update
+        new, self.method_state, reported = fn(
+            jm, self.method_state, np.int32(min(count, _INT32_MAX)), jg, jp
+        )
+        if reported is not None:
             leaf, local, valid = (np.asarray(a) for a in reported)
-            for i in active:
-                added[i] = self._empty_on(params[i].device)
-            for i in np.unique(leaf[valid]).tolist():
-                idx = torch.from_numpy(local[valid & (leaf == i)].astype(np.int64))
-                added[i] = idx.to(params[i].device)
-        new = jax.block_until_ready(new)
-        out = {}
+            reported = (leaf[valid].astype(np.int64), local[valid].astype(np.int64))
+        new = jax.block_until_ready(new)  # torch may write the gradients JAX read right after
         for i in active:
-            self._jax_masks[i] = new[i]
-            out[i] = self.to_torch(new[i], params[i].device)
-        return out
+            held[i] = new[i]
+        self._exported.difference_update(active)
+        return new, reported
 
     def _empty_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._empty:
@@ -216,6 +286,7 @@ class MethodRunner:
     def forget_masks(self) -> None:
         """Drops the JAX-side copies of the masks (call after setting masks from torch)."""
         self._jax_masks.clear()
+        self._exported.clear()
         self._param_views.clear()
 
 

@@ -406,17 +406,20 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i in active:
                 if grads[i].is_sparse:
                     raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
-            added = {} if self._compact is not None else None
             args = (self._count, active, self._masks, grads, self._params)
-            new = self._runner.update(*args) if added is None else self._runner.update(
-                *args, added=added
-            )
-            for i, m in new.items():
-                if added is not None and i in added:  # the method listed the new entries
-                    self._compact.add(i, added[i])
-                elif self._compact is not None:
-                    self._compact.add_mask(i, m, self._masks[i])
-                self._masks[i] = m
+            if self._compact is None:
+                for i, m in self._runner.update(*args).items():
+                    self._masks[i] = m
+            else:
+                entries = self._runner.update_entries(*args)
+                if entries is not None:  # the method listed the new entries: the slots
+                    self._compact.add_entries(*entries)  # record them, the runner keeps
+                    for i in active:  # the masks for its next call
+                        self._masks[i] = None
+                else:
+                    for i, m in self._runner.torch_masks(active, self._params).items():
+                        self._compact.add_mask(i, m, self._masks[i])
+                        self._masks[i] = m
         if frozen_after is not None and self._count + 1 >= frozen_after:
             self._classify()
             if self._compact is not None:
@@ -609,6 +612,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for m in self._masks:
             if m is not None:
                 total += _dist.local(m).numel()
+        if self._compact is not None:  # masks the method still reads, kept on the JAX side only
+            total += self._runner.held_mask_nbytes([i for i, m in enumerate(self._masks) if m is None])
         return total + (self._compact.nbytes() if self._compact is not None else 0)
 
     # -- after training ----------------------------------------------------------------------
