@@ -370,7 +370,8 @@ def measured_markdown(result: dict) -> str:
         f"block), sequence {result['seq']}, batch 1, {result['steps']} jitted steps (loss, grad, update, "
         "apply; params and state donated), one device, each case in its own process. Extra peak: peak "
         "resident memory while the optimizer state is created and the steps run, minus resident memory "
-        "after building the model and compiling the step. Step: median over steps 2..n. Budget "
+        "after building the model and compiling the step and `malloc_trim(0)` (row field "
+        "`rss_after_build`). Step: median over steps 2..n. Budget "
         f"{BUDGET_FRAC:.1%}, ID3 max_steps {MAX_STEPS} (every measured step selects); ID3's inner is "
         "clip_by_global_norm(1.0) + adamw. Allocator: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + ".",
         "",
