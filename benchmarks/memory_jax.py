@@ -24,9 +24,10 @@ update, apply) with params and optimizer state donated, one device. Each case ru
 subprocess; *extra peak* is the high-water mark of resident memory while the optimizer state is
 created and the steps run, minus resident memory after building the model and compiling the
 step and returning free heap pages with ``malloc_trim(0)`` (XLA's compiler memory is not
-counted: torch has no compile). Cases: full ``optax.adamw``
-and ``selective_id3(budget, 100, inner=optax.chain(optax.clip_by_global_norm(1.0),
-optax.adamw(...)))`` in compact form, budget 0.5%, so every measured step selects::
+counted: torch has no compile). Cases: full ``optax.adamw`` and ``selective_id3(budget, 100,
+inner=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(...)))`` in compact form,
+budget 0.5%, so every measured step selects. Results of both modes are written with the
+command, machine, date and commit::
 
     python -m benchmarks.memory_jax --measure --presets 200m --out benchmarks/results/cpu
 """
