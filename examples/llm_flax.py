@@ -15,7 +15,7 @@ The weights are random (nothing can be downloaded here): the loss falls from ln(
 model learns the byte statistics of the texts; with real weights, load them into ``Llama``.
 
     python examples/llm_flax.py --preset tiny     # seconds on a CPU (8 simulated devices)
-    python examples/llm_flax.py --preset 125m     # minutes
+    python examples/llm_flax.py --preset 125m     # minutes (200m: the memory benchmark's shape)
     python examples/llm_flax.py --preset 1b --steps 5
 
 The last line reports the loss, the budget used, the optimizer state bytes and the peak
@@ -70,6 +70,8 @@ class Config:
 PRESETS = {
     "tiny": Config(vocab=512, hidden=64, layers=2, intermediate=176, heads=4, kv_heads=2),
     "125m": Config(vocab=32000, hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=4),
+    # the 200.8M shape of the torch memory benchmark (benchmarks/memory.py), 16 / 4 heads
+    "200m": Config(vocab=32000, hidden=1024, layers=12, intermediate=2816, heads=16, kv_heads=4),
     "1b": Config(vocab=32000, hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=8),
 }
 
@@ -150,7 +152,12 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, c: Config, *, rngs: nnx.Rngs, dtype=jnp.bfloat16):
+    """``remat=True`` recomputes each block's activations in the backward pass (gradient
+    checkpointing, as ``gradient_checkpointing_enable`` in transformers): the same values, less
+    activation memory."""
+
+    def __init__(self, c: Config, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, remat: bool = False):
+        self.remat = remat
         emb_init = nnx.with_partitioning(nnx.initializers.normal(0.02), (FSDP, None))
         self.embed = nnx.Embed(c.vocab, c.hidden, embedding_init=emb_init, param_dtype=dtype, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(c, rngs, dtype) for _ in range(c.layers)])
@@ -161,7 +168,7 @@ class Llama(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = nnx.remat(Block.__call__)(layer, x, positions) if self.remat else layer(x, positions)
         return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 
@@ -201,13 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--texts", type=int, default=None, help="use the first N training texts")
     ap.add_argument("--summary-dir", default=None, help="keep the orbax summary here")
+    ap.add_argument("--remat", action="store_true", help="gradient checkpointing (recompute each block)")
     args = ap.parse_args(argv)
     c = PRESETS[args.preset]
 
     mesh = jax.make_mesh((jax.device_count(),), (FSDP,), axis_types=(jax.sharding.AxisType.Auto,))
     data = token_chunks(args.seq, args.texts)
     with jax.set_mesh(mesh), nnx.use_eager_sharding(True):
-        model = Llama(c, rngs=nnx.Rngs(0))
+        model = Llama(c, rngs=nnx.Rngs(0), remat=args.remat)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         budget = max(1, int(args.budget_frac * n_params))
         tx, inner_name = make_optimizer(budget, args.max_steps or max(1, args.steps // 2), args.lr)
