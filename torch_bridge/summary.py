@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from optax_selective._atomic import atomic_write_bytes
-from optax_selective._version import __version__
+from optax_selective import __version__
+from optax_selective.summary.atomic import atomic_write_bytes
 from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge.distributed import selected_entries

@@ -5,6 +5,7 @@
 :func:`register` (``docs/guides/custom-methods.md``).
 """
 
+from optax_selective._tree import LeafLayout
 from optax_selective.methods._base import (
     Added,
     Method,
@@ -27,6 +28,7 @@ from optax_selective.methods.random import RandomMask
 __all__ = [
     "Method",
     "ShardedMethod",
+    "LeafLayout",
     "ShardInit",
     "Added",
     "check_int",
