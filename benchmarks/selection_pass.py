@@ -1,6 +1,6 @@
 """ID3's per-step selection on its own: the row-maxima pass grouped vs a plain reduction.
 
-``selection._row_maxima`` scores each row in column groups combined elementwise, so XLA
+``selection.topk._row_maxima`` scores each row in column groups combined elementwise, so XLA
 fuses the scoring into the one pass that reads gradient, parameter and mask. This script
 times the whole per-step selection (``selection.top_k_indices`` with ID3's score, as the
 compact wrapper and the torch bridge call it) both ways, interleaved round by round in one
@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks.common import fake_grads, median_ms, mlp_params
 from optax_selective import selection
 from optax_selective.methods import ID3
+from optax_selective.selection import topk
 
 
 def selection_fn(method: ID3, k: int, groups: int):
@@ -32,12 +33,12 @@ def selection_fn(method: ID3, k: int, groups: int):
         return selection.top_k_indices(inputs, k, k, score_fn=method.score)
 
     def traced(*args):
-        saved = selection._ROW_GROUPS
-        selection._ROW_GROUPS = groups  # read at trace time only
+        saved = topk._ROW_GROUPS
+        topk._ROW_GROUPS = groups  # read at trace time only
         try:
             return select(*args)
         finally:
-            selection._ROW_GROUPS = saved
+            topk._ROW_GROUPS = saved
 
     return jax.jit(traced)
 
@@ -52,7 +53,7 @@ def measure(width: int, layers: int, rounds: int, budget_frac: float, max_steps:
     # half of the budget already selected, as in the middle of ID3's selection phase
     rng = np.random.default_rng(0)
     masks = [jnp.asarray(rng.random(p.shape) < budget_frac / 2) for p in params]
-    fns = {"plain": selection_fn(method, k, 1), "grouped": selection_fn(method, k, selection._ROW_GROUPS)}
+    fns = {"plain": selection_fn(method, k, 1), "grouped": selection_fn(method, k, topk._ROW_GROUPS)}
     out = {name: jax.block_until_ready(f(grads, params, masks)) for name, f in fns.items()}
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out["plain"], out["grouped"]))
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -39,13 +39,14 @@ class LeafLayout(NamedTuple):
 
     ``selectable[i]`` is true for float leaves that are not choose_all: the leaves whose entries
     a method may pick. ``choose_all[i]`` is true for float leaves trainable from step 0.
+    Methods receive it in ``init`` (public as ``optax_selective.methods.LeafLayout``).
 
     Example:
-      >>> from optax_selective.methods import LeafLayout
-      >>> layout = LeafLayout(paths=("b", "w"), shapes=((2,), (2, 3)),
-      ...                     selectable=(False, True), choose_all=(True, False))
-      >>> layout.num_choose_all, layout.num_selectable
-      (2, 6)
+      >>> import jax.numpy as jnp
+      >>> from optax_selective._tree import make_layout
+      >>> layout = make_layout({"b": jnp.zeros(2), "w": jnp.zeros((2, 3))}, {"b": True, "w": False})
+      >>> layout.paths, layout.num_choose_all, layout.num_selectable
+      (("['b']", "['w']"), 2, 6)
     """
 
     paths: tuple[str, ...]
@@ -111,29 +112,6 @@ def make_layout(params: PyTree, choose_all: ChooseAll = None) -> LeafLayout:
         selectable=tuple(f and not c for f, c in zip(floats, flags)),
         choose_all=tuple(f and c for f, c in zip(floats, flags)),
     )
-
-
-def place_like(x: jax.Array, ref: Any) -> jax.Array:
-    """``x`` with the sharding of ``ref`` (same shape), where that sharding is known.
-
-    Known means: ``ref`` is a concrete ``jax.Array`` (its ``.sharding``), or a traced value whose
-    type carries an explicit-mode sharding (``jax.sharding.AxisType.Explicit``). Under ``jit`` in
-    auto mode the sharding of a tracer is not known here; ``x`` is returned as is and XLA's
-    propagation (or the caller's ``out_shardings``) decides. Masks and other per-entry state go
-    through this so that they are sharded like the parameters they describe.
-    """
-    if np.shape(x) != np.shape(ref):
-        return x
-    if isinstance(ref, jax.core.Tracer):
-        sharding = jax.typeof(ref).sharding
-        axis_types = getattr(sharding.mesh, "axis_types", ())
-        if any(t == jax.sharding.AxisType.Explicit for t in axis_types):
-            return jax.sharding.reshard(x, sharding)
-        return x
-    if isinstance(ref, jax.Array) and not isinstance(x, jax.core.Tracer):
-        if x.sharding != ref.sharding:
-            return jax.device_put(x, ref.sharding)
-    return x
 
 
 def zero_outside(mask: jax.Array, update: jax.Array, *, negative: bool = False) -> jax.Array:

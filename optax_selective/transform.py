@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_selective import methods as _methods
-from optax_selective._tree import ChooseAll, is_float, make_layout, place_like, zero_outside
+from optax_selective import sharding
+from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner, check_leaf_sizes
 
 NO_PARAMS_MSG = (
@@ -148,7 +149,7 @@ def selective(
         # models of any total size work); refuse a single leaf too large for that, clearly.
         check_leaf_sizes([jnp.shape(x) if is_float(x) else None for x in leaves], "selection", layout.paths)
         mask, method_state = method.init(leaves, layout)
-        mask = [place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
+        mask = [sharding.place_like(m, p) for m, p in zip(mask, leaves)]  # sharded like the params
         if compact_tx is not None:
             inner_state = compact_tx.init(leaves, mask)
         else:
@@ -172,7 +173,7 @@ def selective(
             masked, mask, method_state, inner_state = _compact_update(
                 compact_tx, method, state, grads, mask, param_leaves, selectable, extra_args
             )
-            mask = [place_like(m, g) for m, g in zip(mask, grads)]
+            mask = [sharding.place_like(m, g) for m, g in zip(mask, grads)]
             return treedef.unflatten(masked), state_type(
                 count=optax.safe_int32_increment(state.count),
                 mask=treedef.unflatten(mask),
@@ -182,7 +183,7 @@ def selective(
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
-        mask = [place_like(m, g) for m, g in zip(mask, grads)]  # keeps the state's type stable
+        mask = [sharding.place_like(m, g) for m, g in zip(mask, grads)]  # keeps the state's type stable
         masked = [zero_outside(m, g) for m, g in zip(mask, grads)]
         inner_state = state.inner_state
         if inner_tx is not None:

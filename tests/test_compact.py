@@ -202,4 +202,4 @@ def test_probe_catches_a_registered_transformation_that_is_not_elementwise():
     try:
         assert "numeric probe" in compact.compact_refusal(scale_by_coupling())
     finally:
-        compact._ELEMENTWISE.discard("test_probe_catches_a_registered_transformation_that_is_not_elementwise")
+        compact.allowlist._ELEMENTWISE.discard("test_probe_catches_a_registered_transformation_that_is_not_elementwise")

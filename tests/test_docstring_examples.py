@@ -12,24 +12,10 @@ import inspect
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 API_PAGES = ROOT / "docs" / "api"
 PUBLIC_MODULES = ("optax_selective", "optax_selective.methods", "torch_bridge",
                   "selective_optimizers.wrap", "selective_optimizers.load_store")
-
-# TEMPORARY: names defined in optax_selective/compact.py, summary.py, selection.py and _tree.py,
-# which another branch (jaxhouse, issue #14) splits into new modules and gives their examples.
-# Delete this set once that branch is merged; the check then covers them too.
-PENDING_SPLIT = frozenset({
-    "optax_selective.load_summary",
-    "optax_selective.compact.register_elementwise",
-    "optax_selective.compact.compact_refusal",
-    "optax_selective.compact.check_compact_inner",
-    "optax_selective.compact.CompactState",
-    "optax_selective.selection.*",
-})
 
 _DIRECTIVE = re.compile(r"^:::\s*([\w.]+)\s*$")
 
@@ -98,10 +84,6 @@ def documented_names() -> dict[str, object]:
     return names
 
 
-def _pending(name: str) -> bool:
-    return name in PENDING_SPLIT or f"{name.rsplit('.', 1)[0]}.*" in PENDING_SPLIT
-
-
 def _has_example(obj) -> bool:
     doc = inspect.getdoc(obj) or ""
     return bool(doctest.DocTestParser().get_examples(doc))
@@ -124,20 +106,6 @@ def test_the_api_reference_lists_the_known_public_names():
 
 def test_every_public_function_and_class_has_a_docstring_example():
     missing = sorted(name for name, obj in documented_names().items()
-                     if _needs_example(obj) and not _pending(name) and not _has_example(obj))
+                     if _needs_example(obj) and not _has_example(obj))
     assert not missing, (
         f"{len(missing)} public names have no `>>>` example in their docstring: {missing}")
-
-
-def test_pending_split_lists_only_names_still_without_an_example():
-    """PENDING_SPLIT is temporary: once a name there has its example, take it out of the set."""
-    names = documented_names()
-    done = sorted(name for name, obj in names.items()
-                  if _pending(name) and _needs_example(obj) and _has_example(obj)
-                  and name in PENDING_SPLIT)
-    assert not done, f"remove from PENDING_SPLIT, they have examples now: {done}"
-
-
-@pytest.mark.parametrize("name", sorted(PENDING_SPLIT - {"optax_selective.selection.*"}))
-def test_pending_split_names_are_public(name):
-    assert name in documented_names(), f"{name} is not in the API reference: drop it"

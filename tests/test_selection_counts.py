@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from optax_selective import selection
+from optax_selective.selection import topk
 
 
 @pytest.mark.parametrize("path", ["radix", "counting"])
 @pytest.mark.parametrize("k", [1, 7, 30])
 def test_threshold_paths_stay_exact_when_counts_saturate(monkeypatch, path, k):
-    monkeypatch.setattr(selection, "_COUNT_MAX", 50)
+    monkeypatch.setattr(topk, "_COUNT_MAX", 50)
     jax.clear_caches()  # trace again with the lowered limit
     rng = np.random.default_rng(k)
     # 3 leaves, 120 entries; few distinct values, so ties cross leaf boundaries.
@@ -31,7 +32,7 @@ def test_threshold_paths_stay_exact_when_counts_saturate(monkeypatch, path, k):
 
 
 def test_saturating_add():
-    monkey = selection._COUNT_MAX
+    monkey = topk._COUNT_MAX
     a = jnp.asarray([0, 5, monkey - 1, monkey], jnp.int32)
     b = jnp.asarray([3, monkey, 1, 7], jnp.int32)
-    assert np.asarray(selection._sat_add(a, b)).tolist() == [3, monkey, monkey, monkey]
+    assert np.asarray(topk._sat_add(a, b)).tolist() == [3, monkey, monkey, monkey]

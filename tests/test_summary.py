@@ -465,7 +465,7 @@ def test_empty_folder_is_not_a_summary(tmp_path):
 
 def test_accelerator_path_matches_host_path(monkeypatch):
     """The compiled count/gather/scatter used for accelerator arrays gives the same result."""
-    from optax_selective import summary as summary_mod
+    from optax_selective.summary import make as summary_mod
 
     pre = _params(dtype=jnp.bfloat16)
     tuned, state = _train(pre, osel.selective_id3(budget=9, max_steps=2, inner=optax.sgd(0.5)), 2)

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import optax_selective as osel  # noqa: E402
+from optax_selective.summary import _format  # noqa: E402
 
 
 def a_summary():
@@ -91,7 +92,7 @@ def test_version_1_folders_still_load(saved):
     def to_v1(meta):
         meta["format_version"] = 1
         for m, leaf in zip(meta["leaves"], s.leaves):
-            m["sha256"] = leaf._digest_v1()
+            m["sha256"] = _format.digest_v1(leaf)
     edit_json(saved / "metadata" / "metadata", to_v1)
     assert osel.load_summary(saved).budget_used == 5
 
@@ -203,7 +204,7 @@ def test_damaged_folders_only_raise_summary_format_error(saved, tmp_path):
 
 def test_overwrite_without_the_atomic_swap_still_replaces(saved, monkeypatch):
     """Where renameat2 is unavailable (not Linux), the old folder is renamed aside first."""
-    from optax_selective import atomic as _atomic
+    from optax_selective.summary import atomic as _atomic
 
     monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
     other = osel.SparseSummary(a_summary().leaves[1:], 2, "bitfit")

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from optax_selective import __version__
-from optax_selective.atomic import atomic_write_bytes
+from optax_selective.summary.atomic import atomic_write_bytes
 from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge._safe_zip import LegacyRecord, is_zip, read_torch_zip

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 from jax import lax
 
-from optax_selective import selection
+from optax_selective import selection, sharding
 from optax_selective._tree import LeafLayout
 from optax_selective.methods import _base, _registry
 
@@ -123,7 +123,7 @@ class ID3:
 
     def update(self, mask, state: ID3State, count, grads, params, selectable, *, report_added=False):
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]
-        if selection.choose_path(shapes, self.k_max) != "counting":
+        if sharding.split_mode(shapes) is None:
             # Not split over devices: the indices form scores inside the selection pass (no
             # full score arrays written), sets the new entries in place and knows them.
             mask, added = self._grow_in_place(mask, state, count, grads, params, selectable)
@@ -167,8 +167,8 @@ class ID3:
             # A mask typed over size-1 mesh axes is whole on one device: write it untyped, as
             # top_k_masks does, and give the result the mask's type back.
             new = [
-                m if not ok else selection._retype_like(jax.numpy.reshape(
-                    jax.numpy.reshape(selection._unsplit(m), (-1,))
+                m if not ok else sharding.retype_like(jax.numpy.reshape(
+                    jax.numpy.reshape(sharding.unsplit(m), (-1,))
                     .at[jax.numpy.where(valid & (leaf == i), local, m.size)]
                     .set(True, mode="drop"), m.shape), m)
                 for i, (m, ok) in enumerate(zip(mask, selectable))

@@ -18,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 import optax_selective as osel
-from optax_selective import summary as sm
+from optax_selective.summary import make as sm
 
 
 def fixture_params_and_tx():

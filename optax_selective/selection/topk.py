@@ -1,12 +1,9 @@
-"""Pure array code that decides which entries are selected.
+"""The exact global top-k over a list of arrays (the leaves of a pytree, in leaf order).
 
-Framework-free: no optax, no torch. Every method, in JAX and through the torch bridge,
-chooses entries with the functions here, so the rules of ``DESIGN.md`` live in one place:
-
-* the D3 score ``|g| / (|θ| + eps) ** exp``;
-* ID3's increment schedule ``k_t``;
-* global top-k over a list of arrays (the leaves of a pytree, in leaf order), exact, with
-  ties broken by lower global index and non-finite scores never chosen.
+Ties go to the lower global index and non-finite scores are never chosen; several exact
+paths (picked from the static shapes by :func:`choose_path`) give the same masks. The
+scores they rank come from :mod:`optax_selective.selection.scores`; where the arrays are
+split over devices is asked of :mod:`optax_selective.sharding`.
 """
 
 from __future__ import annotations
@@ -20,48 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-NEG_INF = -jnp.inf
-
-
-def d3_score(grad: jax.Array, param: jax.Array, exp: float | jax.Array, eps: float | jax.Array) -> jax.Array:
-    """The D3 score ``|g| / (|θ| + eps) ** exp`` in float32 (non-finite scores become -inf)."""
-    g = jnp.abs(grad.astype(jnp.float32))
-    p = jnp.abs(param.astype(jnp.float32))
-    denom = p + jnp.float32(eps)
-    # pow is a transcendental (exp/log) on XLA: avoid it for the common static exponents;
-    # x**1 == x and x*x is the correctly rounded square, as torch computes them.
-    if isinstance(exp, (int, float)) and exp == 1:
-        pass
-    elif isinstance(exp, (int, float)) and exp == 2:
-        denom = denom * denom
-    else:
-        denom = denom ** jnp.float32(exp)
-    score = g / denom
-    return jnp.where(jnp.isfinite(score), score, NEG_INF)
-
-
-def smallest_magnitude_score(param: jax.Array) -> jax.Array:
-    """PaFI's score: ``-|θ|`` in float32, so the top-k are the smallest magnitudes."""
-    score = -jnp.abs(param.astype(jnp.float32))
-    return jnp.where(jnp.isfinite(score), score, NEG_INF)
-
-
-def id3_increment(step: jax.Array, effective_budget: jax.Array, max_steps: int) -> jax.Array:
-    """Entries ID3 adds at ``step``: ``B // T + (step < B % T)`` for ``step < T``, else 0."""
-    base = effective_budget // max_steps
-    extra = (step < effective_budget % max_steps).astype(base.dtype)
-    return jnp.where(step < max_steps, base + extra, 0)
-
-
-def max_increment(budget: int, max_steps: int) -> int:
-    """A static upper bound on :func:`id3_increment` for any effective budget <= ``budget``."""
-    return -(-budget // max_steps)
-
-
-def exclude(score: jax.Array, exclusion_mask: jax.Array) -> jax.Array:
-    """Scores with excluded entries (e.g. already selected) set to -inf."""
-    return jnp.where(exclusion_mask, NEG_INF, score)
-
+from optax_selective import sharding
+from optax_selective.selection.scores import NEG_INF
 
 # ---------------------------------------------------------------------------- global top-k
 #
@@ -81,7 +38,7 @@ def exclude(score: jax.Array, exclusion_mask: jax.Array) -> jax.Array:
 #   counting   sharded inputs: the same threshold found with reductions only (binary search
 #              on the uint32 key with count(key >= t)). Explicit mode refuses lax.top_k,
 #              reshape, gather, scatter and cumsum along a sharded axis; in auto mode (under
-#              a multi-device mesh context, see split_by_partitioner) XLA's partitioner would
+#              a multi-device mesh context, see sharding.split_mode) XLA's partitioner would
 #              accept them but reshard the scores, while reductions stay on the shards.
 
 _SMALL = 1 << 14  # total entries at or below which the reference path is used
@@ -94,6 +51,13 @@ def order_key(score: jax.Array) -> jax.Array:
 
     ``a < b`` (as floats, with ``-0.0 == 0.0``) iff ``order_key(a) < order_key(b)``, and every
     finite score has a key ``>= 0x00800000``, so ``key > 0`` means "eligible".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> k = selection.order_key(jnp.array([-1.0, 0.0, 2.0, jnp.nan]))
+      >>> bool(k[0] < k[1] < k[2]), int(k[3])
+      (True, 0)
     """
     s = score.astype(jnp.float32)
     s = jnp.where(s == 0, jnp.float32(0), s)  # -0.0 -> +0.0
@@ -108,113 +72,6 @@ def _clean(score: jax.Array) -> jax.Array:
     s = jnp.where(jnp.isfinite(s), s, NEG_INF)
     return jnp.where(s == 0, jnp.float32(0), s)
 
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether ``x``'s type splits it over more than one device (explicit mode).
-
-    Axes of size 1 do not count: an array "sharded" over a 1-device mesh is whole on that
-    device, and the fast paths (top_k, reshape, gather) run on it unchanged.
-    """
-    try:
-        sharding = jax.typeof(x).sharding
-        spec, sizes = sharding.spec, dict(sharding.mesh.shape)
-    except Exception:  # noqa: BLE001 - older jax or non-array: treat as unsharded
-        return False
-    for p in spec:
-        for axis in () if p is None else (p if isinstance(p, tuple) else (p,)):
-            if sizes.get(axis, 1) > 1:
-                return True
-    return False
-
-
-def _auto_mesh_context() -> bool:
-    """Whether tracing runs under a mesh context (``jax.set_mesh``) that splits some
-    ``AxisType.Auto`` axis over more than one device.
-
-    In auto mode a traced value's type carries no sharding, so under ``jax.jit`` this is the
-    one thing known at trace time: XLA's partitioner will lay the arrays out over that mesh.
-    Inside ``shard_map`` the mapped axes are Manual and do not count.
-    """
-    try:
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            return False
-        auto = jax.sharding.AxisType.Auto
-        return any(t == auto and n > 1 for t, n in zip(mesh.axis_types, mesh.axis_sizes))
-    except Exception:  # noqa: BLE001 - older jax: no abstract mesh
-        return False
-
-
-def _typed_over_auto_mesh(x) -> bool:
-    """Whether ``x``'s type names a mesh with an ``AxisType.Auto`` axis over several devices.
-
-    Under ``jax.jit`` without ``jax.set_mesh`` (how most users write a step), an argument
-    placed with a ``NamedSharding`` is traced with that mesh in its type (its layout, the
-    spec, is not: auto mode), and values computed from it inherit the mesh. So the step
-    knows XLA's partitioner will lay it out over that mesh, as under a mesh context.
-    """
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-        auto = jax.sharding.AxisType.Auto
-        return any(t == auto and n > 1 for t, n in zip(mesh.axis_types, mesh.axis_sizes))
-    except Exception:  # noqa: BLE001 - older jax or an untyped value
-        return False
-
-
-def _spread(x) -> bool:
-    """Whether ``x`` is a concrete array split over several devices (any mode)."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
-        return False
-    try:
-        return len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def split_by_partitioner(xs) -> bool:
-    """Whether XLA's SPMD partitioner (auto mode) may split these arrays over devices.
-
-    True under a multi-device auto mesh context (:func:`_auto_mesh_context`), when a value's
-    type names such a mesh (:func:`_typed_over_auto_mesh`: jitted arguments placed with a
-    ``NamedSharding``, no ``jax.set_mesh`` needed), or when a concrete array is already split
-    over devices without an explicit-mode type. Selection then takes
-    the paths that partition without resharding a leaf: reductions and elementwise
-    operations (the counting top-k), N-d gathers and scatters at O(budget) indices, and
-    ``custom_partitioning`` where entries must be listed. Without a mesh context, a traced
-    value's placement is unknown at trace time and the fast single-device paths are traced.
-    """
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return False
-    if _auto_mesh_context() or any(_typed_over_auto_mesh(x) for x in xs):
-        return True
-    return any(_spread(x) and not _explicitly_sharded(x) for x in xs)
-
-
-def _unsplit(x):
-    """``x`` retyped as unsharded if its explicit-mode type names only size-1 mesh axes.
-
-    Explicit mode refuses reshapes and gathers that would be free on such an array (its whole
-    value is on one device); the retyping moves no data. Anything else is returned as is.
-    """
-    if x is None or _explicitly_sharded(x):
-        return x
-    try:
-        sharding = jax.typeof(x).sharding
-        named = any(p is not None for p in sharding.spec)
-        explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
-    except Exception:  # noqa: BLE001 - not a typed array
-        return x
-    if not (named and explicit):
-        return x
-    return jax.sharding.reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
-
-
-def _retype_like(out, ref):
-    """``out`` resharded to ``ref``'s explicit type when :func:`_unsplit` dropped it."""
-    if out is None or ref is None or _unsplit(ref) is ref:
-        return out
-    return jax.sharding.reshard(out, jax.typeof(ref).sharding)
 
 
 def _live(scores):
@@ -232,11 +89,22 @@ def _row_width(total: int, k_max: int) -> int:
 
 
 def choose_path(scores: Sequence[jax.Array | None], k_max: int) -> str:
-    """Which exact top-k path :func:`top_k_masks` takes for these (static) shapes."""
+    """Which exact top-k path :func:`top_k_masks` takes for these (static) shapes.
+
+    ``"counting"`` where :func:`optax_selective.sharding.split_mode` says the scores are
+    split over devices; else the fastest single-device path for the sizes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> selection.choose_path([jnp.zeros(100)], 5)
+      'reference'
+    """
     live = _live(scores)
-    if any(_explicitly_sharded(s) for _, s in live):
+    mode = sharding.split_mode([s for _, s in live])
+    if mode == "explicit":
         return "counting"
-    if split_by_partitioner([s for _, s in live]) and all(jnp.dtype(s.dtype).itemsize <= 4 for _, s in live):
+    if mode == "auto" and all(jnp.dtype(s.dtype).itemsize <= 4 for _, s in live):
         return "counting"  # auto mode over several devices: reductions partition cleanly
     return _fast_path(live, k_max)
 
@@ -274,6 +142,13 @@ def top_k_masks(
       are chosen. Ties (``-0.0 == 0.0``) go to the lower global index (leaf offset in leaf
       order plus row-major index), which makes the choice reproducible across frameworks.
       No path sorts all N scores: the cost is O(N) passes plus work on O(k_max) candidates.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> masks = selection.top_k_masks([jnp.array([3.0, 1.0]), jnp.array([3.0, 5.0])], 2, 2)
+      >>> [m.tolist() for m in masks]  # the tie 3.0 goes to the lower global index
+      [[True, False], [False, True]]
     """
     path = path or choose_path(scores, k_max)
     if not _live(scores) or k_max == 0:
@@ -282,9 +157,9 @@ def top_k_masks(
         raise ValueError(f"unknown top-k path {path!r}; use reference, rows, radix or counting.")
     # One compiled program (cached per shapes) also when called eagerly, e.g. by PaFI's init:
     # op-by-op dispatch would write every intermediate of the O(N) passes to memory.
-    inputs = [_unsplit(s) for s in scores] if path != "counting" else list(scores)
+    inputs = [sharding.unsplit(s) for s in scores] if path != "counting" else list(scores)
     masks = _top_k_masks_jit(inputs, jnp.asarray(k, jnp.int32), k_max, path)
-    return [_retype_like(m, s) for m, s in zip(masks, scores)]
+    return [sharding.retype_like(m, s) for m, s in zip(masks, scores)]
 
 
 @partial(jax.jit, static_argnums=(2, 3))
@@ -308,20 +183,27 @@ def top_k_indices(
     With ``score_fn`` (elementwise), each ``scores[i]`` is a tuple of same-shape arrays (or
     None) and the score is ``score_fn(*scores[i])``; the rows path then never writes the
     full score arrays. Not for explicitly sharded inputs (it gathers).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> leaf, index, valid = selection.top_k_indices([jnp.array([1.0, 4.0]), jnp.array([2.0])], 2, 3)
+      >>> leaf.tolist(), index.tolist(), valid.tolist()
+      ([0, 1, 0], [1, 0, 0], [True, True, False])
     """
     if score_fn is None:
-        scores = [_unsplit(s) for s in scores]
+        scores = [sharding.unsplit(s) for s in scores]
         live = [s for s in scores if s is not None and s.size > 0]
         as_scores = list(scores)
     else:
-        scores = [None if xs is None else tuple(_unsplit(x) for x in xs) for xs in scores]
+        scores = [None if xs is None else tuple(sharding.unsplit(x) for x in xs) for xs in scores]
         live = [xs[0] for xs in scores if xs is not None and xs[0].size > 0]
         as_scores = None
     if not live or k_max == 0:
         z = jnp.zeros((k_max,), jnp.int32)
         return z, z, jnp.zeros((k_max,), bool)
     shapes_only = [None if x is None else (x if score_fn is None else x[0]) for x in scores]
-    if any(_explicitly_sharded(s) for _, s in _live(shapes_only)):
+    if sharding.split_mode([s for _, s in _live(shapes_only)]) == "explicit":
         raise ValueError("top_k_indices does not support explicitly sharded scores; use top_k_masks.")
     path = _fast_path(_live(shapes_only), k_max)
     if path in ("rows", "radix"):  # radix gives masks, not indices: rows is exact for any k
@@ -354,6 +236,13 @@ def shard_candidates(
     ``score_fn(*scores[i])``, as in :func:`top_k_indices`: it is then evaluated at the chosen
     entries only, so no full score array is written (the torch bridge scores one chunk of a
     leaf at a time this way).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> values, leaf, index, valid = selection.shard_candidates([jnp.array([1.0, 4.0])], 1)
+      >>> values.tolist(), index.tolist()
+      ([4.0], [1])
     """
     leaf, index, valid = top_k_indices(scores, k_max, k_max, score_fn=score_fn)
     values = jnp.full((k_max,), NEG_INF, jnp.float32)
@@ -377,6 +266,14 @@ def merge_candidates(
     leaf from one shard). The choice is :func:`top_k_masks`'s: highest score first, ties
     (``-0.0 == 0.0``) to the lower ``(leaf, index)``, non-finite scores never, fewer than ``k``
     if fewer are finite. Slots are in that order (best first).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> values, leaf, index = jnp.array([2.0, 5.0, 2.0]), jnp.array([1, 0, 0]), jnp.array([0, 7, 3])
+      >>> leaf, index, valid = selection.merge_candidates(values, leaf, index, 2, 2)
+      >>> leaf.tolist(), index.tolist()
+      ([0, 0], [7, 3])
     """
     inverted = ~order_key(values)  # non-finite: key 0, inverted all ones, sorts last
     inverted, leaf, index = lax.sort(
@@ -424,7 +321,15 @@ def _pad_slots(leaf, local, valid, k_max):
 def indices_to_masks(
     scores: Sequence[jax.Array | None], leaf: jax.Array, local: jax.Array, valid: jax.Array
 ) -> list[jax.Array | None]:
-    """Bool masks shaped like ``scores`` that are true at the valid ``(leaf, index)`` slots."""
+    """Bool masks shaped like ``scores`` that are true at the valid ``(leaf, index)`` slots.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> m = selection.indices_to_masks([jnp.zeros(3)], jnp.array([0]), jnp.array([2]), jnp.array([True]))
+      >>> m[0].tolist()
+      [False, False, True]
+    """
     out = _empty_masks(scores)
     for i, s in _live(scores):
         target = jnp.where(valid & (leaf == i), local, s.size)  # s.size: dropped
@@ -435,7 +340,14 @@ def indices_to_masks(
 def top_k_masks_reference(
     scores: Sequence[jax.Array | None], k: int | jax.Array, k_max: int
 ) -> list[jax.Array | None]:
-    """The simple exact version: per-leaf ``lax.top_k(k_max)`` then one merge (for tests)."""
+    """The simple exact version: per-leaf ``lax.top_k(k_max)`` then one merge (for tests).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> selection.top_k_masks_reference([jnp.array([1.0, 2.0])], 1, 1)[0].tolist()
+      [False, True]
+    """
     if not _live(scores) or k_max == 0:
         return _empty_masks(scores)
     return indices_to_masks(scores, *_top_k_reference_indices(scores, k, k_max))

@@ -1,4 +1,5 @@
-"""Atomic file and folder replacement on the local file system.
+"""Atomic file and folder replacement on the local file system, for the summaries of both
+frameworks (orbax folders here, torch files in ``torch_bridge.summary``).
 
 A new file or folder is written under a temporary name in the target's folder (so the final
 rename stays on one file system), flushed to disk with fsync, and renamed over the target.
@@ -24,13 +25,26 @@ def temp_sibling(path: str, token: str | None = None) -> str:
     """A fresh name next to ``path`` that marks itself as a temporary of this library.
 
     ``token`` replaces the process id and random part, e.g. one value agreed by every
-    process of a multi-process save (they must all write into the same folder)."""
+    process of a multi-process save (they must all write into the same folder).
+
+    Example:
+      >>> from optax_selective.summary import atomic
+      >>> atomic.temp_sibling("/data/summary", token="1")
+      '/data/.summary.optax-selective-tmp-1'
+    """
     folder, base = os.path.split(os.path.abspath(path))
     token = f"{os.getpid()}-{secrets.token_hex(4)}" if token is None else token
     return os.path.join(folder, f".{base}{TMP_MARK}{token}")
 
 
 def fsync_dir(folder: str) -> None:
+    """fsync the folder itself, so a rename inside it is on disk (where the platform allows).
+
+    Example:
+      >>> import tempfile
+      >>> from optax_selective.summary import atomic
+      >>> atomic.fsync_dir(tempfile.mkdtemp())
+    """
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -44,7 +58,13 @@ def fsync_dir(folder: str) -> None:
 
 
 def fsync_tree(root: str) -> None:
-    """fsync every file and folder under ``root`` (a freshly written, small tree)."""
+    """fsync every file and folder under ``root`` (a freshly written, small tree).
+
+    Example:
+      >>> import tempfile
+      >>> from optax_selective.summary import atomic
+      >>> atomic.fsync_tree(tempfile.mkdtemp())
+    """
     for folder, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)
@@ -56,7 +76,16 @@ def fsync_tree(root: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (temp file, fsync, rename over ``path``)."""
+    """Writes ``data`` to ``path`` atomically (temp file, fsync, rename over ``path``).
+
+    Example:
+      >>> import os, tempfile
+      >>> from optax_selective.summary import atomic
+      >>> path = os.path.join(tempfile.mkdtemp(), "f.bin")
+      >>> atomic.atomic_write_bytes(path, b"abc")
+      >>> open(path, "rb").read()
+      b'abc'
+    """
     path = os.path.abspath(path)
     tmp = temp_sibling(path)
     try:
@@ -103,6 +132,16 @@ def replace_dir(new: str, target: str, *, overwrite: bool, is_replaceable) -> No
     ``new`` atomically, and the old content (now under the temporary name) deleted. Where the
     atomic swap is unavailable the old folder is first renamed aside, so a crash between the
     two renames leaves it under a temporary name next to ``target``.
+
+    Example:
+      >>> import os, tempfile
+      >>> from optax_selective.summary import atomic
+      >>> root = tempfile.mkdtemp()
+      >>> new = atomic.temp_sibling(os.path.join(root, "out"))
+      >>> os.mkdir(new)
+      >>> atomic.replace_dir(new, os.path.join(root, "out"), overwrite=False, is_replaceable=None)
+      >>> os.listdir(root)
+      ['out']
     """
     for _ in range(3):
         if not os.path.lexists(target):
