@@ -31,12 +31,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
 import torch
 
 from optax_selective._tree import LeafLayout
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
-from optax_selective.methods import ID3
+from optax_selective.methods import ID3, PaFI
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -44,7 +43,7 @@ from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.leafwise import CHUNK as LEAFWISE_MIN
-from torch_bridge.leafwise import LeafwiseSelector
+from torch_bridge.leafwise import LeafwiseSelector, choose_fixed_mask, step_size
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
@@ -236,13 +235,20 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         # ID3 one parameter at a time (no whole-model scores or masks) where that saves
         # memory: streaming, or models of at least one chunk. Below that, one whole-model
         # program per step is faster (a fixed cost per parameter dominates small models).
-        leafwise = bool(compact) and isinstance(method, ID3) and (
-            getattr(self, "_stream_requested", False)
-            or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
-        )
+        big = (getattr(self, "_stream_requested", False)
+               or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN)
+        leafwise = bool(compact) and isinstance(method, ID3) and big
+        # PaFI's fixed mask the same way: no whole-model float32 score array at construction
+        fixed_leafwise = bool(compact) and isinstance(method, PaFI) and big
+        chosen: dict[int, torch.Tensor] = {}
         try:
             if leafwise:  # ID3 starts from choose_all only: no mask to compute (or keep)
                 method.effective_budget(layout)  # the budget checks of ID3.init
+                masks = [None] * len(params)
+            elif fixed_leafwise:
+                with torch.no_grad():
+                    chosen = choose_fixed_mask(method, params, selectable,
+                                               method.effective_budget(layout))
                 masks = [None] * len(params)
             else:
                 masks = self._runner.init(params)
@@ -267,6 +273,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i, m in enumerate(self._masks):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
+                elif i in chosen:
+                    self._compact.add(i, chosen[i])
         self._leafwise: LeafwiseSelector | None = None
         if leafwise:
             # ID3's per-step top-k one parameter at a time (no whole-model scores or masks)
@@ -395,7 +403,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
                     sel.offer(i, p.grad, p, self._compact.indices_of(i))
-        k = int(self._runner.method.increment(jnp.int32(self._count), jnp.int32(self._b_eff)))
+        k = step_size(self._runner.method, self._count, self._b_eff)
         for i, (idx, grads) in sel.finish(k).items():
             self._compact.add(i, idx)
             if self._streaming:
