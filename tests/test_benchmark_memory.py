@@ -27,6 +27,7 @@ def test_memory_benchmark_tiny_writes_json_and_markdown(tmp_path):
         assert "error" not in row, row
         assert row["hwm_reset"] and row["extra_peak"] > 0 and row["step_s"] > 0, case
         assert row["peak_over_adamw"] > 0 and row["peak_over_lora"] > 0
+        assert row["step_cpu_s"] > 0 and row["cpu_over_adamw"] > 0 and row["load"] >= 0
     assert rows["adamw"]["peak_over_adamw"] == pytest.approx(1.0)
     # the optimizer state: AdamW two moments per parameter, ID3 O(budget)
     n = rows["adamw"]["params"]
@@ -35,3 +36,4 @@ def test_memory_benchmark_tiny_writes_json_and_markdown(tmp_path):
     assert rows["id3_stream"]["budget_used"] == rows["id3_compact"]["budget_used"] > 0
     md = (tmp_path / "memory.md").read_text()
     assert "| ID3 0.5%, compact, stream_grads=True |" in md and "target <= 1.35x" in md
+    assert "| step CPU |" in md and "step CPU time = " in md

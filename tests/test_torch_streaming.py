@@ -154,7 +154,7 @@ def test_indices_past_int32_in_one_leaf():
     needs (chunk number * chunk + index in the chunk, in int64) is what a small chunk runs
     too. This checks that the result is int64 and not truncated at 2**31 for a large chunk."""
     m = ID3(budget=4, max_steps=1)
-    sel = LeafwiseSelector(m, [3 * 2**30 + 8], chunk=2**30)
+    sel = LeafwiseSelector(m, [4 * 2**30], chunk=2**30)
     g = torch.tensor([0.0, 0.0, 5.0, 1.0])
     sel._push(torch.tensor([5.0, 1.0]), torch.tensor([2, 2], dtype=torch.int32),
               torch.tensor([2, 3], dtype=torch.int32), g[2:].double())  # chunk 2 of leaf 0

@@ -1,26 +1,29 @@
-"""ID3's per-step global top-k, computed one parameter (one chunk of a parameter) at a time.
+"""Global top-k selection computed one parameter (one chunk of a parameter) at a time.
 
-The compact state (:mod:`torch_bridge.compact`) needs only the entries a step adds, so the
-step does not have to hand every leaf to one JAX program at once. :class:`LeafwiseSelector`
-takes the leaves in any order (as ``backward`` produces their gradients, with
-``stream_grads=True``): each leaf is cut into chunks of at most :data:`CHUNK` entries; each
-chunk offers its own top-``k_max`` entries (``selection.shard_candidates`` with the method's
-own elementwise ``score``, evaluated inside the selection pass, so no full score array is
-written); the pending candidates are reduced with ``selection.merge_candidates`` (the merge
-the FSDP2 runner uses) whenever they fill a fixed buffer, and :meth:`LeafwiseSelector.finish`
-picks the step's ``k_t``. The global top-``k`` is always among the union of the chunks'
-top-``k_max`` (ties go to the lower global index: chunks are numbered in leaf order and a
-chunk's local order is the leaf's order restricted to it), so the entries are exactly those
-the whole-model selection picks.
+Used for ID3's per-step top-``k_t`` and for PaFI's fixed mask at construction
+(:func:`choose_fixed_mask`). The compact state (:mod:`torch_bridge.compact`) needs only the
+entries a step adds, so the step does not have to hand every leaf to one JAX program at once.
+:class:`LeafwiseSelector` takes the leaves in any order (as ``backward`` produces their
+gradients, with ``stream_grads=True``): each leaf is cut into equal chunks of at most
+:data:`CHUNK` entries; each chunk offers its own top-``k_max`` entries
+(``selection.shard_candidates`` with the method's own elementwise ``score``, evaluated inside
+the selection pass, so no full score array is written); the pending candidates are reduced
+with ``selection.merge_candidates`` (the merge the FSDP2 runner uses) whenever they fill a
+fixed buffer, and :meth:`LeafwiseSelector.finish` picks the step's ``k``. The global top-``k``
+is always among the union of the chunks' top-``k_max`` (ties go to the lower global index:
+chunks are numbered in leaf order and a chunk's local order is the leaf's order restricted to
+it), so the entries are exactly those the whole-model selection picks.
 
-Memory: besides the gradient being read, one chunk's temporaries (at most a float32 score
-row block of :data:`CHUNK` entries) and ``5 * k_max`` candidates. Indices are int64 per
-leaf in torch; JAX sees int32 indices within a chunk only, so leaves with 2**31 entries or
-more are handled (in chunks) too.
+Memory: besides the tensors being read, one chunk's temporaries and ``5 * k_max``
+candidates; one compiled program per distinct chunk size (each holds about 10 MiB while the
+process lives, so a leaf's chunks are equal and the heap is trimmed after compiling). Indices
+are int64 per leaf in torch; JAX sees int32 indices within a chunk only, so leaves with 2**31
+entries or more are handled (in chunks) too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,7 +52,38 @@ class _Unmasked:
         return self.method.score(grad, param, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InitScore:
+    """``method.score(param)``: a fixed mask's score (PaFI), one input per entry."""
+
+    method: Any
+
+    def __call__(self, param):
+        return self.method.score(param)
+
+
 TRACES = [0]  # compilations of the two programs below, all selectors together (tests read it)
+TRIMS = [0]  # heap trims after those compilations (tests read it)
+
+
+def _glibc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim()
+
+
+def trim_heap() -> None:
+    """Hands the memory a compilation freed back to the system. XLA's compiler frees most of
+    what it allocates, but glibc keeps freed small blocks in its heaps (one per thread), so
+    the process stays larger by about 10 MiB after the first programs; a compilation happens
+    while backward runs, so that memory would add to every later step's peak."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+        TRIMS[0] += 1
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -65,6 +99,22 @@ def _merge(values, leaf, index, k, k_max):
     return selection.merge_candidates(values, leaf, index, k, k_max)
 
 
+@partial(jax.jit, static_argnums=0)
+def _increment(method, count, effective_budget):
+    TRACES[0] += 1
+    return method.increment(count, effective_budget)
+
+
+def step_size(method: Any, count: int, effective_budget: int) -> int:
+    """``method.increment(count, effective_budget)`` (ID3's ``k_t``) as an int: one compiled
+    program, where calling it eagerly would compile one per JAX operation in it."""
+    traces = TRACES[0]
+    k = int(_increment(method, np.int32(count), np.int32(effective_budget)))
+    if TRACES[0] != traces:
+        trim_heap()
+    return k
+
+
 def _to_jax(t: torch.Tensor) -> jax.Array:
     return jax.dlpack.from_dlpack(t.detach())
 
@@ -77,8 +127,10 @@ class LeafwiseSelector:
         with ``mask=False`` (excluded entries come with a NaN gradient), and ``k_max`` bounds
         the entries one step adds.
       numels: the number of entries of every leaf, in leaf order (fixes the chunk numbering).
-      chunk: entries per scoring call (default :data:`CHUNK`, read at construction; tests
-        lower it to exercise leaves split into chunks).
+      chunk: the most entries per scoring call (default :data:`CHUNK`, read at construction;
+        tests lower it to exercise leaves split into chunks). A leaf of ``n`` entries is cut
+        into ``ceil(n / chunk)`` chunks of ``ceil(n / ceil(n / chunk))`` entries (the last
+        may be shorter).
 
     Example:
       >>> from optax_selective.methods import ID3
@@ -91,14 +143,21 @@ class LeafwiseSelector:
       ([1, 2], [3.0, -2.0])
     """
 
-    def __init__(self, method: Any, numels: Sequence[int], chunk: int | None = None):
+    def __init__(self, method: Any, numels: Sequence[int], chunk: int | None = None, *,
+                 k_max: int | None = None):
         chunk = CHUNK if chunk is None else chunk
         if not 0 < chunk < 2**31:
             raise ValueError(f"chunk must be in [1, 2**31), got {chunk}.")
-        self.score_fn = _Unmasked(method)
-        self.k_max = int(method.k_max)
+        # k_max given: a mask chosen once from the parameters (PaFI's init, k = k_max), with
+        # the method's score(param); no gradient values are kept.
+        self._init = k_max is not None
+        self.score_fn = _InitScore(method) if self._init else _Unmasked(method)
+        self.k_max = int(method.k_max if k_max is None else k_max)
         self.chunk = int(chunk)
-        counts = [-(-int(n) // self.chunk) for n in numels]
+        counts = [max(1, -(-int(n) // self.chunk)) for n in numels]
+        # a leaf's chunks are equal (but the last): fewer distinct shapes to compile (the
+        # 32000-row embedding and LM head: one program, not two), each kept in memory
+        self._size = np.array([-(-int(n) // c) for n, c in zip(numels, counts)], np.int64)
         self._first_chunk = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self._first_chunk[-1] >= 2**31:
             raise ValueError("too many chunks for int32 chunk numbers; raise chunk.")
@@ -110,7 +169,7 @@ class LeafwiseSelector:
         self._values = torch.full((self._cap,), float("-inf"), dtype=torch.float32)
         self._sub = torch.zeros(self._cap, dtype=torch.int32)
         self._index = torch.zeros(self._cap, dtype=torch.int32)
-        self._grads = torch.zeros(self._cap, dtype=torch.float64)
+        self._grads = None if self._init else torch.zeros(self._cap, dtype=torch.float64)
         self._n = 0
         self.offered: set[int] = set()
 
@@ -139,11 +198,24 @@ class LeafwiseSelector:
             return
         self._offer(leaf, flat_grad, param)
 
-    def _offer(self, leaf: int, flat_grad: torch.Tensor, param: torch.Tensor) -> None:
-        flats = [flat_grad, param.detach().reshape(-1)]
+    def offer_param(self, leaf: int, param: torch.Tensor) -> None:
+        """Adds leaf ``leaf``'s best ``k_max`` entries (per chunk) by ``method.score(param)``
+        (a selector built with ``k_max``: a mask chosen from the parameters alone)."""
+        if not self._init:
+            raise TypeError("offer_param needs a selector built with k_max (a fixed mask).")
+        if self.k_max:
+            self.offered.add(leaf)
+            self._offer(leaf, None, param)
+
+    def _offer(self, leaf: int, flat_grad: torch.Tensor | None, param: torch.Tensor) -> None:
+        flats = [param.detach().reshape(-1)]
+        if flat_grad is not None:
+            flats.insert(0, flat_grad)
         n = flats[0].numel()
-        for j, start in enumerate(range(0, n, self.chunk)):
-            end = min(n, start + self.chunk)
+        size = int(self._size[leaf])
+        traces = TRACES[0]
+        for j, start in enumerate(range(0, n, size)):
+            end = min(n, start + size)
             xs = [_to_jax(f[start:end]) for f in flats]
             k = min(self.k_max, end - start)
             values, index, valid = jax.block_until_ready(_chunk_candidates(self.score_fn, k, *xs))
@@ -152,37 +224,52 @@ class LeafwiseSelector:
             values = torch.from_dlpack(values)[valid]
             if not index.numel():
                 continue
-            grads = flats[0][start:end][index.to(torch.int64)].to(torch.float64)
+            grads = None if flat_grad is None else (
+                flat_grad[start:end][index.to(torch.int64)].to(torch.float64))
             sub = int(self._first_chunk[leaf]) + j
             self._push(values, torch.full_like(index, sub), index, grads)
+        if TRACES[0] != traces:
+            trim_heap()
 
     def _push(self, values, sub, index, grads) -> None:
         m = int(values.numel())
         if self._n + m > self._cap:
             self._reduce(self.k_max)
         s = slice(self._n, self._n + m)
-        self._values[s], self._sub[s], self._index[s], self._grads[s] = values, sub, index, grads
+        self._values[s], self._sub[s], self._index[s] = values, sub, index
+        if self._grads is not None:
+            self._grads[s] = grads
         self._n += m
 
     def _reduce(self, k: int) -> None:
         """Keeps the best ``k`` candidates (the order merge_candidates decides)."""
+        traces = TRACES[0]
         leaf, index, valid = jax.block_until_ready(_merge(
             _to_jax(self._values), _to_jax(self._sub), _to_jax(self._index), k, self.k_max))
         valid = torch.from_dlpack(valid)
-        key_new = (torch.from_dlpack(leaf)[valid].to(torch.int64) << 32) | torch.from_dlpack(index)[valid].to(torch.int64)
-        live = slice(0, self._n)
-        key_old = (self._sub[live].to(torch.int64) << 32) | self._index[live].to(torch.int64)
-        order = torch.argsort(key_old)
-        pos = order[torch.searchsorted(key_old[order], key_new)]
-        m = int(key_new.numel())
-        vals, sub, idx, grads = (self._values[pos], self._sub[pos], self._index[pos], self._grads[pos])
+        leaf, index = torch.from_dlpack(leaf)[valid], torch.from_dlpack(index)[valid]
+        m = int(leaf.numel())
+        if self._grads is None:
+            # nothing rides along: the kept values are the m largest, best first as the slots
+            vals, sub, idx = torch.topk(self._values[: self._n], m).values, leaf, index
+        else:  # find each kept candidate's gradient value
+            key_new = (leaf.to(torch.int64) << 32) | index.to(torch.int64)
+            live = slice(0, self._n)
+            key_old = (self._sub[live].to(torch.int64) << 32) | self._index[live].to(torch.int64)
+            order = torch.argsort(key_old)
+            pos = order[torch.searchsorted(key_old[order], key_new)]
+            vals, sub, idx = self._values[pos], self._sub[pos], self._index[pos]
+            self._grads[:m] = self._grads[pos]
         self._values.fill_(float("-inf"))
-        self._values[:m], self._sub[:m], self._index[:m], self._grads[:m] = vals, sub, idx, grads
+        self._values[:m], self._sub[:m], self._index[:m] = vals, sub, idx
         self._n = m
+        if TRACES[0] != traces:
+            trim_heap()
 
-    def finish(self, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def finish(self, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """The step's ``k`` entries: ``{leaf: (int64 flat indices, float64 gradient values)}``,
-        in the order the method ranks them (best first); then forgets the candidates."""
+        in the order the method ranks them (best first); then forgets the candidates. The
+        gradient values are None for a selector built with ``k_max``."""
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.k_max and self._n:
             self._reduce(k)
@@ -190,10 +277,31 @@ class LeafwiseSelector:
             leaf = torch.from_numpy(
                 np.searchsorted(self._first_chunk, sub.numpy(), side="right") - 1
             )
-            flat = (sub - torch.from_numpy(self._first_chunk)[leaf]) * self.chunk + self._index[: self._n]
-            grads = self._grads[: self._n]
+            flat = ((sub - torch.from_numpy(self._first_chunk)[leaf]) * torch.from_numpy(self._size)[leaf]
+                    + self._index[: self._n])
+            grads = None if self._grads is None else self._grads[: self._n]
             for i in torch.unique(leaf).tolist():
                 sel = leaf == i
-                out[int(i)] = (flat[sel], grads[sel].clone())
+                out[int(i)] = (flat[sel], None if grads is None else grads[sel].clone())
         self.reset()
         return out
+
+
+def choose_fixed_mask(method: Any, params: Sequence[torch.Tensor], selectable: Sequence[bool],
+                      k: int, chunk: int | None = None) -> dict[int, torch.Tensor]:
+    """A fixed mask chosen from the parameters (PaFI's init) one parameter (chunk) at a time:
+    the ``k`` highest ``method.score(param)`` over the ``selectable`` leaves, ties to the lower
+    global index, exactly as the whole-model ``method.init``. Returns ``{leaf: sorted int64
+    flat indices}`` (leaves with none left out). Never holds more than one chunk's scores.
+
+    Example:
+      >>> from optax_selective.methods import PaFI
+      >>> ps = [torch.tensor([0.5, -0.1, 2.0]), torch.tensor([0.0, 0.1])]
+      >>> {i: v.tolist() for i, v in choose_fixed_mask(PaFI(budget=3), ps, [True, True], 3).items()}
+      {0: [1], 1: [0, 1]}
+    """
+    sel = LeafwiseSelector(method, [p.numel() for p in params], chunk, k_max=k)
+    for i, (p, ok) in enumerate(zip(params, selectable)):
+        if ok:
+            sel.offer_param(i, p)
+    return {i: torch.sort(idx).values for i, (idx, _) in sel.finish(k).items()}

@@ -31,11 +31,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
 import torch
 
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
-from optax_selective.methods import LeafLayout, LeafwiseMethod
+from optax_selective.methods import LeafLayout, LeafwiseInitMethod, LeafwiseMethod
 from torch_bridge import distributed as _dist
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
@@ -43,7 +42,7 @@ from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.leafwise import CHUNK as LEAFWISE_MIN
-from torch_bridge.leafwise import LeafwiseSelector
+from torch_bridge.leafwise import LeafwiseSelector, choose_fixed_mask, step_size
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
@@ -253,13 +252,23 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         # A LeafwiseMethod (ID3) selects one parameter at a time (no whole-model scores or
         # masks) where that saves memory: streaming, or models of at least one chunk. Below
         # that, one whole-model program per step is faster (a fixed cost per parameter).
-        leafwise = bool(compact) and isinstance(method, LeafwiseMethod) and method.leafwise and (
-            getattr(self, "_stream_requested", False)
-            or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN
-        )
+        big = (getattr(self, "_stream_requested", False)
+               or sum(p.numel() for p, s in zip(params, selectable) if s) >= LEAFWISE_MIN)
+        leafwise = (bool(compact) and big and isinstance(method, LeafwiseMethod)
+                    and method.leafwise)
+        # A LeafwiseInitMethod (PaFI) chooses its fixed mask the same way: no whole-model
+        # float32 score array at construction.
+        fixed_leafwise = (bool(compact) and big and isinstance(method, LeafwiseInitMethod)
+                          and method.leafwise_init)
+        chosen: dict[int, torch.Tensor] = {}
         try:
             if leafwise:  # it starts from choose_all only: no mask to compute (or keep)
                 method.effective_budget(layout)  # the budget checks of its init
+                masks = [None] * len(params)
+            elif fixed_leafwise:
+                with torch.no_grad():
+                    chosen = choose_fixed_mask(method, params, selectable,
+                                               method.effective_budget(layout))
                 masks = [None] * len(params)
             else:
                 masks = self._runner.init(params)
@@ -284,6 +293,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             for i, m in enumerate(self._masks):
                 if m is not None and selectable[i]:
                     self._compact.add_mask(i, m)
+                elif i in chosen:
+                    self._compact.add(i, chosen[i])
         self._leafwise: LeafwiseSelector | None = None
         if leafwise:
             # the per-step top-k one parameter at a time (no whole-model scores or masks)
@@ -437,7 +448,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
                     sel.offer(i, p.grad, p, self._compact.indices_of(i))
-        k = int(self._runner.method.increment(jnp.int32(self._count), jnp.int32(self._b_eff)))
+        k = step_size(self._runner.method, self._count, self._b_eff)
         for i, (idx, grads) in sel.finish(k).items():
             self._compact.add(i, idx)
             if self._streaming:

@@ -1,7 +1,7 @@
 """Selection methods, one module each, and the registry that names them.
 
-``Method`` (with ``ShardedMethod`` for sharded torch runs and ``LeafwiseMethod`` for
-selection one parameter at a time) is the whole interface; see ``_base``. A method sees the
+``Method`` (with ``ShardedMethod`` for sharded torch runs and ``LeafwiseMethod`` /
+``LeafwiseInitMethod`` for selection one parameter at a time) is the whole interface; see ``_base``. A method sees the
 parameters' static :class:`LeafLayout`. Every built-in registers a factory here on import;
 add your own with :func:`register` (``docs/guides/custom-methods.md``).
 """
@@ -9,6 +9,7 @@ add your own with :func:`register` (``docs/guides/custom-methods.md``).
 from optax_selective._tree import LeafLayout
 from optax_selective.methods._base import (
     Added,
+    LeafwiseInitMethod,
     LeafwiseMethod,
     Method,
     ShardedMethod,
@@ -31,6 +32,7 @@ __all__ = [
     "Method",
     "ShardedMethod",
     "LeafwiseMethod",
+    "LeafwiseInitMethod",
     "ShardInit",
     "Added",
     "LeafLayout",

@@ -205,6 +205,44 @@ class LeafwiseMethod(Method, Protocol):
         ...
 
 
+@runtime_checkable
+class LeafwiseInitMethod(Method, Protocol):
+    """A method whose mask is fixed at init as one global top-k of an elementwise score of
+    the parameters, declared so.
+
+    The torch bridge's compact state then chooses that mask one parameter (or chunk) at a time,
+    never holding a whole-model score array (:func:`torch_bridge.leafwise.choose_fixed_mask`),
+    with streaming or for models of at least one chunk. PaFI is one. Declaring it is a promise
+    that ``init`` selects the choose_all leaves plus the ``effective_budget(layout)`` entries
+    with the highest ``score`` over all selectable leaves together (ties to the lower global
+    index: leaf order, then row-major; non-finite scores never chosen), and that ``update``
+    never adds an entry (``frozen_after == 0``).
+
+    Attributes:
+      leafwise_init: ``True`` to declare the rule (a method that sets ``False``, or lacks the
+        members below, is given the whole model at init).
+
+    Example:
+      >>> from optax_selective.methods import ID3, LeafwiseInitMethod, PaFI
+      >>> isinstance(PaFI(budget=4), LeafwiseInitMethod)  # PaFI declares the rule
+      True
+      >>> isinstance(ID3(budget=4, max_steps=2), LeafwiseInitMethod)
+      False
+    """
+
+    leafwise_init: bool
+
+    def effective_budget(self, layout: LeafLayout) -> int:
+        """The entries selected outside the choose_all leaves, as a Python int, after the
+        same checks (and errors) as ``init``."""
+        ...
+
+    def score(self, param: jax.Array) -> jax.Array:
+        """Elementwise score of each entry of ``param`` (float32, higher is chosen first),
+        traceable; an entry's score depends on its own value only."""
+        ...
+
+
 def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_BUDGET) -> int:
     """Validates an int argument at construction and returns it as a Python int.
 

@@ -31,6 +31,7 @@ class PaFI:
     needs_params: bool = False
     frozen_after = 0  # fixed at init
     k_max = 0
+    leafwise_init = True  # a LeafwiseInitMethod: the top-k of the elementwise score below
 
     def init_scores(self, params, layout: LeafLayout):
         """``(scores, k)``: PaFI chooses the ``k`` highest of ``scores`` (``None``: no part).
@@ -38,9 +39,21 @@ class PaFI:
         Checks the budget against ``layout`` (the whole parameters); ``params`` may be local
         shards, as in the torch FSDP2 runner, which merges the shards' candidates.
         """
-        _base.check_not_full(self.name, self.budget, layout)
-        b_eff = _base.effective_budget(self.name, self.budget, layout, at_least=0)
+        b_eff = self.effective_budget(layout)
         return _scores([p if ok else None for p, ok in zip(params, layout.selectable)]), b_eff
+
+    # The rule in pieces, for selection one leaf (chunk) at a time (torch_bridge.leafwise):
+    # the k = effective_budget highest `score`s over the selectable leaves, ties to the lower
+    # global index, merged with selection.merge_candidates.
+    def effective_budget(self, layout: LeafLayout) -> int:
+        """``B_eff`` (the budget left after choose_all) after checking the budget."""
+        _base.check_not_full(self.name, self.budget, layout)
+        return _base.effective_budget(self.name, self.budget, layout, at_least=0)
+
+    @staticmethod
+    def score(param):
+        """PaFI's elementwise score (``-|θ|`` in float32; the highest are chosen)."""
+        return selection.smallest_magnitude_score(param)
 
     def init(self, params, layout: LeafLayout):
         scores, b_eff = self.init_scores(params, layout)
@@ -74,4 +87,4 @@ def _smallest(scores, k):
 
 @jax.jit
 def _scores(params):
-    return [None if p is None else selection.smallest_magnitude_score(p) for p in params]
+    return [None if p is None else PaFI.score(p) for p in params]

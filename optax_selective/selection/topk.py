@@ -367,37 +367,44 @@ def _top_k_rows(scores, k, k_max, score_fn=None):
     c = _row_width(total, k_max)
     small_rows = 64  # leaves with fewer rows (biases, norms) share one materialised view
     views = []  # (arrays viewed as (rows, c), row score function)
-    row_view, row_in_view, row_leaf, row_local = [], [], [], []
+    # Per leaf (not per row: per-row tables would be compiled into the program as constants,
+    # megabytes of them for large leaves): its first global row, its view and its first row there.
+    seg_start, seg_leaf, seg_view, seg_pos, seg_rows = [], [], [], [], []
     small_flat = []
+    first_row = 0
     for i, xs in parts:
         size = int(xs[0].size)
         n_rows = -(-size // c)
         if n_rows * c == size and n_rows >= small_rows:  # free reshapes, scores on the fly
             views.append((tuple(jnp.reshape(x, (n_rows, c)) for x in xs), fn))
-            row_view.append(np.full(n_rows, len(views) - 1, np.int32))
-            row_in_view.append(np.arange(n_rows, dtype=np.int32))
+            view, pos = len(views) - 1, 0
         else:  # small or odd-sized leaf: materialise its score, padded with -inf
-            start = sum(f.shape[0] for f in small_flat) // c
+            pos = sum(f.shape[0] for f in small_flat) // c
             small_flat.append(jnp.pad(_clean(fn(*xs)).reshape(-1), (0, n_rows * c - size), constant_values=NEG_INF))
-            row_view.append(np.full(n_rows, -1, np.int32))
-            row_in_view.append(np.arange(start, start + n_rows, dtype=np.int32))
-        row_leaf.append(np.full(n_rows, i, np.int32))
-        row_local.append(np.arange(n_rows, dtype=np.int32))
-    row_view = np.concatenate(row_view)
+            view = -1
+        seg_start.append(first_row)
+        seg_leaf.append(i)
+        seg_view.append(view)
+        seg_pos.append(pos)
+        seg_rows.append(n_rows)
+        first_row += n_rows
     if small_flat:
         flat = jnp.concatenate(small_flat)
         views.append(((flat.reshape(-1, c),), lambda x: x))
-        row_view = np.where(row_view < 0, len(views) - 1, row_view).astype(np.int32)
+        seg_view = [len(views) - 1 if v < 0 else v for v in seg_view]
     # Row maxima in global row order (leaf order, then row), whatever view a row lives in.
     maxima = [_row_maxima(v, f) for v, f in views]
-    row_in_view = np.concatenate(row_in_view)
     offsets = np.concatenate([[0], np.cumsum([v[0].shape[0] for v, _ in views])[:-1]]).astype(np.int64)
-    order = offsets[row_view] + row_in_view  # position of each global row in `maxima`
+    at = [int(offsets[v]) + p for v, p in zip(seg_view, seg_pos)]  # each leaf's rows in `maxima`
     all_max = jnp.concatenate(maxima)
-    rowmax = all_max if np.array_equal(order, np.arange(order.size)) else all_max[jnp.asarray(order)]
+    if at == seg_start:
+        rowmax = all_max
+    else:  # the position of each global row in `maxima`, built in the program (no constant)
+        rowmax = all_max[jnp.concatenate([lax.iota(jnp.int32, n) + a for a, n in zip(at, seg_rows)])]
     rowmax = _zero_sign(rowmax)  # max may keep -0.0; ties need +0.0
-    row_view_j, row_in_view_j = jnp.asarray(row_view), jnp.asarray(row_in_view)
-    row_leaf, row_local = jnp.asarray(np.concatenate(row_leaf)), jnp.asarray(np.concatenate(row_local))
+    seg_start_j = jnp.asarray(np.array(seg_start, np.int32))
+    seg_leaf_j, seg_view_j = jnp.asarray(np.array(seg_leaf, np.int32)), jnp.asarray(np.array(seg_view, np.int32))
+    seg_pos_j = jnp.asarray(np.array(seg_pos, np.int32))
     # The kr rows with the largest maxima (ties: lower row) contain the exact top-k: they
     # hold >= kr entries >= the kr-th largest row maximum M, so the k-th value T >= M; any
     # entry > T lies in a row with maximum > M, and the first ties with T (by index) lie in
@@ -405,7 +412,9 @@ def _top_k_rows(scores, k, k_max, score_fn=None):
     kr = min(k_max, rowmax.shape[0])
     _, top_rows = lax.top_k(rowmax, kr)
     top_rows = jnp.sort(top_rows)  # ascending global row, so candidates are in index order
-    cand_view, cand_pos = row_view_j[top_rows], row_in_view_j[top_rows]
+    seg = jnp.searchsorted(seg_start_j, top_rows, side="right").astype(jnp.int32) - 1
+    row_in_leaf = top_rows - seg_start_j[seg]
+    cand_view, cand_pos = seg_view_j[seg], seg_pos_j[seg] + row_in_leaf
     cand = jnp.full((kr, c), NEG_INF, jnp.float32)
     for j, (view, f) in enumerate(views):
         rows = jnp.clip(cand_pos, 0, view[0].shape[0] - 1)
@@ -415,8 +424,7 @@ def _top_k_rows(scores, k, k_max, score_fn=None):
     vals, pos = lax.top_k(cand.reshape(-1), kk)
     valid = (jnp.arange(kk) < k) & (vals > NEG_INF)
     r, col = pos // c, pos % c
-    g_row = top_rows[r]
-    return _pad_slots(row_leaf[g_row], row_local[g_row] * c + col, valid, k_max)
+    return _pad_slots(seg_leaf_j[seg[r]], row_in_leaf[r] * c + col, valid, k_max)
 
 
 _ROW_GROUPS = 8  # column groups combined elementwise by _row_maxima
