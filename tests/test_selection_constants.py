@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from optax_selective import selection  # noqa: E402
+from optax_selective.selection import topk  # noqa: E402
 
 
 def program_text(shapes, k_max, score_fn=None):
@@ -31,7 +32,7 @@ def test_rows_program_has_no_per_row_constants(score_fn):
     # 2**20 entries, k_max 64: rows of 128 entries, 8192 rows; a per-row int32 table would
     # print as at least 8192 numbers
     text = program_text([(1024, 1024)], 64, score_fn)
-    assert selection._fast_path([(0, jnp.zeros((1024, 1024)))], 64) == "rows"
+    assert topk._fast_path([(0, jnp.zeros((1024, 1024)))], 64) == "rows"
     assert len(text) < 60_000, len(text)
     # several leaves, small ones sharing one view (their rows are reordered in the program)
     text = program_text([(8,), (1024, 1024), (3, 5), (512, 2048)], 64, score_fn)
@@ -45,7 +46,7 @@ def test_rows_path_with_reordered_views_is_exact():
     k = 200
     leaf, index, valid = selection.top_k_indices(xs, k, k)
     ref_leaf, ref_index, ref_valid = jax.jit(
-        selection._top_k_reference_indices, static_argnums=2)(xs, k, k)
+        topk._top_k_reference_indices, static_argnums=2)(xs, k, k)
     got = sorted(zip(np.asarray(leaf)[np.asarray(valid)].tolist(),
                      np.asarray(index)[np.asarray(valid)].tolist()))
     want = sorted(zip(np.asarray(ref_leaf)[np.asarray(ref_valid)].tolist(),
