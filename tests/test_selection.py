@@ -263,6 +263,15 @@ def _blocks(shape, rows, cols):
     ]
 
 
+# Jitted, as the torch bridge's FSDP2 runner calls them: one program per shard's shapes instead
+# of one per operation (half the time of the eager calls here).
+_shard_candidates = jax.jit(selection.shard_candidates, static_argnums=1)
+_merge_candidates = jax.jit(selection.merge_candidates, static_argnums=(3, 4))
+
+
+# 8 examples (each compiles every shard's candidates for new shapes); the same merge is also
+# checked on fixed inputs with ties (test_leafwise_selector_matches_numpy_top_k and
+# test_leaves_split_into_chunks_select_the_same in tests/test_torch_streaming.py).
 @given(
     seed=st.integers(0, 2**16),
     k=st.integers(0, 30),
@@ -271,9 +280,6 @@ def _blocks(shape, rows, cols):
     cols=st.integers(1, 3),
     kind=st.sampled_from(["normal", "ties", "zeros"]),
 )
-# 8 examples (each compiles every shard's candidates for new shapes); the same merge is also
-# checked on fixed inputs with ties (test_leafwise_selector_matches_numpy_top_k and
-# test_leaves_split_into_chunks_select_the_same in tests/test_torch_streaming.py).
 @settings(max_examples=8, deadline=None)
 def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows, cols, kind):
     # Each leaf is cut into rows x cols blocks (shards, some empty); every shard offers its own
@@ -285,7 +291,7 @@ def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows,
     vals, leaves, indices = [], [], []
     for b in range(rows * cols):
         local = [s[_blocks(s.shape, rows, cols)[b]] for s in scores]
-        v, leaf, idx, valid = selection.shard_candidates([jnp.asarray(x) for x in local], k_max)
+        v, leaf, idx, valid = _shard_candidates([jnp.asarray(x) for x in local], k_max)
         leaf, idx, valid = np.array(leaf), np.array(idx), np.array(valid)
         assert (np.asarray(v)[~valid] == -np.inf).all()
         for j in range(k_max):  # local (row, col) in the block -> row-major index in the leaf
@@ -297,7 +303,7 @@ def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows,
         leaves.append(leaf)
         indices.append(idx)
     order = np.random.default_rng(seed).permutation(sum(len(v) for v in vals))  # any order
-    merged = selection.merge_candidates(
+    merged = _merge_candidates(
         jnp.asarray(np.concatenate(vals)[order]),
         jnp.asarray(np.concatenate(leaves)[order]),
         jnp.asarray(np.concatenate(indices)[order].astype(np.int32)),
