@@ -269,9 +269,6 @@ _shard_candidates = jax.jit(selection.shard_candidates, static_argnums=1)
 _merge_candidates = jax.jit(selection.merge_candidates, static_argnums=(3, 4))
 
 
-# 8 examples (each compiles every shard's candidates for new shapes); the same merge is also
-# checked on fixed inputs with ties (test_leafwise_selector_matches_numpy_top_k and
-# test_leaves_split_into_chunks_select_the_same in tests/test_torch_streaming.py).
 @given(
     seed=st.integers(0, 2**16),
     k=st.integers(0, 30),
@@ -280,7 +277,7 @@ _merge_candidates = jax.jit(selection.merge_candidates, static_argnums=(3, 4))
     cols=st.integers(1, 3),
     kind=st.sampled_from(["normal", "ties", "zeros"]),
 )
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 def test_merging_shard_candidates_matches_the_global_top_k(seed, k, slack, rows, cols, kind):
     # Each leaf is cut into rows x cols blocks (shards, some empty); every shard offers its own
     # top-k_max, local indices are mapped into the leaf, and the merge must pick exactly the
