@@ -127,9 +127,14 @@ def test_minilm_trainer_summary_round_trip(method):
 
 
 @pytest.mark.slow
-def test_quality_benchmark_writes_table_json_and_plot(tmp_path):
+def test_quality_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
+    from benchmarks.quality import run as q
     from benchmarks.quality.run import main
 
+    # The bookkeeping needs real runs, not the quick protocol's 400 test rows (each a full
+    # MiniLM forward pass): one evaluation batch of 64 rows, the training rows 2 steps use.
+    monkeypatch.setitem(q.QUICK, "n_test", 64)
+    monkeypatch.setitem(q.QUICK, "n_train", 64)
     main(["--quick", "--frameworks", "jax", "--methods", "pafi", "--steps", "2",
           "--out", str(tmp_path), "--tag", "t"])
     payload = json.loads((tmp_path / "t.json").read_text())
