@@ -41,11 +41,16 @@ from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
-from torch_bridge.leafwise import CHUNK as LEAFWISE_MIN
 from torch_bridge.leafwise import LeafwiseSelector, choose_fixed_mask, step_size
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
+
+# Without streaming, compact selection runs one parameter (chunk) at a time only from this many
+# selectable entries up: below it the one whole-model program per step is faster (leafwise
+# selection has a fixed cost per parameter and chunk: 1.7x a dense AdamW step at 25M) and its
+# temporaries (a few bytes per entry) are small; above it they reach gigabytes at LLM sizes.
+LEAFWISE_MIN = 2**26
 
 FULL, EMPTY, PARTIAL = "full", "empty", "partial"
 STATE_KEY = "selective"
@@ -89,7 +94,7 @@ def get_selective_optimizer(optimizer_class: type, peft_to_use: str) -> type:
         state for the selected entries only (:mod:`torch_bridge.compact`), so optimizer memory
         is O(budget) (no per-entry masks are kept once the method's mask is fixed; ID3, and
         any method that declares ``optax_selective.methods.LeafwiseMethod``, keeps none at
-        all with ``stream_grads=True`` or on models of at least 2**24 selectable entries,
+        all with ``stream_grads=True`` or on models of at least 2**26 selectable entries,
         where it selects one parameter at a time) and the inner step
         costs O(budget). It gives
         bit-identical parameters to the dense form (``compact=False``) for SGD, Adam, AdamW,
