@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from benchmarks import runs
+from benchmarks.proc_memory import MALLOC_ENV, hwm, reset_hwm, rss
 
 SIZES: dict[str, dict[str, int]] = {
     # name: LlamaConfig fields (16 / 4 heads in the two large ones, as in the issue)
@@ -59,36 +60,9 @@ LABELS = {
 BUDGET_FRAC = 0.005
 MAX_STEPS = 100  # ID3 spends the budget over 100 steps: k_t = budget / 100 per step
 SEQ = 256
-# glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; blocks below
-# it then come from the heap and stay resident when freed, so the high-water mark grows with
-# the order of allocations rather than with live memory. Every case runs with the threshold
-# fixed at glibc's initial 128 KiB (``--malloc default`` turns this off).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # ------------------------------------------------------------------------------ one case
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _median_after_first(xs: list[float]) -> float:
@@ -179,8 +153,8 @@ def run_case(case: str, size: str, steps: int, reference: str | None = None) -> 
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (1, SEQ), generator=gen) for _ in range(steps)]
     gc.collect()
-    base = _rss()  # after building the model: the optimizer's construction counts
-    exact = _reset_hwm()
+    base = rss()  # after building the model: the optimizer's construction counts
+    exact = reset_hwm()
     t0 = time.perf_counter()
     opt = _optimizer(case, model, steps)
     init_s = time.perf_counter() - t0
@@ -195,7 +169,7 @@ def run_case(case: str, size: str, steps: int, reference: str | None = None) -> 
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         losses.append(float(loss))
-    peak = _hwm()
+    peak = hwm()
     out = {
         "case": case, "size": size, "params": n_params, "steps": steps,
         "rss_after_build": base, "extra_peak": peak - base, "hwm_reset": exact,

@@ -52,6 +52,7 @@ import optax
 
 import optax_selective as osel
 from benchmarks import runs
+from benchmarks.proc_memory import MALLOC_ENV, hwm, reset_hwm, rss
 
 # Llama configurations: hidden, layers, intermediate, vocabulary, heads, KV heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -198,31 +199,7 @@ def machine() -> dict:
 # ------------------------------------------------------------------------------ measured mode
 
 MEASURED_CASES = ("optax.adamw", "id3 compact")
-# glibc keeps freed blocks below its (growing) mmap threshold resident; fixed at its initial
-# 128 KiB, as in benchmarks/memory.py, so the high-water mark follows live memory.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        return True
-    except OSError:
-        return False
 
 
 def _malloc_trim() -> None:
@@ -284,10 +261,10 @@ def measure_case(case: str, preset: str, steps: int, seq: int = 256, batch: int 
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     gc.collect()
-    untrimmed = _rss()
+    untrimmed = rss()
     _malloc_trim()  # the compiler's freed heap would otherwise hide the step's small allocations
-    base = _rss()  # model built, step compiled: the optimizer state and the steps count
-    exact = _reset_hwm()
+    base = rss()  # model built, step compiled: the optimizer state and the steps count
+    exact = reset_hwm()
     t0 = time.perf_counter()
     state = init(params)
     jax.block_until_ready(state)
@@ -298,7 +275,7 @@ def measure_case(case: str, preset: str, steps: int, seq: int = 256, batch: int 
         params, state, loss = compiled(params, state, b)
         losses.append(float(loss))  # waits for the step
         times.append(time.perf_counter() - t0)
-    peak = _hwm()
+    peak = hwm()
     later = times[1:] or times
     out = {
         "case": case, "preset": preset, "params": n, "budget": budget, "steps": steps, "seq": seq,
