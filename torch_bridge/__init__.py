@@ -18,6 +18,7 @@ from torch_bridge._install import warn_if_foreign
 from torch_bridge.legacy import convert_legacy_summary, read_legacy_summary
 from torch_bridge.methods import METHOD_NAMES
 from torch_bridge.optimizer import SelectiveOptimizer, get_selective_optimizer
+from torch_bridge.row_grads import ChunkedLayers, chunk_weight_grads
 from torch_bridge.summary import (
     Summary,
     SummaryMismatchError,
@@ -34,6 +35,8 @@ __all__ = [
     "METHOD_NAMES",
     "SelectiveOptimizer",
     "get_selective_optimizer",
+    "chunk_weight_grads",
+    "ChunkedLayers",
     "make_summary",
     "write_summary_to_disk",
     "load_summary_from_disk",

@@ -173,13 +173,19 @@ class SlotBuffer:
                     self.param.grad.index_copy_(0, slots, _flat(p.grad).index_select(0, idx))
         return missing
 
-    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False) -> None:
-        """Copies (or adds) ``grad`` at the members of ``leaf`` into the buffer's gradient."""
+    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False,
+               start: int = 0) -> None:
+        """Copies (or adds) ``grad`` at the members of ``leaf`` into the buffer's gradient;
+        ``grad`` may be a part of the leaf's gradient: its flat entries ``start:``."""
         if leaf not in self.members:
             return
         idx, slots = self.members[leaf]
+        flat = grad.reshape(-1)
+        if start or flat.numel() < int(idx.max()) + 1:  # a part: its members only
+            here = (idx >= start) & (idx < start + flat.numel())
+            idx, slots = idx[here] - start, slots[here]
         with torch.no_grad():
-            picked = _flat(grad).index_select(0, idx)
+            picked = flat.index_select(0, idx)
             if accumulate:  # the same addition autograd would have made on the dense gradient
                 picked = self.param.grad.index_select(0, slots) + picked
             self.param.grad.index_copy_(0, slots, picked)
@@ -296,10 +302,12 @@ class CompactState:
         new = mask if old is None else mask & ~old
         self.add(leaf, torch.nonzero(new.reshape(-1)).view(-1))
 
-    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False) -> None:
+    def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False,
+               start: int = 0) -> None:
         """Copies (or adds) ``grad`` of parameter ``leaf`` at its selected entries into the
-        slot gradients, so the dense gradient can be freed (``stream_grads=True``)."""
-        self.buffers[self._key_of[leaf]].gather(leaf, grad, accumulate)
+        slot gradients, so the dense gradient can be freed (``stream_grads=True``); ``grad``
+        may hold the leaf's flat entries ``start:`` only (a block of rows)."""
+        self.buffers[self._key_of[leaf]].gather(leaf, grad, accumulate, start)
 
     def set_grads(self, leaf: int, values: torch.Tensor) -> None:
         """Gives the entries just added to ``leaf`` (by :meth:`add`) their gradient ``values``."""

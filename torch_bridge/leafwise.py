@@ -131,6 +131,12 @@ class LeafwiseSelector:
         tests lower it to exercise leaves split into chunks). A leaf of ``n`` entries is cut
         into ``ceil(n / chunk)`` chunks of ``ceil(n / ceil(n / chunk))`` entries (the last
         may be shorter).
+      k_max: given, the selector chooses a fixed mask of ``k_max`` entries from
+        ``method.score(param)`` (:meth:`offer_param`) instead.
+      row_chunks: ``{leaf: (row_length, rows)}``: those leaves are cut into chunks of
+        ``rows`` whole rows of ``row_length`` entries instead (``chunk`` aside), so that each
+        block of rows a layer of :func:`torch_bridge.chunk_weight_grads` produces is one
+        chunk, offered alone (:meth:`offer_rows`) before the rest of the gradient exists.
 
     Example:
       >>> from optax_selective.methods import ID3
@@ -144,7 +150,7 @@ class LeafwiseSelector:
     """
 
     def __init__(self, method: Any, numels: Sequence[int], chunk: int | None = None, *,
-                 k_max: int | None = None):
+                 k_max: int | None = None, row_chunks: dict[int, tuple[int, int]] | None = None):
         chunk = CHUNK if chunk is None else chunk
         if not 0 < chunk < 2**31:
             raise ValueError(f"chunk must be in [1, 2**31), got {chunk}.")
@@ -157,7 +163,12 @@ class LeafwiseSelector:
         counts = [max(1, -(-int(n) // self.chunk)) for n in numels]
         # a leaf's chunks are equal (but the last): fewer distinct shapes to compile (the
         # 32000-row embedding and LM head: one program, not two), each kept in memory
-        self._size = np.array([-(-int(n) // c) for n, c in zip(numels, counts)], np.int64)
+        sizes = [-(-int(n) // c) for n, c in zip(numels, counts)]
+        self._row_chunks = dict(row_chunks or {})
+        for i, (row_len, rows) in self._row_chunks.items():  # a block of rows is one chunk
+            sizes[i] = int(row_len) * int(rows)
+        self._size = np.array(sizes, np.int64)
+        counts = [max(1, -(-int(n) // int(z))) for n, z in zip(numels, sizes)]
         self._first_chunk = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self._first_chunk[-1] >= 2**31:
             raise ValueError("too many chunks for int32 chunk numbers; raise chunk.")
@@ -198,6 +209,32 @@ class LeafwiseSelector:
             return
         self._offer(leaf, flat_grad, param)
 
+    def rows_per_chunk(self, leaf: int) -> int | None:
+        """Rows of leaf ``leaf`` per chunk (for :meth:`offer_rows`), or None for a leaf not
+        given in ``row_chunks``."""
+        return int(self._row_chunks[leaf][1]) if leaf in self._row_chunks else None
+
+    def offer_rows(self, leaf: int, start: int, grad_rows: torch.Tensor, param: torch.Tensor,
+                   selected: torch.Tensor | None = None) -> None:
+        """:meth:`offer` for one chunk of leaf ``leaf`` only: the gradient of its rows
+        ``start:start + rows_per_chunk(leaf)`` (fewer at the end of the leaf), given before
+        the rest of the leaf's gradient exists. ``param`` is the whole parameter and
+        ``selected`` the leaf's selected entries (flat, int64) as for :meth:`offer`."""
+        if self.k_max == 0:
+            return
+        rows = self.rows_per_chunk(leaf)
+        if rows is None or start % rows:
+            raise ValueError(f"rows from {start} are not a chunk of leaf {leaf} "
+                             f"({rows} rows per chunk).")
+        self.offered.add(leaf)
+        lo = start * int(self._row_chunks[leaf][0])
+        flat_grad = grad_rows.detach().reshape(-1)
+        if selected is not None and selected.numel():
+            here = selected[(selected >= lo) & (selected < lo + flat_grad.numel())] - lo
+            flat_grad[here] = float("nan")  # the block is consumed: nothing to put back
+        flat_param = param.detach().reshape(-1)[lo:lo + flat_grad.numel()]
+        self._offer(leaf, flat_grad, flat_param, first=start // rows)
+
     def offer_param(self, leaf: int, param: torch.Tensor) -> None:
         """Adds leaf ``leaf``'s best ``k_max`` entries (per chunk) by ``method.score(param)``
         (a selector built with ``k_max``: a mask chosen from the parameters alone)."""
@@ -207,7 +244,9 @@ class LeafwiseSelector:
             self.offered.add(leaf)
             self._offer(leaf, None, param)
 
-    def _offer(self, leaf: int, flat_grad: torch.Tensor | None, param: torch.Tensor) -> None:
+    def _offer(self, leaf: int, flat_grad: torch.Tensor | None, param: torch.Tensor,
+               first: int = 0) -> None:
+        """Offers chunks ``first, first + 1, ...`` of leaf ``leaf`` (the tensors hold those)."""
         flats = [param.detach().reshape(-1)]
         if flat_grad is not None:
             flats.insert(0, flat_grad)
@@ -226,7 +265,7 @@ class LeafwiseSelector:
                 continue
             grads = None if flat_grad is None else (
                 flat_grad[start:end][index.to(torch.int64)].to(torch.float64))
-            sub = int(self._first_chunk[leaf]) + j
+            sub = int(self._first_chunk[leaf]) + first + j
             self._push(values, torch.full_like(index, sub), index, grads)
         if TRACES[0] != traces:
             trim_heap()

@@ -43,6 +43,7 @@ from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.leafwise import LeafwiseSelector, choose_fixed_mask, step_size
 from torch_bridge.methods import build_method, check_method_name, split_kwargs
+from torch_bridge.row_grads import block_rows, set_row_sink
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
 
@@ -216,6 +217,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._setup(method, verify, compact)
         self._streaming = False
         self._streamed: set[int] = set()
+        self._accumulating: dict[int, bool] = {}  # per leaf: its row blocks add (row_grads)
+        self._row_warned = False
         self._hooks: list[Any] = []
         if stream_grads:
             self._start_streaming()
@@ -303,7 +306,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._leafwise: LeafwiseSelector | None = None
         if leafwise:
             # the per-step top-k one parameter at a time (no whole-model scores or masks)
-            self._leafwise = LeafwiseSelector(method, [p.numel() for p in params])
+            # weights of layers chunked by row_grads: one selection chunk per block of rows
+            row_chunks = {i: (p[0].numel(), block_rows(p)) for i, p in enumerate(params)
+                          if block_rows(p) is not None}
+            self._leafwise = LeafwiseSelector(method, [p.numel() for p in params],
+                                              row_chunks=row_chunks)
             self._b_eff = method.effective_budget(layout)
         self._drop_masks()
         self._initial = _verify.snapshot(params) if verify else None
@@ -480,6 +487,48 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             if self._layout.selectable[i]:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
+                # layers changed by row_grads.chunk_weight_grads hand their rows to us
+                set_row_sink(p, _RowSinkRef(self, i))
+
+    def _takes_rows(self, i: int, rows: int) -> bool:
+        """Whether to take parameter ``i``'s gradient in blocks of ``rows`` rows (row_grads)
+        this backward; if not, it comes whole (through the post-accumulate hook)."""
+        if self._status[i] == EMPTY:
+            return True  # dropped anyway
+        frozen_after = self._runner.method.frozen_after
+        if frozen_after is not None and self._count >= frozen_after:
+            return True  # gathered only: any blocks do
+        if self._leafwise is None:
+            return False  # scored from dense gradients (FISH's fish_steps)
+        if self._leafwise.rows_per_chunk(i) == rows:
+            return True
+        if not self._row_warned:
+            self._row_warned = True
+            warnings.warn(
+                f"{self._paths[i]} belongs to a layer changed by chunk_weight_grads after this "
+                "optimizer was built, so its selection does not cut it into the layer's blocks "
+                "and its gradient is built whole. Call chunk_weight_grads(model) before "
+                "building the optimizer.", stacklevel=2)
+        return False
+
+    @torch.no_grad()
+    def _take_rows(self, i: int, start: int, g: torch.Tensor) -> None:
+        """Consumes rows ``start:`` of parameter ``i``'s gradient (see ``_stream``)."""
+        if self._status[i] == EMPTY:
+            return
+        p = self._params[i]
+        frozen_after = self._runner.method.frozen_after
+        frozen = frozen_after is not None and self._count >= frozen_after
+        if start == 0:
+            self._accumulating[i] = i in self._streamed
+            if self._accumulating[i] and not frozen:
+                self._second_gradient(i, frozen_after)
+        row = p[0].numel()
+        self._compact.gather(i, g, accumulate=self._accumulating[i], start=start * row)
+        if not frozen and not self._accumulating[i]:
+            self._leafwise.offer_rows(i, start, g, p, self._compact.indices_of(i))
+        if start + len(g) == len(p):
+            self._streamed.add(i)
 
     def _stream_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         stream = weakref.WeakMethod(self._stream)  # the parameter must not keep us alive
@@ -507,13 +556,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
         if i in self._streamed:
             if not frozen:
-                raise RuntimeError(
-                    f"stream_grads=True: a second backward reached {self._paths[i]} before "
-                    f"step() while ID3 still selects entries (step {self._count} of "
-                    f"{frozen_after}); its candidates were taken from the first gradient, so "
-                    "accumulation would not be exact. Call step() after every backward until "
-                    "max_steps, or use stream_grads=False."
-                )
+                self._second_gradient(i, frozen_after)
             self._compact.gather(i, g, accumulate=True)
         else:
             self._compact.gather(i, g)
@@ -521,6 +564,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._leafwise.offer(i, g, p, self._compact.indices_of(i))
             self._streamed.add(i)
         p.grad = None
+
+    def _second_gradient(self, i: int, frozen_after: int) -> None:
+        raise RuntimeError(
+            f"stream_grads=True: a second gradient reached {self._paths[i]} before step() "
+            f"(a second backward, or a layer used twice) while ID3 still selects entries "
+            f"(step {self._count} of {frozen_after}); its candidates were taken from the "
+            "first gradient, so accumulation would not be exact. Call step() after every "
+            "backward until max_steps, or use stream_grads=False."
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients, the streamed ones (``stream_grads=True``) included."""
@@ -813,6 +865,26 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._drop_masks()
         if frozen_after is not None and self._count >= frozen_after:
             self._classify()
+
+
+class _RowSinkRef:
+    """The row sink (``row_grads``) of parameter ``i`` of a streaming optimizer, held weakly:
+    calling it gives the sink, or None once the optimizer is gone."""
+
+    def __init__(self, optimizer: SelectiveOptimizer, i: int):
+        self._optimizer, self._i = weakref.ref(optimizer), i
+
+    def __call__(self) -> _RowSinkRef | None:
+        return self if self._optimizer() is not None else None
+
+    def takes_rows(self, rows: int) -> bool:
+        opt = self._optimizer()
+        return opt is not None and opt._streaming and opt._takes_rows(self._i, rows)
+
+    def take_rows(self, start: int, grad_rows: torch.Tensor) -> None:
+        opt = self._optimizer()
+        if opt is not None:
+            opt._take_rows(self._i, start, grad_rows)
 
 
 def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, kwargs: dict) -> None:
