@@ -182,6 +182,9 @@ class LeafwiseSelector:
         self._index = torch.zeros(self._cap, dtype=torch.int32)
         self._grads = None if self._init else torch.zeros(self._cap, dtype=torch.float64)
         self._n = 0
+        # the k_max-th best value kept so far: an entry scoring below it cannot be among the
+        # best k_max (ties can, by their index), so it is not even pushed
+        self._floor = float("-inf")
         self.offered: set[int] = set()
 
     def offer(self, leaf: int, grad: torch.Tensor, param: torch.Tensor,
@@ -259,6 +262,8 @@ class LeafwiseSelector:
             k = min(self.k_max, end - start)
             values, index, valid = jax.block_until_ready(_chunk_candidates(self.score_fn, k, *xs))
             valid = torch.from_dlpack(valid)
+            if self._floor > float("-inf"):
+                valid = valid & (torch.from_dlpack(values) >= self._floor)
             index = torch.from_dlpack(index)[valid]
             values = torch.from_dlpack(values)[valid]
             if not index.numel():
@@ -302,6 +307,8 @@ class LeafwiseSelector:
         self._values.fill_(float("-inf"))
         self._values[:m], self._sub[:m], self._index[:m] = vals, sub, idx
         self._n = m
+        if m == k == self.k_max:
+            self._floor = float(vals.min())
         if TRACES[0] != traces:
             trim_heap()
 
