@@ -9,7 +9,8 @@ gradients, optimizer state, activations and every temporary of the step. Ratios 
 ``torch.optim.AdamW`` and to peft LoRA measured in the same run.
 
 Cases (torch): full AdamW; peft LoRA r=16 on all linear layers; ID3 (budget 0.5%) with the
-compact state; ID3 compact with ``stream_grads=True``; PaFI compact streaming; the reference
+compact state; ID3 compact with ``stream_grads=True``, without and with
+``torch_bridge.chunk_weight_grads`` on the LM head and the embedding; PaFI compact streaming; the reference
 ``selective-optimizers==0.4`` ID3 (installed with pip into a temporary folder, run from there).
 JAX rows come from :mod:`benchmarks.memory_jax` when that module exists.
 
@@ -97,10 +98,11 @@ def _prepare(case: str, model, reference: str | None):
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    if case.endswith("_rows"):  # LM head and embedding gradients in row blocks
+    if case.endswith("_rows"):  # the LM head's and embedding's gradients in row blocks
         from torch_bridge import chunk_weight_grads
 
-        chunk_weight_grads(model)
+        cfg = model.config
+        chunk_weight_grads(model, min_numel=cfg.vocab_size * cfg.hidden_size)
     if case == "reference_id3":  # the child runs in the reference's folder (runs.reference_process)
         import selective_optimizers.wrap as wrap
 

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
                 from benchmarks import memory
 
                 results["memory"] = memory.run(
-                    ["tiny" if args.quick else "200m"], ["adamw", "lora", "id3_compact", "id3_stream"],
+                    ["tiny" if args.quick else "200m"], ["adamw", "lora", "id3_compact", "id3_stream",
+                                                        "id3_stream_rows"],
                     steps=2, jax_rows=False)
     results = write_json(os.path.join(args.out, "results.json"), results)
     md = markdown(results)
