@@ -151,21 +151,31 @@ def load_encoder_weights(encoder: BertEncoder, weights: dict[str, np.ndarray]) -
     _linear(encoder.pooler, w, "pooler.dense")
 
 
+_LOADED: dict[tuple[str, int, int], BertClassifier] = {}
+
+
 def load_bert_classifier(
     path: str | os.PathLike, num_labels: int = 2, *, seed: int = 0
 ) -> BertClassifier:
     """A :class:`BertClassifier` with the pretrained body from ``path/model.safetensors``
-    and a freshly initialised head (from ``seed``), as ``from_pretrained(num_labels=...)``."""
-    from safetensors.numpy import load_file
+    and a freshly initialised head (from ``seed``), as ``from_pretrained(num_labels=...)``.
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute position embeddings are supported")
-    if cfg.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"only hidden_act='gelu' is supported, got {cfg['hidden_act']!r}")
-    model = BertClassifier(cfg, num_labels, nnx.Rngs(seed))
-    load_encoder_weights(model.bert, load_file(str(Path(path) / "model.safetensors")))
-    return model
+    The first call per ``(path, num_labels, seed)`` builds the model (a random init of every
+    entry, then the checkpoint read over the body); later calls return an ``nnx.clone`` of
+    it: the same values in new variables, without initialising 22.7M entries again."""
+    key = (str(Path(path).resolve()), num_labels, seed)
+    if key not in _LOADED:
+        from safetensors.numpy import load_file
+
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"only hidden_act='gelu' is supported, got {cfg['hidden_act']!r}")
+        model = BertClassifier(cfg, num_labels, nnx.Rngs(seed))
+        load_encoder_weights(model.bert, load_file(str(Path(path) / "model.safetensors")))
+        _LOADED[key] = model
+    return nnx.clone(_LOADED[key])
 
 
 def compare_with_torch(path: str, texts: list[str], max_length: int = 64) -> dict[str, float]:

@@ -34,10 +34,12 @@ def _mesh(axis_type):
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
 
 
-def _run(name, params, targets, *, jit_init, compact=True):
-    """Init then train; returns the states after init and after each step."""
+def _run(name, params, targets, *, jit_init, compact=True, state=None):
+    """Init (unless ``state`` is given) then train; returns the states after init and after
+    each step."""
     tx = common.optimizers(compact)[name]
-    state = (jax.jit(tx.init) if jit_init else tx.init)(params)
+    if state is None:
+        state = (jax.jit(tx.init) if jit_init else tx.init)(params)
     step = jax.jit(common.make_step(tx))
     states = [state]
     for _ in range(STEPS.get(name, 2)):
@@ -134,7 +136,8 @@ def test_explicit_mode_compact_state_matches_single_device(name, jit_init):
     with jax.set_mesh(mesh):
         params, targets = common.make_params()
         params, targets = _shard(params, mesh), _shard(targets, mesh)
-        out_params, states = _run(name, params, targets, jit_init=jit_init, compact=True)
+        state = None if jit_init else _explicit_eager_compact_init(name)
+        out_params, states = _run(name, params, targets, jit_init=jit_init, state=state)
         types = [jax.tree.map(jax.typeof, s) for s in states]
         assert all(t == types[0] for t in types), "the state's type changed during training"
     assert len(states) == len(want_masks)
@@ -163,6 +166,15 @@ def test_explicit_mode_compact_state_matches_single_device(name, jit_init):
     want_slots = reference_compact_slots(name)
     for got, want in zip(compact.slots, want_slots):
         assert np.array_equal(np.asarray(got), want), "slots differ from the single-device run"
+
+
+@functools.cache
+def _explicit_eager_compact_init(name):
+    """The eager compact init on explicitly sharded params (call under ``jax.set_mesh``).
+    Its shard_map runs op by op, compiling hundreds of small programs (~20 s each time on
+    8 CPU devices), so the tests that need this state share one."""
+    params, _ = common.make_params()
+    return common.optimizers(compact=True)[name].init(_shard(params, _mesh(AxisType.Explicit)))
 
 
 @functools.cache
@@ -198,7 +210,8 @@ def test_selection_never_gathers_scores_or_params(name, mode, compact):
         if name == "pafi":  # PaFI selects at init
             compiled = jax.jit(tx.init).lower(params).compile()
         else:
-            state = tx.init(params)
+            eager_explicit = compact and mode == AxisType.Explicit
+            state = _explicit_eager_compact_init(name) if eager_explicit else tx.init(params)
             compiled = jax.jit(common.make_step(tx)).lower(params, state, targets).compile()
     found = common.collectives(compiled.as_text())
     limit = common.WIDTH // 2

@@ -1,5 +1,5 @@
 """Sharded params, step jitted WITHOUT ``jax.set_mesh`` (auto mode); run by
-tests/test_sharding_no_mesh.py with 8 simulated CPU devices. Prints one JSON line per form:
+tests/test_sharding_no_mesh.py with 8 simulated CPU devices (or as a script: one JSON line per form):
 the largest collective in the compiled step, whether every output kept its input's sharding,
 and whether the results equal the single-device run."""
 
@@ -63,15 +63,23 @@ def run(name: str, mesh) -> dict:
     }
 
 
-if __name__ == "__main__":
+def rows(names=None) -> list[dict]:
+    """One row per form: the sharded run (8 devices) against the single-device run."""
     assert jax.device_count() == 8, jax.device_count()
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    for name in sys.argv[1:] or FORMS:
+    out = []
+    for name in names or FORMS:
         sharded, single = run(name, mesh), run(name, None)
-        print(json.dumps({
+        out.append({
             "form": name,
             "largest_collective": sharded["largest_collective"],
             "collectives": sharded["collectives"],
             "sharding_changed": sharded["sharding_changed"],
             "same_as_single_device": sharded["params"] == single["params"] and sharded["mask"] == single["mask"],
-        }), flush=True)
+        })
+    return out
+
+
+if __name__ == "__main__":
+    for row in rows(sys.argv[1:]):
+        print(json.dumps(row), flush=True)
