@@ -488,11 +488,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             if self._layout.selectable[i]:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._stream_hook(i)))
                 # layers changed by row_grads.chunk_weight_grads hand their rows to us
-                set_row_sink(p, _RowSinkRef(self, i))
+                set_row_sink(p, _RowSinkRef(self._takes_rows, self._take_rows, i))
 
     def _takes_rows(self, i: int, rows: int) -> bool:
         """Whether to take parameter ``i``'s gradient in blocks of ``rows`` rows (row_grads)
         this backward; if not, it comes whole (through the post-accumulate hook)."""
+        if not self._streaming:
+            return False
         if self._status[i] == EMPTY:
             return True  # dropped anyway
         frozen_after = self._runner.method.frozen_after
@@ -868,23 +870,25 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
 
 class _RowSinkRef:
-    """The row sink (``row_grads``) of parameter ``i`` of a streaming optimizer, held weakly:
-    calling it gives the sink, or None once the optimizer is gone."""
+    """The row sink (``row_grads``) of parameter ``i`` of a streaming optimizer, held weakly
+    (through its bound methods): calling it gives the sink, or None once the optimizer is
+    gone."""
 
-    def __init__(self, optimizer: SelectiveOptimizer, i: int):
-        self._optimizer, self._i = weakref.ref(optimizer), i
+    def __init__(self, takes_rows: Callable[[int, int], bool],
+                 take_rows: Callable[[int, int, torch.Tensor], None], i: int):
+        self._takes, self._take, self._i = weakref.WeakMethod(takes_rows), weakref.WeakMethod(take_rows), i
 
     def __call__(self) -> _RowSinkRef | None:
-        return self if self._optimizer() is not None else None
+        return self if self._takes() is not None else None
 
     def takes_rows(self, rows: int) -> bool:
-        opt = self._optimizer()
-        return opt is not None and opt._streaming and opt._takes_rows(self._i, rows)
+        takes = self._takes()
+        return takes is not None and takes(self._i, rows)
 
     def take_rows(self, start: int, grad_rows: torch.Tensor) -> None:
-        opt = self._optimizer()
-        if opt is not None:
-            opt._take_rows(self._i, start, grad_rows)
+        take = self._take()
+        if take is not None:
+            take(self._i, start, grad_rows)
 
 
 def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, kwargs: dict) -> None:

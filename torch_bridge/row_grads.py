@@ -155,8 +155,9 @@ def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Ten
 
 
 class ChunkedLayers:
-    """The layers :func:`chunk_weight_grads` changed (``names``) and those it left as they
-    were, with the reason (``skipped``: ``{name: why}``); :meth:`remove` undoes the change.
+    """The layers :func:`chunk_weight_grads` changed (``names``, and the modules themselves in
+    ``modules``) and those it left as they were, with the reason (``skipped``:
+    ``{name: why}``); :meth:`remove` undoes the change.
 
     Example:
       >>> m = torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Linear(4, 50))
@@ -171,14 +172,14 @@ class ChunkedLayers:
     def __init__(self) -> None:
         self.names: list[str] = []
         self.skipped: dict[str, str] = {}
-        self._modules: list[torch.nn.Module] = []
+        self.modules: list[torch.nn.Module] = []
 
     def remove(self) -> None:
         """Gives the layers their own ``forward`` back."""
-        for m in self._modules:
+        for m in self.modules:
             m.__dict__.pop("forward", None)
             _ROWS.pop(m.weight, None)
-        self._modules, self.names = [], []
+        self.modules, self.names = [], []
 
     def __repr__(self) -> str:
         return f"ChunkedLayers(names={self.names!r}, skipped={self.skipped!r})"
@@ -255,5 +256,5 @@ def chunk_weight_grads(model: torch.nn.Module, min_numel: int = 2**24,
         m.forward = types.MethodType(forward, m)
         _ROWS[m.weight] = max(1, block // m.weight[0].numel())
         out.names.append(name)
-        out._modules.append(m)
+        out.modules.append(m)
     return out
