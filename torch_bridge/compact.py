@@ -174,14 +174,14 @@ class SlotBuffer:
         return missing
 
     def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False,
-               start: int = 0) -> None:
+               start: int | None = None) -> None:
         """Copies (or adds) ``grad`` at the members of ``leaf`` into the buffer's gradient;
-        ``grad`` may be a part of the leaf's gradient: its flat entries ``start:``."""
+        with ``start``, ``grad`` is a part of the leaf's gradient: its flat entries ``start:``."""
         if leaf not in self.members:
             return
         idx, slots = self.members[leaf]
         flat = grad.reshape(-1)
-        if start or flat.numel() < int(idx.max()) + 1:  # a part: its members only
+        if start is not None:  # a part: its members only
             here = (idx >= start) & (idx < start + flat.numel())
             idx, slots = idx[here] - start, slots[here]
         with torch.no_grad():
@@ -303,10 +303,10 @@ class CompactState:
         self.add(leaf, torch.nonzero(new.reshape(-1)).view(-1))
 
     def gather(self, leaf: int, grad: torch.Tensor, accumulate: bool = False,
-               start: int = 0) -> None:
+               start: int | None = None) -> None:
         """Copies (or adds) ``grad`` of parameter ``leaf`` at its selected entries into the
-        slot gradients, so the dense gradient can be freed (``stream_grads=True``); ``grad``
-        may hold the leaf's flat entries ``start:`` only (a block of rows)."""
+        slot gradients, so the dense gradient can be freed (``stream_grads=True``); with
+        ``start``, ``grad`` holds the leaf's flat entries ``start:`` only (a block of rows)."""
         self.buffers[self._key_of[leaf]].gather(leaf, grad, accumulate, start)
 
     def set_grads(self, leaf: int, values: torch.Tensor) -> None:

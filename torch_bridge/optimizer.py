@@ -347,9 +347,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """With the compact state, the slot indices say which entries are selected: the dense
         masks are dropped (one byte per entry) once no method call needs them, i.e. for ID3's
         leafwise selection and once a method's mask is fixed."""
-        frozen_after = self._runner.method.frozen_after
-        frozen = frozen_after is not None and self._count >= frozen_after
-        if self._compact is not None and (self._leafwise is not None or frozen):
+        if self._compact is not None and (self._leafwise is not None or self._mask_fixed()):
             self._masks = [None] * len(self._masks)
             self._runner.forget_masks()
 
@@ -497,8 +495,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             return False
         if self._status[i] == EMPTY:
             return True  # dropped anyway
-        frozen_after = self._runner.method.frozen_after
-        if frozen_after is not None and self._count >= frozen_after:
+        if self._mask_fixed():
             return True  # gathered only: any blocks do
         if self._leafwise is None:
             return False  # scored from dense gradients (FISH's fish_steps)
@@ -519,12 +516,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self._status[i] == EMPTY:
             return
         p = self._params[i]
-        frozen_after = self._runner.method.frozen_after
-        frozen = frozen_after is not None and self._count >= frozen_after
+        frozen = self._mask_fixed()
         if start == 0:
             self._accumulating[i] = i in self._streamed
             if self._accumulating[i] and not frozen:
-                self._second_gradient(i, frozen_after)
+                self._second_gradient(i)
         row = p[0].numel()
         self._compact.gather(i, g, accumulate=self._accumulating[i], start=start * row)
         if not frozen and not self._accumulating[i]:
@@ -550,15 +546,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self._status[i] == EMPTY:
             p.grad = None
             return
-        frozen_after = self._runner.method.frozen_after
-        frozen = frozen_after is not None and self._count >= frozen_after
+        frozen = self._mask_fixed()
         if not frozen and self._leafwise is None:
             return  # a method scored from dense gradients (FISH's fish_steps): keep them
         if g.is_sparse:
             raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
         if i in self._streamed:
             if not frozen:
-                self._second_gradient(i, frozen_after)
+                self._second_gradient(i)
             self._compact.gather(i, g, accumulate=True)
         else:
             self._compact.gather(i, g)
@@ -567,7 +562,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._streamed.add(i)
         p.grad = None
 
-    def _second_gradient(self, i: int, frozen_after: int) -> None:
+    def _mask_fixed(self) -> bool:
+        """Whether the method's mask no longer changes (from step ``frozen_after`` on)."""
+        frozen_after = self._runner.method.frozen_after
+        return frozen_after is not None and self._count >= frozen_after
+
+    def _second_gradient(self, i: int) -> None:
+        frozen_after = self._runner.method.frozen_after
         raise RuntimeError(
             f"stream_grads=True: a second gradient reached {self._paths[i]} before step() "
             f"(a second backward, or a layer used twice) while ID3 still selects entries "
@@ -642,8 +643,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         else:
             streamed = None
             if self._streaming:  # the gradients are in the buffers already (FISH scoring aside)
-                fa = self._runner.method.frozen_after
-                if self._leafwise is not None or (fa is not None and self._count >= fa):
+                if self._leafwise is not None or self._mask_fixed():
                     streamed = set(self._streamed)
             scope = compact.inner_view(self, self._params, gathered=streamed)
         with scope:
