@@ -58,7 +58,7 @@ def _release_memory_after_slow_tests(request):
         release_memory()  # piled-up programs
     elif request.node.get_closest_marker("eight_devices"):
         # Here: nothing ran (the child did). In the child: small programs that the next test
-        # compiles again (its eager shard_map inits alone compile hundreds), so keep them.
+        # compiles again (shard_map steps on 8 devices), so keep them.
         pass
     elif request.node.get_closest_marker("slow"):
         release_memory()  # end-to-end runs: models and large programs

@@ -170,9 +170,8 @@ def test_explicit_mode_compact_state_matches_single_device(name, jit_init):
 
 @functools.cache
 def _explicit_eager_compact_init(name):
-    """The eager compact init on explicitly sharded params (call under ``jax.set_mesh``).
-    Its shard_map runs op by op, compiling hundreds of small programs (~20 s each time on
-    8 CPU devices), so the tests that need this state share one."""
+    """The eager compact init on explicitly sharded params (call under ``jax.set_mesh``):
+    ``tx.init`` called outside ``jax.jit``, as users do."""
     params, _ = common.make_params()
     return common.optimizers(compact=True)[name].init(_shard(params, _mesh(AxisType.Explicit)))
 
