@@ -278,12 +278,14 @@ def test_grad_scaler(fused):
     assert sum(int((p != b).sum()) for p, b in zip(model.parameters(), before)) == 12
 
 
-def test_jax_told_not_to_preallocate():
+def test_import_tells_jax_not_to_preallocate_and_leaves_dtensor_unloaded():
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    # torch.distributed.tensor (half a second) is loaded only by whoever makes DTensors
     code = ("import os, sys, torch_bridge; assert 'jax' in sys.modules; "
+            "assert 'torch.distributed.tensor' not in sys.modules; "
             "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)

@@ -42,14 +42,18 @@ Example (each rank, after ``fully_shard(model)``)::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 from optax_selective import selection
 from optax_selective.methods import LeafLayout, ShardedMethod
@@ -61,14 +65,21 @@ _merge_candidates = jax.jit(selection.merge_candidates, static_argnums=4)
 _INDEX_LIMIT = 2**31  # merge_candidates takes int32 indices within a leaf
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``DTensor``. Without importing ``torch.distributed.tensor`` (half a
+    second, on every ``import torch_bridge``): no DTensor exists until that module is loaded."""
+    api = sys.modules.get("torch.distributed.tensor")
+    return api is not None and isinstance(t, api.DTensor)
+
+
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:
     """Whether any of ``params`` is a ``DTensor`` (then use :class:`ShardedMethodRunner`)."""
-    return any(isinstance(p, DTensor) for p in params)
+    return any(_is_dtensor(p) for p in params)
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
     """This rank's part of ``t`` (the tensor itself if it is not a ``DTensor``)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +93,15 @@ class _Shard:
 
 
 def _placement_kind(p: torch.Tensor) -> str:
-    if not isinstance(p, DTensor):
+    if not _is_dtensor(p):
         return "replicate"
     if p.device_mesh.ndim != 1 or len(p.placements) != 1:
         raise NotImplementedError(
             f"selection over a {p.device_mesh.ndim}-D device mesh is not supported "
             f"(placements {p.placements}); shard parameters over a 1-D mesh (as FSDP2 does)."
         )
+    from torch.distributed.tensor import Replicate, Shard
+
     (pl,) = p.placements
     if isinstance(pl, Shard) and pl.dim == 0:
         return "shard0"
@@ -101,8 +114,10 @@ def _placement_kind(p: torch.Tensor) -> str:
 
 def _like(mask_local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The local mask ``mask_local`` as a tensor laid out like ``p`` (a DTensor if ``p`` is)."""
-    if not isinstance(p, DTensor):
+    if not _is_dtensor(p):
         return mask_local
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         mask_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
     )
@@ -155,7 +170,7 @@ class ShardedMethodRunner:
         self.traces = 0
         self.exchanged: list[int] = []  # elements received by each all_gather (monitoring)
         kinds = [_placement_kind(p) for p in params]
-        meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
+        meshes = {id(p.device_mesh): p.device_mesh for p in params if _is_dtensor(p)}
         if len(meshes) > 1:
             raise NotImplementedError("all sharded parameters must share one device mesh.")
         if group is None and meshes:
@@ -328,7 +343,7 @@ def _group(t: DTensor) -> dist.ProcessGroup:
 
 def count_true(mask: torch.Tensor) -> int:
     """Number of true entries of the whole ``mask``."""
-    if not isinstance(mask, DTensor):
+    if not _is_dtensor(mask):
         return int(mask.sum())
     n = mask.to_local().sum(dtype=torch.int64).reshape(1).cpu()
     if _placement_kind(mask) == "shard0":
@@ -369,7 +384,7 @@ def selected_entries(param: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     flat = lm.reshape(-1).nonzero().reshape(-1)
     values = lp.reshape(-1)[flat].cpu()
     flat = flat.cpu()
-    if not isinstance(mask, DTensor) or _placement_kind(mask) == "replicate":
+    if not _is_dtensor(mask) or _placement_kind(mask) == "replicate":
         return flat, values
     offset = _flat_offset(mask)
     parts = [None] * dist.get_world_size(_group(mask))
@@ -382,7 +397,7 @@ def mask_from_indices(param: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     lp = local(param)
     offset = (
         _flat_offset(param)
-        if isinstance(param, DTensor) and _placement_kind(param) == "shard0"
+        if _is_dtensor(param) and _placement_kind(param) == "shard0"
         else 0
     )
     idx = indices.to(torch.int64).reshape(-1) - offset
