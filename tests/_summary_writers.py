@@ -1,9 +1,11 @@
 """A summary writer run as a subprocess by the durability tests (kill -9, concurrent writers).
 
-    python tests/_summary_writers.py {jax|torch} PATH TAG ENTRIES ROUNDS
+    python tests/_summary_writers.py {jax|torch} PATH TAG ENTRIES ROUNDS [--wait]
 
 writes a summary of ENTRIES entries whose values all equal TAG (an int) to PATH, ROUNDS times
-(overwriting), printing "ready" after the first write; with ROUNDS 0 it writes forever.
+(overwriting), printing "ready" after the first write; with ROUNDS 0 it writes forever. With
+``--wait`` it imports and builds the summary, then waits for a line on stdin before writing
+(so a test can start writers ahead of time while another one runs).
 """
 
 import os
@@ -42,6 +44,8 @@ def torch_writer(path, tag, n):
 def main():
     framework, path, tag, n, rounds = sys.argv[1:6]
     write = (jax_writer if framework == "jax" else torch_writer)(path, int(tag), int(n))
+    if "--wait" in sys.argv[6:] and not sys.stdin.readline():
+        return  # the test ended (stdin closed) before telling this writer to start
     done = 0
     while True:
         write()

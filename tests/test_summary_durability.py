@@ -22,11 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = 1_500_000  # a few MB: each write takes long enough to be killed in the middle
 
 
-def writer(framework, path, tag, rounds):
+def writer(framework, path, tag, rounds, wait=False):
+    """A writer process; with ``wait`` it starts writing when sent a line on stdin."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
-        [sys.executable, str(WRITER), framework, str(path), str(tag), str(ENTRIES), str(rounds)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        [sys.executable, str(WRITER), framework, str(path), str(tag), str(ENTRIES), str(rounds),
+         *(["--wait"] if wait else [])],
+        stdin=subprocess.PIPE if wait else subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
 
 
@@ -56,21 +59,30 @@ def target(tmp_path, framework):
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_kill_9_during_overwrite_keeps_a_whole_summary(tmp_path, framework):
     path = target(tmp_path, framework)
+    delays = (0.0, 0.03, 0.15, 0.4)
     first = writer(framework, path, 1, 1)
-    assert first.wait(timeout=120) == 0, first.stderr.read()
-    assert read_tag(framework, path) == 1
-    seen = {1}
-    for i, delay in enumerate((0.0, 0.03, 0.15, 0.4)):
-        tag = 2 + i
-        p = writer(framework, path, tag, 0)  # overwrites forever until killed
-        line = p.stdout.readline()
-        assert line.strip() == "ready", p.stderr.read()
-        time.sleep(delay)
-        p.kill()  # SIGKILL: no cleanup, no finally blocks
-        p.wait(timeout=60)
-        got = read_tag(framework, path)
-        assert got in seen | {tag}
-        seen.add(got)
+    # the writers to kill import meanwhile; each writes only when told, one at a time
+    killed = [writer(framework, path, 2 + i, 0, wait=True) for i in range(len(delays))]
+    try:
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+        assert read_tag(framework, path) == 1
+        seen = {1}
+        for i, (p, delay) in enumerate(zip(killed, delays)):
+            tag = 2 + i
+            p.stdin.write("go\n")  # overwrites forever until killed
+            p.stdin.flush()
+            line = p.stdout.readline()
+            assert line.strip() == "ready", p.stderr.read()
+            time.sleep(delay)
+            p.kill()  # SIGKILL: no cleanup, no finally blocks
+            p.wait(timeout=60)
+            got = read_tag(framework, path)
+            assert got in seen | {tag}
+            seen.add(got)
+    finally:
+        for p in killed:  # after a failure: none is left waiting or writing
+            p.kill()
+            p.wait(timeout=60)
     # leftovers of killed writers are hidden temporaries and never the summary itself
     leftovers = [n for n in os.listdir(tmp_path) if n != path.name]
     assert all(n.startswith(f".{path.name}.optax-selective-tmp-") for n in leftovers), leftovers
