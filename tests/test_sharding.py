@@ -77,7 +77,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out_dir: Path, name: str) -> None:
+def _launch(out_dir: Path, names: str) -> None:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
@@ -95,7 +95,7 @@ def _launch(out_dir: Path, name: str) -> None:
                 str(NUM_PROCESSES),
                 str(port),
                 str(out_dir),
-                name,
+                names,
             ],
             cwd=ROOT,
             env=env,
@@ -137,12 +137,23 @@ def _reference(name: str) -> tuple[dict, dict, object]:
     return out, params, state
 
 
+MULTIPROCESS_OPTIMIZERS = [jax_multiprocess.OPTIMIZER, "id3_wrapper_adam"]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """One launch of the two processes trains every optimizer the test below checks."""
+    out = tmp_path_factory.mktemp("two_processes")
+    _launch(out, ",".join(MULTIPROCESS_OPTIMIZERS))
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [jax_multiprocess.OPTIMIZER, "id3_wrapper_adam"], ids=["dense", "compact"])
-def test_two_processes_select_identically_and_checkpoint_once(tmp_path, name):
+@pytest.mark.parametrize("name", MULTIPROCESS_OPTIMIZERS, ids=["dense", "compact"])
+def test_two_processes_select_identically_and_checkpoint_once(two_process_runs, name):
     """Dense inner state, and compact state (its eager init must not read the global masks on
     the host: a multi-process array is not fully addressable)."""
-    _launch(tmp_path, name)
+    tmp_path = two_process_runs / name
     ranks = [dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(NUM_PROCESSES)]
     want, params, state = _reference(name)
     for i, got in enumerate(ranks):

@@ -1,14 +1,15 @@
 """One of N JAX processes training with ID3 on a mesh spanning all of them.
 
-Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES PORT OUT_DIR [OPT]
+Usage: python -m tests._dist_workers.jax_multiprocess PROCESS_ID NUM_PROCESSES PORT OUT_DIR [OPTS]
 
-OPT names one of ``common.optimizers()`` (default ``OPTIMIZER``, dense inner state).
+OPTS names one or more of ``common.optimizers()``, comma-separated (default ``OPTIMIZER``,
+dense inner state); they train one after the other in the same processes (one start-up).
 
-Started by tests/test_sharding.py with 2 CPU devices per process (XLA_FLAGS). Each
-process writes ``rank{PROCESS_ID}.npz`` (the global mask after every step and the final
-params, gathered to every process) and all processes together write one orbax checkpoint
-``OUT_DIR/ckpt`` of the final params and optimizer state, and one summary ``OUT_DIR/summary``
-(``optax_selective.save_summary``).
+Started by tests/test_sharding.py with 2 CPU devices per process (XLA_FLAGS). For each
+optimizer NAME, each process writes ``OUT_DIR/NAME/rank{PROCESS_ID}.npz`` (the global mask
+after every step and the final params, gathered to every process) and all processes together
+write one orbax checkpoint ``OUT_DIR/NAME/ckpt`` of the final params and optimizer state, and
+one summary ``OUT_DIR/NAME/summary`` (``optax_selective.save_summary``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 OPTIMIZER = "id3_wrapper_adam_dense"
 
 
-def main(process_id: int, num_processes: int, port: int, out_dir: Path, name: str = OPTIMIZER) -> None:
+def main(process_id: int, num_processes: int, port: int, out_dir: Path, names: str = OPTIMIZER) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
@@ -29,6 +30,13 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path, name: st
         process_id=process_id,
         initialization_timeout=120,
     )
+    for name in names.split(","):
+        (out_dir / name).mkdir(exist_ok=True)
+        train(process_id, num_processes, out_dir / name, name)
+    jax.distributed.shutdown()
+
+
+def train(process_id: int, num_processes: int, out_dir: Path, name: str) -> None:
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
@@ -76,8 +84,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: Path, name: st
     ckpt.wait_until_finished()
     summary = osel.make_summary(params, state)  # O(budget): only selected entries gathered
     osel.save_summary(out_dir / "summary", summary)
-    multihost_utils.sync_global_devices("checkpoint written")
-    jax.distributed.shutdown()
+    multihost_utils.sync_global_devices(f"{name}: checkpoint written")
 
 
 if __name__ == "__main__":
