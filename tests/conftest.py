@@ -58,8 +58,7 @@ def _release_memory_after_slow_tests(request):
     if _resident_bytes() > RELEASE_ABOVE_BYTES:
         release_memory()  # piled-up programs
     elif request.node.get_closest_marker("eight_devices"):
-        # Here: nothing ran (the child did). In the child: small programs that the next test
-        # compiles again (shard_map steps on 8 devices), so keep them.
+        # Small programs that the next test compiles again (shard_map steps on 8 devices).
         pass
     elif request.node.get_closest_marker("slow"):
         release_memory()  # end-to-end runs: models and large programs
@@ -88,38 +87,65 @@ def reference_0_4(tmp_path_factory):
         pytest.skip(str(e))
 
 
-# ----------------------------------------------------------------- tests on 8 simulated devices
-# jax fixes its device count when it is first imported, and this process has one device. Tests
-# marked ``eight_devices`` are collected and reported here as usual, but their bodies run in one
-# child pytest started with 8 CPU devices as soon as collection is done (it runs alongside the
-# rest of the suite); each test here then reports the child's outcome for the same node id.
+# ----------------------------------------------------------------- child pytests
+# Two kinds of tests run in a child pytest started as soon as collection is done, alongside
+# the rest of the suite, and are reported here (outcome, traceback, output and duration):
+#
+# * ``eight_devices``: jax fixes its device count when it is first imported, and this process
+#   has one device; their child is started with 8 simulated CPU devices.
+# * ``spawns``: the test's work runs in processes it starts (benchmark cases, writers, ranks,
+#   a pip install); here it would only wait, so its child runs them while this process runs
+#   the in-process tests. Started only when some in-process tests are selected as well.
+#
+# Each child runs its tests in collection order; this process reports them after its own
+# tests, each as soon as the child has finished it.
 
-EIGHT_DEVICES_REPORT = "OSEL_EIGHT_DEVICES_REPORT"  # set in the child: where it writes results
+CHILD_REPORT = "OSEL_CHILD_REPORT"  # set in a child: the file it appends its reports to
+CHILD_KIND = "OSEL_CHILD_KIND"
 EIGHT_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+CHILD_KINDS = {  # kind -> XLA flag its child needs
+    "eight_devices": EIGHT_DEVICES_FLAG,
+    "spawns": None,
+}
 CHILD_TIMEOUT_S = 1800
 
 
+_CONFIG = []  # the run's config, for the report hook that is not given it
+
+
 def pytest_configure(config):
+    _CONFIG[:] = [config]
     config.addinivalue_line(
         "markers", "eight_devices: runs in a child pytest with 8 simulated CPU devices"
     )
+    config.addinivalue_line(
+        "markers", "spawns: its work runs in processes it starts; runs in a child pytest "
+        "alongside the in-process tests"
+    )
 
 
-class _EightDevicesRun:
-    """The child pytest: started once; each test waits only until the child has finished
-    that test (the child runs them in collection order while this process runs the rest)."""
+def _child_kind(item):
+    """The child pytest that runs ``item`` (``None``: this process)."""
+    return next((k for k in CHILD_KINDS if item.get_closest_marker(k)), None)
 
-    def __init__(self, nodeids):
-        self.folder = tempfile.mkdtemp(prefix="osel_eight_devices_")
+
+class _ChildRun:
+    """One child pytest: started once; :meth:`reports` waits only until the child has
+    finished the test asked for."""
+
+    def __init__(self, kind, nodeids):
+        self.kind = kind
+        self.folder = tempfile.mkdtemp(prefix=f"osel_{kind}_")
         self.report = os.path.join(self.folder, "report.jsonl")
         self.log = open(os.path.join(self.folder, "output.txt"), "w+")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **{EIGHT_DEVICES_REPORT: self.report})
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EIGHT_DEVICES_FLAG}".strip()
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **{CHILD_REPORT: self.report, CHILD_KIND: kind})
+        if CHILD_KINDS[kind]:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CHILD_KINDS[kind]}".strip()
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                "--no-header", "-rN", *nodeids]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.deadline = time.monotonic() + CHILD_TIMEOUT_S
-        self.results, self.finished, self.read_upto = {}, set(), 0
+        self.rows, self.finished, self.read_upto = {}, set(), 0
 
     def _read_rows(self):
         if not os.path.exists(self.report):
@@ -131,13 +157,13 @@ class _EightDevicesRun:
                     break
                 self.read_upto += len(line)
                 row = json.loads(line)
-                # A failed setup or teardown counts against the test, like in-process.
-                if row["outcome"] != "passed" or row["nodeid"] not in self.results:
-                    self.results[row["nodeid"]] = row
+                self.rows.setdefault(row["nodeid"], []).append(row)
                 if row["when"] == "teardown":
                     self.finished.add(row["nodeid"])
 
-    def result(self, nodeid):
+    def reports(self, nodeid):
+        """The child's serialised reports (setup, call, teardown) of ``nodeid``; ``[]`` if the
+        child ended or timed out without finishing it."""
         while True:
             self._read_rows()
             if nodeid in self.finished:
@@ -150,7 +176,7 @@ class _EightDevicesRun:
                 self.proc.wait()
                 break
             time.sleep(0.1)
-        return self.results.get(nodeid)
+        return self.rows.get(nodeid, []) if nodeid in self.finished else []
 
     def output_tail(self):
         self.log.seek(0)
@@ -163,60 +189,78 @@ class _EightDevicesRun:
         self.log.close()
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Here (not in a child): the tests the children run go last, so this process runs its
+    own tests first and only then collects the children's results."""
+    if not os.environ.get(CHILD_REPORT):
+        items.sort(key=lambda item: _child_kind(item) is not None)  # stable: order kept
+
+
 def pytest_collection_finish(session):
     # Everything alive now (torch, jax, transformers, the collected tests) lives for the whole
     # run: moved out of the collector's reach, each gc.collect() (after every module and slow
     # test, and Python's own full collections) no longer walks it: ~0.3 s -> ~0.01 s each.
     gc.collect()
     gc.freeze()
-    if os.environ.get(EIGHT_DEVICES_REPORT):  # the child itself
-        import jax
+    if os.environ.get(CHILD_REPORT):  # a child itself
+        if os.environ.get(CHILD_KIND) == "eight_devices":
+            import jax
 
-        if jax.device_count() != 8:
-            raise pytest.UsageError(
-                f"the eight_devices tests need 8 devices, found {jax.device_count()}: "
-                f"set XLA_FLAGS={EIGHT_DEVICES_FLAG} before jax is imported"
-            )
+            if jax.device_count() != 8:
+                raise pytest.UsageError(
+                    f"the eight_devices tests need 8 devices, found {jax.device_count()}: "
+                    f"set XLA_FLAGS={EIGHT_DEVICES_FLAG} before jax is imported"
+                )
         return
-    nodeids = [i.nodeid for i in session.items if i.get_closest_marker("eight_devices")]
-    if nodeids and not session.config.option.collectonly:
-        session.config._eight_devices = _EightDevicesRun(nodeids)
+    if session.config.option.collectonly:
+        return
+    by_kind = {}
+    for item in session.items:
+        by_kind.setdefault(_child_kind(item), []).append(item.nodeid)
+    if None not in by_kind:  # only spawning tests selected: nothing to overlap them with
+        by_kind.pop("spawns", None)
+    session.config._children = {
+        kind: _ChildRun(kind, nodeids) for kind, nodeids in by_kind.items() if kind is not None
+    }
 
 
 def pytest_sessionfinish(session):
-    run = getattr(session.config, "_eight_devices", None)
-    if run is not None:
+    for run in getattr(session.config, "_children", {}).values():
         run.close()
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem):
-    run = getattr(pyfuncitem.config, "_eight_devices", None)
-    if run is None or not pyfuncitem.get_closest_marker("eight_devices"):
+def pytest_runtest_protocol(item, nextitem):
+    """Here: a test a child runs is reported from the child's reports (no fixtures here)."""
+    run = getattr(item.config, "_children", {}).get(_child_kind(item))
+    if run is None:
         return None
-    row = run.result(pyfuncitem.nodeid)
-    if row is None:
-        pytest.fail(
-            f"the 8-device child pytest reported nothing for {pyfuncitem.nodeid} "
-            f"(exit {run.proc.returncode}):\n{run.output_tail()}",
-            pytrace=False,
-        )
-    if row["outcome"] == "skipped":
-        pytest.skip(row["message"])
-    if row["outcome"] == "failed":
-        pytest.fail(f"[in the 8-device child, {row['when']}]\n{row['message']}", pytrace=False)
+    hook = item.ihook
+    hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    rows = run.reports(item.nodeid)
+    if rows:
+        for row in rows:  # a skip's (path, line, reason) came through JSON as a list
+            if isinstance(row.get("longrepr"), list):
+                row["longrepr"] = tuple(row["longrepr"])
+        reports = [item.config.hook.pytest_report_from_serializable(config=item.config, data=row)
+                   for row in rows]
+    else:
+        from _pytest.reports import TestReport
+
+        message = (f"the {run.kind} child pytest reported nothing for {item.nodeid} "
+                   f"(exit {run.proc.returncode}):\n{run.output_tail()}")
+        reports = [TestReport(item.nodeid, item.location, {}, "failed", message, "call")]
+    for report in reports:
+        hook.pytest_runtest_logreport(report=report)
+    hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 
 
 def pytest_runtest_logreport(report):
-    path = os.environ.get(EIGHT_DEVICES_REPORT)
-    if not path or (report.when == "setup" and report.passed):
-        return  # every test's teardown row is written: it tells the parent the test is done
-    if report.skipped and isinstance(report.longrepr, tuple):
-        message = report.longrepr[2]
-    else:
-        message = report.longreprtext
+    """In a child: every report goes to the parent (the teardown one tells it the test is done)."""
+    path = os.environ.get(CHILD_REPORT)
+    if not path:
+        return
+    row = _CONFIG[0].hook.pytest_report_to_serializable(config=_CONFIG[0], report=report)
     with open(path, "a") as f:
-        row = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-               "message": message}
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(row, default=str) + "\n")

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.spawns  # every case runs in its own benchmark process (tests/conftest.py)
+
 
 @pytest.mark.slow
 def test_memory_benchmark_tiny_writes_json_and_markdown(tmp_path):

@@ -109,6 +109,7 @@ def test_bad_arguments_are_refused(capsys):
     assert demo.parse_args(["--methods", "FFT, id3,fft"]).methods == ("fft", "id3")
 
 
+@pytest.mark.spawns
 def test_module_help():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(
@@ -124,6 +125,7 @@ def test_module_help():
         assert option in done.stdout
 
 
+@pytest.mark.spawns
 def test_library_imports_without_the_demos_dependencies():
     """Every module of the three packages imports with scikit-learn and tqdm made unimportable,
     and neither is a core dependency: they belong to the ``examples`` extra."""

@@ -35,6 +35,7 @@ def test_tiny_trainer_path():
                 "--trainer"]))
 
 
+@pytest.mark.spawns
 def test_help_runs_from_any_directory(tmp_path):
     import subprocess
     import sys

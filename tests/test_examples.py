@@ -132,9 +132,9 @@ def test_quality_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
     from benchmarks.quality.run import main
 
     # The bookkeeping needs real runs, not the quick protocol's 400 test rows (each a full
-    # MiniLM forward pass): one evaluation batch of 64 rows, the training rows 2 steps use.
-    monkeypatch.setitem(q.QUICK, "n_test", 64)
-    monkeypatch.setitem(q.QUICK, "n_train", 64)
+    # MiniLM forward pass): one evaluation batch of 32 short rows, the rows 2 steps use.
+    for key, value in {"n_test": 32, "n_train": 16, "batch_size": 8, "max_length": 16}.items():
+        monkeypatch.setitem(q.QUICK, key, value)
     main(["--quick", "--frameworks", "jax", "--methods", "pafi", "--steps", "2",
           "--out", str(tmp_path), "--tag", "t"])
     payload = json.loads((tmp_path / "t.json").read_text())
@@ -175,6 +175,7 @@ def test_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+@pytest.mark.spawns
 def test_examples_run_from_any_directory_and_benchmarks_as_modules(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for cmd, cwd in (

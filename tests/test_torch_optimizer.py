@@ -278,6 +278,7 @@ def test_grad_scaler(fused):
     assert sum(int((p != b).sum()) for p, b in zip(model.parameters(), before)) == 12
 
 
+@pytest.mark.spawns
 def test_import_tells_jax_not_to_preallocate_and_leaves_dtensor_unloaded():
     import subprocess
     import sys
