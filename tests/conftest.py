@@ -5,6 +5,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,7 @@ class _ChildRun:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(session, config, items):
