@@ -94,9 +94,11 @@ def reference_0_4(tmp_path_factory):
 #
 # * ``eight_devices``: jax fixes its device count when it is first imported, and this process
 #   has one device; their child is started with 8 simulated CPU devices.
-# * ``spawns``: the test's work runs in processes it starts (benchmark cases, writers, ranks,
-#   a pip install); here it would only wait, so its child runs them while this process runs
-#   the in-process tests. Started only when some in-process tests are selected as well.
+# * ``side``: the test's work runs in processes it starts (benchmark cases, writers, ranks,
+#   a pip install), where this process would only wait, or it is a self-contained end-to-end
+#   example run (MiniLM, ViT, the demo) sharing no model or compiled program with the rest.
+#   Its child runs them on the second core while this process runs the rest. Started only
+#   when some tests of this process are selected as well.
 #
 # Each child runs its tests in collection order; this process reports them after its own
 # tests, each as soon as the child has finished it.
@@ -106,7 +108,7 @@ CHILD_KIND = "OSEL_CHILD_KIND"
 EIGHT_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 CHILD_KINDS = {  # kind -> XLA flag its child needs
     "eight_devices": EIGHT_DEVICES_FLAG,
-    "spawns": None,
+    "side": None,
 }
 CHILD_TIMEOUT_S = 1800
 
@@ -120,8 +122,8 @@ def pytest_configure(config):
         "markers", "eight_devices: runs in a child pytest with 8 simulated CPU devices"
     )
     config.addinivalue_line(
-        "markers", "spawns: its work runs in processes it starts; runs in a child pytest "
-        "alongside the in-process tests"
+        "markers", "side: runs in a child pytest alongside the rest (work in its own "
+        "subprocesses, or a self-contained end-to-end example run)"
     )
 
 
@@ -219,8 +221,8 @@ def pytest_collection_finish(session):
     by_kind = {}
     for item in session.items:
         by_kind.setdefault(_child_kind(item), []).append(item.nodeid)
-    if None not in by_kind:  # only spawning tests selected: nothing to overlap them with
-        by_kind.pop("spawns", None)
+    if None not in by_kind:  # only side tests selected: nothing to overlap them with
+        by_kind.pop("side", None)
     session.config._children = {
         kind: _ChildRun(kind, nodeids) for kind, nodeids in by_kind.items() if kind is not None
     }

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.spawns  # every case runs in its own benchmark process (tests/conftest.py)
+pytestmark = pytest.mark.side  # every case runs in its own benchmark process (tests/conftest.py)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from benchmarks.quality.ablation import EntryAdam, late_step_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 @pytest.mark.slow
 def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "bench"
@@ -43,7 +43,7 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert (out / "results.png").stat().st_size > 10_000
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_gpu_script_parses_and_documents_its_command():
     r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=60)

@@ -12,6 +12,7 @@ import optax_selective as osel
 from examples import demo
 
 
+@pytest.mark.side
 @pytest.mark.slow
 def test_demo_main_runs_and_reproduces_exactly(tmp_path, capsys):
     out = tmp_path / "out"
@@ -65,6 +66,7 @@ def test_demo_main_runs_and_reproduces_exactly(tmp_path, capsys):
         assert cells == [r.method, f"{100 * r.accuracy:.2f}%", f"{100 * r.accuracy:.2f}%", "yes"]
 
 
+@pytest.mark.side
 def test_reload_check_catches_a_wrong_summary(tmp_path):
     tasks = demo.load_tasks(0)
     pretrained = demo.pretrain(tasks, hidden=8, steps=5, seed=0, progress=False)
@@ -109,7 +111,7 @@ def test_bad_arguments_are_refused(capsys):
     assert demo.parse_args(["--methods", "FFT, id3,fft"]).methods == ("fft", "id3")
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_module_help():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(
@@ -125,7 +127,7 @@ def test_module_help():
         assert option in done.stdout
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_library_imports_without_the_demos_dependencies():
     """Every module of the three packages imports with scikit-learn and tqdm made unimportable,
     and neither is a core dependency: they belong to the ``examples`` extra."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.spawns  # builds the site with mkdocs (tests/conftest.py)
+pytestmark = pytest.mark.side  # builds the site with mkdocs (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = ("optax_selective", "optax_selective.methods", "torch_bridge",

@@ -8,6 +8,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.side  # end-to-end runs of the example (tests/conftest.py)
+
 
 def check(out):
     assert out["loss_last"] < out["loss_first"] - 0.5
@@ -35,7 +37,6 @@ def test_tiny_trainer_path():
                 "--trainer"]))
 
 
-@pytest.mark.spawns
 def test_help_runs_from_any_directory(tmp_path):
     import subprocess
     import sys

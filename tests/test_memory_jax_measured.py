@@ -46,7 +46,7 @@ def test_measure_case_refuses_an_analysis_only_preset():
         memory_jax.measure_case("optax.adamw", "7b", steps=1)
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 @pytest.mark.slow
 def test_measure_mode_runs_each_case_in_its_own_process_and_writes_ratios(tmp_path):
     out = memory_jax.main(["--measure", "--presets", "tiny", "--steps", "2", "--seq", "16", "--out", str(tmp_path)])

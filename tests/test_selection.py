@@ -183,7 +183,7 @@ def test_order_key_is_monotone_and_marks_non_finite():
     assert (finite >= 0x00800000).all()
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_counting_path_runs_on_explicitly_sharded_scores():
     # lax.top_k, reshape, gather and cumsum are refused along a sharded axis under explicit
     # sharding; the counting path uses only elementwise ops and reductions.

@@ -46,7 +46,7 @@ def test_sharded_nnx_example_trains_within_budget(capsys, monkeypatch):
     assert "entries trained: 100 of budget 100" in out, out
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 @pytest.mark.slow
 def test_scaling_benchmark_reports_1_2_4_8_devices(tmp_path):
     out = tmp_path / "scaling.json"
@@ -149,7 +149,7 @@ def two_process_runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MULTIPROCESS_OPTIMIZERS, ids=["dense", "compact"])
 def test_two_processes_select_identically_and_checkpoint_once(two_process_runs, name):

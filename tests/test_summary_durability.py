@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-pytestmark = pytest.mark.spawns  # writer processes (tests/conftest.py)
+pytestmark = pytest.mark.side  # writer processes (tests/conftest.py)
 
 WRITER = Path(__file__).with_name("_summary_writers.py")
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 
 from tests._dist_workers import torch_common as tc
 
-pytestmark = pytest.mark.spawns  # torch.distributed ranks in processes of their own (tests/conftest.py)
+pytestmark = pytest.mark.side  # torch.distributed ranks in processes of their own (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -278,7 +278,7 @@ def test_grad_scaler(fused):
     assert sum(int((p != b).sum()) for p, b in zip(model.parameters(), before)) == 12
 
 
-@pytest.mark.spawns
+@pytest.mark.side
 def test_import_tells_jax_not_to_preallocate_and_leaves_dtensor_unloaded():
     import subprocess
     import sys

@@ -20,7 +20,7 @@ import pytest
 
 from tests._readme import quick_starts
 
-pytestmark = pytest.mark.spawns  # builds and installs the wheel with pip (tests/conftest.py)
+pytestmark = pytest.mark.side  # builds and installs the wheel with pip (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("optax_selective", "torch_bridge", "selective_optimizers")
