@@ -249,11 +249,9 @@ def pytest_runtest_protocol(item, nextitem):
         reports = [item.config.hook.pytest_report_from_serializable(config=item.config, data=row)
                    for row in rows]
     else:
-        from _pytest.reports import TestReport
-
         message = (f"the {run.kind} child pytest reported nothing for {item.nodeid} "
                    f"(exit {run.proc.returncode}):\n{run.output_tail()}")
-        reports = [TestReport(item.nodeid, item.location, {}, "failed", message, "call")]
+        reports = [pytest.TestReport(item.nodeid, item.location, {}, "failed", message, "call")]
     for report in reports:
         hook.pytest_runtest_logreport(report=report)
     hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
