@@ -136,7 +136,7 @@ class _ChildRun:
     """One child pytest: started once; :meth:`reports` waits only until the child has
     finished the test asked for."""
 
-    def __init__(self, kind, nodeids):
+    def __init__(self, kind, nodeids, rootdir):
         self.kind = kind
         self.folder = tempfile.mkdtemp(prefix=f"osel_{kind}_")
         self.report = os.path.join(self.folder, "report.jsonl")
@@ -146,7 +146,8 @@ class _ChildRun:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CHILD_KINDS[kind]}".strip()
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                "--no-header", "-rN", *nodeids]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # node ids are relative to the run's root folder
+        self.proc = subprocess.Popen(cmd, cwd=rootdir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.deadline = time.monotonic() + CHILD_TIMEOUT_S
         self.rows, self.finished, self.read_upto = {}, set(), 0
 
@@ -224,7 +225,8 @@ def pytest_collection_finish(session):
     if None not in by_kind:  # only side tests selected: nothing to overlap them with
         by_kind.pop("side", None)
     session.config._children = {
-        kind: _ChildRun(kind, nodeids) for kind, nodeids in by_kind.items() if kind is not None
+        kind: _ChildRun(kind, nodeids, session.config.rootpath)
+        for kind, nodeids in by_kind.items() if kind is not None
     }
 
 
