@@ -1,5 +1,6 @@
-"""Shared test set-up: JAX on CPU, small shapes, deterministic hypothesis, and the tests that
-need 8 simulated devices run in a child pytest (reported here one by one)."""
+"""Shared test set-up: JAX on CPU, small shapes, deterministic hypothesis, and two child
+pytests (tests that need 8 simulated devices; tests marked ``side``) that run alongside this
+one and are reported here one by one."""
 
 import gc
 import importlib.util

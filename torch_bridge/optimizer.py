@@ -307,8 +307,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if leafwise:
             # the per-step top-k one parameter at a time (no whole-model scores or masks)
             # weights of layers chunked by row_grads: one selection chunk per block of rows
-            row_chunks = {i: (p[0].numel(), block_rows(p)) for i, p in enumerate(params)
-                          if block_rows(p) is not None}
+            row_chunks = {i: (p[0].numel(), rows) for i, p in enumerate(params)
+                          if (rows := block_rows(p)) is not None}
             self._leafwise = LeafwiseSelector(method, [p.numel() for p in params],
                                               row_chunks=row_chunks)
             self._b_eff = method.effective_budget(layout)
