@@ -108,10 +108,14 @@ class _Linear(torch.autograd.Function):
             if sink is None:
                 gw = torch.empty(weight.shape, dtype=dy.dtype, device=dy.device)
             for r0 in range(0, n, rows):
-                if sink is None:  # the same blocks, written into the whole gradient
-                    torch.mm(dy2[:, r0:r0 + rows].t(), x2, out=gw[r0:r0 + rows])
+                # Both paths make each block with the same call into a fresh tensor: BLAS
+                # kernels may sum in another order for an output at another address or
+                # alignment (seen with ``out=`` a slice of the whole gradient on AMD EPYC).
+                block = dy2[:, r0:r0 + rows].t().mm(x2)
+                if sink is None:  # the same blocks, copied into the whole gradient
+                    gw[r0:r0 + rows].copy_(block)
                 else:
-                    sink.take_rows(r0, dy2[:, r0:r0 + rows].t().mm(x2))
+                    sink.take_rows(r0, block)
         return gx, gw, gb, None
 
 
