@@ -122,11 +122,37 @@ def assert_same(got: dict, want: dict, what: str) -> None:
         assert g.tobytes() == w.tobytes(), f"{what}: {key} differs ({int(np.sum(g != w))} entries)"
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """One launch of the FSDP2 worker, shared by the tests below."""
+    out = tmp_path_factory.mktemp("fsdp")
+    launch("tests._dist_workers.torch_fsdp", out)
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp2_sharded_selection_equals_single_process(tmp_path):
+def test_fsdp2_as_the_sharding_guide_writes_it_equals_ddp(fsdp_run):
+    """``fully_shard(layer)`` per layer, then ``fully_shard(model)``, no mesh argument (as in
+    docs/guides/sharding.md): each call makes its own (equal) mesh; the optimizer accepts
+    them and trains bit for bit as DDP and one process do."""
     import torch_bridge
 
-    launch("tests._dist_workers.torch_fsdp", tmp_path)
+    guide = (ROOT / "docs/guides/sharding.md").read_text()
+    assert "    fully_shard(layer)\nfully_shard(model)\n" in guide  # the pattern the worker runs
+    want, ref_summary = adamw_reference()  # what the DDP test checks DDP against, bit for bit
+    for r in range(WORLD):
+        got = dict(np.load(fsdp_run / f"fsdp_doc_rank{r}.npz"))
+        assert int(got.pop("budget_used")) == 60
+        assert_same(got, want, f"FSDP2 as documented, rank {r}")
+        summary = torch_bridge.load_summary_from_disk(fsdp_run / f"fsdp_doc_summary_rank{r}.pt")
+        assert_same_summary(summary, ref_summary)
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_selection_equals_single_process(fsdp_run):
+    import torch_bridge
+
+    tmp_path = fsdp_run
     # The bridge's optimizer on FSDP2 parameters: same masks and summary as one process.
     want, ref_summary = adamw_reference()
     for r in range(WORLD):
@@ -174,7 +200,8 @@ def averaged_grads(model, world: int = WORLD) -> None:
 
 
 def adamw_reference() -> tuple[dict, dict]:
-    """The bridge's selective AdamW in one process: masks after every step, and the summary."""
+    """The bridge's selective AdamW in one process: masks after every step, the final
+    parameters, and the summary."""
     model = tc.make_model()
     opt = tc.selective_adamw(model.parameters())
     masks = {}
@@ -183,6 +210,8 @@ def adamw_reference() -> tuple[dict, dict]:
         opt.step()
         for (name, _), m in zip(model.named_parameters(), opt.get_masks()):
             masks[f"mask{t + 1}/{name}"] = m.numpy().copy()
+    for name, p in model.named_parameters():
+        masks[f"params/{name}"] = p.detach().numpy().copy()
     return masks, opt.get_summary(model)
 
 

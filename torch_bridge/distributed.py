@@ -170,11 +170,20 @@ class ShardedMethodRunner:
         self.traces = 0
         self.exchanged: list[int] = []  # elements received by each all_gather (monitoring)
         kinds = [_placement_kind(p) for p in params]
-        meshes = {id(p.device_mesh): p.device_mesh for p in params if _is_dtensor(p)}
+        # Equal meshes (same devices, layout, names) count as one: ``fully_shard`` called per
+        # layer without a mesh makes a new, equal mesh each time.
+        meshes: list = []
+        for p in params:
+            if _is_dtensor(p) and not any(p.device_mesh == m for m in meshes):
+                meshes.append(p.device_mesh)
         if len(meshes) > 1:
-            raise NotImplementedError("all sharded parameters must share one device mesh.")
+            raise NotImplementedError(
+                "all sharded parameters must share one device mesh (equal devices and layout); "
+                f"got {len(meshes)} different meshes: {meshes}. Shard every parameter over the "
+                "same devices, e.g. pass one mesh = init_device_mesh(...) to every fully_shard."
+            )
         if group is None and meshes:
-            group = next(iter(meshes.values())).get_group(0)
+            group = meshes[0].get_group(0)
         self.group = group
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if initialized else 0

@@ -4,7 +4,7 @@ Usage: python -m tests._dist_workers.torch_ddp RANK WORLD_SIZE PORT OUT_DIR
 
 Every rank trains ``DDP(model)`` on its own batch with
 ``get_selective_optimizer(torch.optim.AdamW, "id3")`` and, after every step, checks with an
-``all_gather`` that all ranks hold the same masks; it writes its masks to
+``all_gather`` that all ranks hold the same masks; it writes its masks and final parameters to
 ``OUT_DIR/ddp_rank<RANK>.npz``. Rank 0 writes the summary to ``OUT_DIR/summary.pt``.
 """
 
@@ -42,6 +42,8 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             assert torch.equal(other, flat), f"step {t}: rank {r}'s masks differ from rank {rank}'s"
         for (name, _), m in zip(model.named_parameters(), opt.get_masks()):
             record[f"mask{t + 1}/{name}"] = m.numpy().copy()
+    for name, p in model.named_parameters():
+        record[f"params/{name}"] = p.detach().numpy().copy()
     np.savez(out_dir / f"ddp_rank{rank}.npz", **record)
     if rank == 0:
         torch_bridge.write_summary_to_disk(out_dir / "summary.pt", opt.get_summary(model))

@@ -7,7 +7,9 @@ trains ``STEPS`` steps and writes ``OUT_DIR/<method>_rank<RANK>.npz``: the full 
 init and after every step and the final params (gathered with ``full_tensor()`` for the check
 only; the selection itself never gathers), and the largest exchange the runner made. Then
 it trains the same sharded model with the bridge's selective AdamW (``fsdp_adamw_rank*.npz``,
-``fsdp_summary_rank*.pt``).
+``fsdp_summary_rank*.pt``), once on an explicit mesh and once exactly as
+``docs/guides/sharding.md`` writes it (``fully_shard`` per layer, then on the model, no mesh:
+each call makes a mesh of its own; ``fsdp_doc_rank*.npz``, ``fsdp_doc_summary_rank*.pt``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch_bridge.distributed import ShardedMethodRunner
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    optimizer_run(rank, world, None, out_dir)  # first: no mesh made yet, as in a user's script
     mesh = init_device_mesh("cpu", (world,))
     for name, make in tc.METHODS.items():
         model = tc.make_model()
@@ -84,14 +87,23 @@ def mixed_placements_run(rank: int, mesh, out_dir: Path) -> None:
 
 
 def optimizer_run(rank: int, world: int, mesh, out_dir: Path) -> None:
-    """The bridge's selective AdamW on the FSDP2 model (it picks ShardedMethodRunner)."""
+    """The bridge's selective AdamW on the FSDP2 model (it picks ShardedMethodRunner).
+
+    ``mesh=None``: sharded as the sharding guide writes it, with no mesh argument."""
     import torch_bridge
 
     model = tc.make_model()
     names = [n for n, _ in model.named_parameters()]
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if mesh is None:
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        meshes = [p.device_mesh for p in model.parameters()]
+        assert len({id(m) for m in meshes}) > 1  # one mesh per call: equal, not the same object
+    else:
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = tc.selective_adamw(model.parameters())
     batch = tc.batches(world)[rank]
     record = {}
@@ -107,8 +119,12 @@ def optimizer_run(rank: int, world: int, mesh, out_dir: Path) -> None:
     opt.load_state_dict(state)  # masks rebuilt from whole-tensor indices, as shards
     for n, m in zip(names, opt.get_masks()):
         assert np.array_equal(m.full_tensor().numpy(), record[f"mask{tc.STEPS}/{n}"]), n
-    np.savez(out_dir / f"fsdp_adamw_rank{rank}.npz", **record)
-    torch_bridge.write_summary_to_disk(out_dir / f"fsdp_summary_rank{rank}.pt", summary)
+    for n, p in zip(names, model.parameters()):
+        record[f"params/{n}"] = p.full_tensor().detach().numpy()
+    tag = "doc" if mesh is None else "adamw"
+    np.savez(out_dir / f"fsdp_{tag}_rank{rank}.npz", **record)
+    summary_file = "fsdp_doc_summary" if mesh is None else "fsdp_summary"
+    torch_bridge.write_summary_to_disk(out_dir / f"{summary_file}_rank{rank}.pt", summary)
 
 
 if __name__ == "__main__":
