@@ -148,3 +148,78 @@ def test_a_0_4_optimizer_state_says_what_it_is_and_how_to_continue():
         opt.load_state_dict(state)
     with pytest.raises(ValueError, match="was not saved by a selective optimizer"):
         opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+# ------------------------------------------------------------------------------------------
+# issue 28: slots that lost their entries, malformed slot state, forged inner state and counts
+
+
+def test_compact_slots_emptied_are_refused():
+    _, opt = trained("compact", budget=3)
+    state = opt.state_dict()
+    for buf in state["selective"]["compact"]:
+        buf["leaves"] = torch.zeros(0, dtype=torch.int64)
+        buf["indices"] = torch.zeros(0, dtype=torch.int64)
+    _, fresh = trained("compact", budget=3, steps=0)
+    refused_unchanged(fresh, state, r"compact slots of .* hold 0 entries but its mask selects 2")
+
+
+def test_compact_slot_dropped_is_refused():
+    _, opt = trained("compact", budget=3)
+    state = opt.state_dict()
+    buf = state["selective"]["compact"][0]
+    buf["leaves"], buf["indices"] = buf["leaves"][:-1], buf["indices"][:-1]
+    refused_unchanged(opt, state, "every selected entry needs its slot")
+
+
+def test_compact_slot_state_not_a_dict_is_refused():
+    _, opt = trained("compact", budget=3)
+    state = opt.state_dict()
+    state["selective"]["compact"][0]["state"] = [1, 2]
+    refused_unchanged(opt, state, "its 'state' must be a dict")
+
+
+def test_a_step_count_past_int64_is_refused():
+    _, opt = trained("dense", budget=6)
+    state = opt.state_dict()
+    state["selective"]["count"] = 2**70
+    refused_unchanged(opt, state, "must be an int >= 0 and at most")
+
+
+def _forge_inner(form, opt, name, value):
+    state = opt.state_dict()
+    if form == "compact":
+        state["selective"]["compact"][0]["state"][name] = value
+    else:
+        state["state"][0][name] = value
+    return state
+
+
+INNER_FORGERIES = {  # name: (entry, forged value, what the error says)
+    "0-d exp_avg": ("exp_avg", torch.tensor(0.5), "must be a floating-point tensor"),
+    "int exp_avg": ("exp_avg", None, "must be a floating-point tensor"),
+    "negative exp_avg_sq": ("exp_avg_sq", None, "holds negative values"),
+    "nan exp_avg": ("exp_avg", None, "NaN or infinity"),
+    "step -1": ("step", torch.tensor(-1.0), "'step' is -1.0"),
+    "step 1.5": ("step", torch.tensor(1.5), "'step' is 1.5"),
+    "step inf": ("step", torch.tensor(float("inf")), "'step' is inf"),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", INNER_FORGERIES)
+def test_inner_state_the_optimizer_cannot_use_is_refused(form, case):
+    cls = torch.optim.Adam
+    model = mlp()
+    opt = get_selective_optimizer(cls, "pafi")(model.parameters(), budget=3, lr=0.1,
+                                               compact=form == "compact")
+    model(torch.randn(5, 4)).pow(2).mean().backward()
+    opt.step()
+    name, value, match = INNER_FORGERIES[case]
+    good = (opt.state_dict()["selective"]["compact"][0]["state"] if form == "compact"
+            else opt.state_dict()["state"][0])[name]
+    if value is None:
+        value = {"int exp_avg": lambda: good.to(torch.int64),
+                 "negative exp_avg_sq": lambda: good - 1.0,
+                 "nan exp_avg": lambda: torch.full_like(good, float("nan"))}[case]()
+    refused_unchanged(opt, _forge_inner(form, opt, name, value), match)

@@ -19,6 +19,14 @@ from torch_bridge.compact import CompactState
 from torch_bridge.distributed import mask_from_indices
 
 FULL, EMPTY, PARTIAL = "full", "empty", "partial"
+MAX_STEP_COUNT = 2**63 - 1
+
+# Per-parameter state entries of torch.optim's elementwise optimizers that are scalars (the
+# rest have the parameter's shape), and those that hold a square, sum or size and so cannot be
+# negative (a negative one gives NaN through sqrt, or flips the update's sign).
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+NONNEGATIVE_STATE = frozenset({"step", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum",
+                               "acc_delta", "exp_inf", "step_size", "eta"})
 
 # Inner optimizers whose per-parameter state tensors all have the parameter's shape.
 SAME_SHAPE_STATE: tuple[type, ...] = (
@@ -92,8 +100,9 @@ def check_state(
     if sel["method"] != method:
         raise ValueError(f"state_dict was saved by method {sel['method']!r}, not {method!r}.")
     count = sel["count"]
-    if not _is_int(count) or count < 0:
-        raise ValueError(f"state_dict step count {count!r} must be an int >= 0.")
+    if not _is_int(count) or not 0 <= count <= MAX_STEP_COUNT:
+        raise ValueError(f"state_dict step count {count!r} must be an int >= 0 and at most "
+                         f"{MAX_STEP_COUNT} (2**63 - 1, what an int64 holds).")
     if "budget" in sel and sel["budget"] != budget:
         raise ValueError(
             f"state_dict was saved with budget {sel['budget']}, this optimizer has budget "
@@ -181,6 +190,55 @@ def _check_inner_state(state_dict: dict[str, Any], params: Sequence[torch.Tensor
                     f"{name!r} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)} (saved "
                     "over other parameters?)."
                 )
+            check_state_value(f"{paths[key]}: state_dict's {inner_class.__name__} state",
+                              name, v, tuple(p.shape))
+
+
+def check_state_value(where: str, name: str, value: Any, shape: tuple[int, ...]) -> None:
+    """Refuses one per-parameter state entry of an elementwise ``torch.optim`` optimizer that
+    the optimizer cannot use: a non-scalar entry (``exp_avg``, ``momentum_buffer``, ...) that is
+    not a floating-point tensor of the parameter's ``shape``; a ``step`` that is not a whole
+    number; NaN or infinity anywhere; a negative square or step (``exp_avg_sq``, ``step``, ...).
+
+    Raises:
+      ValueError: naming ``where``, the entry and the fix.
+
+    Example:
+      >>> import torch
+      >>> check_state_value("w", "exp_avg", torch.zeros(3), (3,))  # fine: no error
+      >>> check_state_value("w", "exp_avg_sq", torch.tensor([0.0, -1.0, 0.0]), (3,))
+      Traceback (most recent call last):
+      ValueError: w 'exp_avg_sq' holds negative values; a square cannot be negative (the file was forged or damaged); save the state again.
+    """
+    fix = "(the file was forged or damaged); save the state again."
+    if name in SCALAR_STATE:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{where} {name!r} must be a real number (a 1-element tensor), "
+                                 f"got shape {tuple(value.shape)} {value.dtype} {fix}")
+            x = float(value.reshape(-1)[0])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            x = float(value)
+        else:
+            raise ValueError(f"{where} {name!r} must be a number, got {type(value).__name__} {fix}")
+        if x != x or x in (float("inf"), float("-inf")):
+            raise ValueError(f"{where} {name!r} is {x} {fix}")
+        if name == "step" and (x < 0 or x != int(x)):
+            raise ValueError(f"{where} 'step' is {x}; a step count is a whole number >= 0 {fix}")
+        if name in NONNEGATIVE_STATE and x < 0:
+            raise ValueError(f"{where} {name!r} is {x}, it cannot be negative {fix}")
+        return
+    if not isinstance(value, torch.Tensor):
+        return  # e.g. Rprop's python values: torch checks them itself
+    if not (value.is_floating_point() or value.is_complex()) or tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{where} {name!r} is a {tuple(value.shape)} {value.dtype} tensor; it "
+                         f"must be a floating-point tensor of the parameter's shape {shape} {fix}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where} {name!r} holds NaN or infinity {fix}")
+    if (name in NONNEGATIVE_STATE and value.numel() and not value.is_complex()
+            and bool((value < 0).any())):
+        raise ValueError(f"{where} {name!r} holds negative values; a square cannot be negative "
+                         f"{fix}")
 
 
 def _check_compact(compact: CompactState, saved: Any, status: list[str], masks: list[Any],
@@ -221,7 +279,24 @@ def _check_compact(compact: CompactState, saved: Any, status: list[str], masks: 
                 m is not None and bool(m.reshape(-1)[idx].all()))
             if not selected or idx.unique().numel() != idx.numel():
                 raise ValueError(f"compact slots of {paths[leaf]} do not match its mask.")
+        for leaf in range(len(params)):
+            if compact.buffer_key(leaf) != key:
+                continue
+            want = {FULL: params[leaf].numel(), EMPTY: 0}.get(
+                status[leaf], 0 if masks[leaf] is None else int(masks[leaf].sum()))
+            have = int((leaves == leaf).sum())
+            if have != want:
+                raise ValueError(
+                    f"compact slots of {paths[leaf]} hold {have} entries but its mask selects "
+                    f"{want}: every selected entry needs its slot (the state was forged or "
+                    "damaged); save it again."
+                )
+        if not isinstance(s["state"], dict):
+            raise ValueError(f"compact slot buffer of group {key[0]}: its 'state' must be a dict "
+                             f"of the inner optimizer's state, got {type(s['state']).__name__}.")
         for name, v in s["state"].items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != (buf.capacity,):
                 raise ValueError(f"compact state {name!r} has shape {tuple(v.shape)}, expected "
                                  f"({buf.capacity},).")
+            check_state_value(f"compact slot buffer of group {key[0]}: state", name, v,
+                              (buf.capacity,))
