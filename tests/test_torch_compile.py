@@ -106,3 +106,40 @@ def test_the_method_update_compiles_once(method, kw):
     else:
         assert len(first) == 1, first
         assert opt._runner.traces == 1
+
+
+# -- a compiled optimizer step ----------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [
+    ("id3", dict(max_steps=3, compact=False)),
+    ("id3", dict(max_steps=3, compact=True)),
+    ("pafi", dict(compact=True)),
+])
+def test_a_compiled_opt_step_selects_and_trains_as_the_eager_one(method, kw):
+    """The LLM recipe ``@torch.compile def opt_step(): opt.step()`` (default backend): the
+    step runs (its JAX selection used to crash dynamo in ``jax.dlpack.from_dlpack``) and
+    selects and updates exactly as the eager step."""
+
+    def run(compiled: bool):
+        model = small_model()
+        opt = get_selective_optimizer(torch.optim.AdamW, method)(
+            model.parameters(), lr=0.05, weight_decay=0.1, budget=20, **kw)
+
+        @torch.compile
+        def opt_step():
+            opt.step()
+
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x, y = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            opt_step() if compiled else opt.step()
+        return opt.get_masks(), list(model.parameters()), opt.get_budget_used()
+
+    eager_masks, eager_params, used = run(False)
+    masks, params, compiled_used = run(True)
+    assert compiled_used == used == 20
+    for a, b in zip(masks, eager_masks):
+        assert torch.equal(a, b)
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)

@@ -623,11 +623,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             else:
                 torch.where(m, p, saved, out=p)
 
+    # torch.compile: the step is a graph break and runs eagerly (its selection is a JAX call
+    # through DLPack, which dynamo cannot trace, and traced bookkeeping selected otherwise).
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss.
 
         Other keyword arguments go to the inner ``step`` (e.g. ``grad_scale``/``found_inf``,
-        which ``torch.amp.GradScaler`` passes to fused optimizers).
+        which ``torch.amp.GradScaler`` passes to fused optimizers). Inside a function compiled
+        with ``torch.compile`` it runs eagerly, as a graph break: the same step as without it.
         """
         loss = None
         if closure is not None:
