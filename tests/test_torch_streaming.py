@@ -248,3 +248,58 @@ def test_leafwise_compiles_once_per_shape_and_stops_after_max_steps():
     o._leafwise._offer = lambda *a: calls.append(a)
     train(o, ps, steps=2)  # after max_steps: no selection work at all
     assert calls == [] and o.count == 7
+
+
+# -- clipping ----------------------------------------------------------------------------------
+def clipped_run(method, stream, max_norm=0.5, dtype=torch.float32, choose_all=True):
+    """Training with the gradients clipped to ``max_norm`` before every step: with streaming by
+    the optimizer's ``clip_grad_norm_``, without it by torch's on the dense gradients."""
+    params = make_params(dtype)
+    cls = get_selective_optimizer(torch.optim.AdamW, method)
+    opt = cls(groups(params, choose_all), lr=0.01, weight_decay=0.1, compact=True,
+              stream_grads=stream, **METHOD_KW[method])
+    g = torch.Generator().manual_seed(1)
+    norms = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(params, torch.randn(4, 7, generator=g).to(dtype)).backward()
+        if stream:
+            norms.append(opt.clip_grad_norm_(max_norm))
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        opt.step()
+    return (opt, params), norms
+
+
+@pytest.mark.parametrize("method", ["id3", "pafi", "fish"])
+@pytest.mark.parametrize("choose_all", [True, False])
+def test_clipping_under_streaming_equals_clipping_the_dense_gradients(method, choose_all):
+    streamed, norms = clipped_run(method, True, choose_all=choose_all)
+    dense, want = clipped_run(method, False, choose_all=choose_all)
+    assert all(n > 0.5 for n in want)  # every step clips
+    for a, b in zip(norms, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert_same(streamed, dense)
+    unclipped = run(method, False, choose_all=choose_all)[1]
+    assert not all(torch.equal(a, b) for a, b in zip(streamed[1], unclipped))
+
+
+def test_clipping_under_streaming_bfloat16():
+    streamed, norms = clipped_run("id3", True, dtype=torch.bfloat16)
+    dense, want = clipped_run("id3", False, dtype=torch.bfloat16)
+    assert [n.dtype for n in norms] == [torch.bfloat16] * 5
+    assert all(torch.equal(a, b) for a, b in zip(norms, want))
+    assert_same(streamed, dense)
+
+
+def test_clipping_accumulated_streamed_gradients_is_refused():
+    params = make_params()
+    opt = get_selective_optimizer(torch.optim.AdamW, "pafi")(
+        groups(params), lr=0.01, weight_decay=0.0, budget=40, stream_grads=True)
+    x = torch.randn(4, 7)
+    loss_fn(params, x).backward()
+    loss_fn(params, x).backward()  # accumulation: only the selected entries' sum is kept
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] received several"):
+        opt.clip_grad_norm_(1.0)
+    with pytest.raises(ValueError, match="norm_type=1"):
+        opt.clip_grad_norm_(1.0, norm_type=1)

@@ -314,6 +314,13 @@ class CompactState:
         if values.numel():
             self.buffers[self._key_of[leaf]].set_last_grads(leaf, values)
 
+    @torch.no_grad()
+    def scale_grads(self, coef: torch.Tensor) -> None:
+        """Multiplies the slot gradients (the gathered ones, ``stream_grads=True``) by
+        ``coef``, as ``torch.nn.utils.clip_grads_with_norm_`` does to dense gradients."""
+        for buf in self.buffers.values():
+            buf.param.grad.mul_(coef.to(buf.param.grad.device))
+
     def buffer_key(self, leaf: int) -> tuple | None:
         """The ``(group, dtype, device)`` key of the slot buffer of parameter ``leaf`` (None
         for a parameter that cannot be selected)."""

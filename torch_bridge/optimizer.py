@@ -219,6 +219,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._streamed: set[int] = set()
         self._accumulating: dict[int, bool] = {}  # per leaf: its row blocks add (row_grads)
         self._row_warned = False
+        # clipping under streaming: each consumed gradient's 2-norm (row blocks: one per block)
+        self._grad_norms: dict[int, list[torch.Tensor]] = {}
+        self._norm_unknown: set[int] = set()  # parameters with several gradients this step
+        self._clip_coef: torch.Tensor | None = None
         self._hooks: list[Any] = []
         if stream_grads:
             self._start_streaming()
@@ -521,6 +525,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._accumulating[i] = i in self._streamed
             if self._accumulating[i] and not frozen:
                 self._second_gradient(i)
+        if self._accumulating[i]:
+            self._norm_unknown.add(i)
+        else:
+            self._grad_norms.setdefault(i, []).append(torch.linalg.vector_norm(g, 2.0))
         row = p[0].numel()
         self._compact.gather(i, g, accumulate=self._accumulating[i], start=start * row)
         if not frozen and not self._accumulating[i]:
@@ -543,14 +551,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         g = p.grad
         if g is None:
             return
-        if self._status[i] == EMPTY:
-            p.grad = None
-            return
         frozen = self._mask_fixed()
-        if not frozen and self._leafwise is None:
+        if not frozen and self._leafwise is None and self._status[i] != EMPTY:
             return  # a method scored from dense gradients (FISH's fish_steps): keep them
         if g.is_sparse:
             raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
+        if i in self._streamed or i in self._grad_norms:  # for clip_grad_norm_
+            self._norm_unknown.add(i)
+        else:
+            self._grad_norms[i] = [torch.linalg.vector_norm(g, 2.0)]
+        if self._status[i] == EMPTY:
+            p.grad = None
+            return
         if i in self._streamed:
             if not frozen:
                 self._second_gradient(i)
@@ -577,11 +589,79 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             "backward until max_steps, or use stream_grads=False."
         )
 
+    def _forget_streamed(self) -> None:
+        self._streamed.clear()
+        self._grad_norms.clear()
+        self._norm_unknown.clear()
+        self._clip_coef = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, which also
+        sees the gradients ``stream_grads=True`` consumed during backward.
+
+        Call it between ``backward()`` and :meth:`step` (the :class:`SelectiveCallback` does
+        under ``Trainer``). Returns the total norm of the gradients, as torch's does. Without
+        streaming it is torch's function on the parameters' gradients. With streaming the
+        dense gradients are gone (torch's function would see none and return 0): the norm
+        comes from the 2-norms the hooks took of every gradient as it was consumed, and
+        :meth:`step` scales the gathered entries by the same coefficient before the inner
+        step, so the update equals clipping the dense gradients.
+
+        Example:
+          >>> import torch
+          >>> model = torch.nn.Linear(3, 1)
+          >>> opt = get_selective_optimizer(torch.optim.SGD, "pafi")(
+          ...     model.parameters(), lr=0.1, budget=2, stream_grads=True)
+          >>> model(torch.ones(1, 3)).sum().backward()  # weight grads 1, 1, 1; bias grad 1
+          >>> opt.clip_grad_norm_(1.0)  # the norm before clipping, of all 4 entries
+          tensor(2.)
+          >>> opt.step()
+        """
+        if not getattr(self, "_streaming", False):
+            return torch.nn.utils.clip_grad_norm_(
+                [p for p in self._params if p.grad is not None], max_norm, norm_type,
+                error_if_nonfinite=error_if_nonfinite)
+        if float(norm_type) != 2.0:
+            raise ValueError(
+                f"clip_grad_norm_ with stream_grads=True takes the 2-norm only (the hooks "
+                f"record it as gradients stream by); got norm_type={norm_type!r}.")
+        if self._norm_unknown:
+            i = min(self._norm_unknown)
+            raise ValueError(
+                f"clip_grad_norm_ with stream_grads=True: {self._paths[i]} received several "
+                "gradients since the last step (gradient accumulation, or a layer used twice), "
+                "and only their sum's selected entries are kept, so the norm of the sum is "
+                "unknown. Use stream_grads=False to clip accumulated gradients.")
+        parts, dense = [], []  # one norm per parameter, in leaf order (as torch's function)
+        for i, p in enumerate(self._params):
+            if i in self._grad_norms:
+                blocks = self._grad_norms[i]  # row blocks: the norm of their norms
+                parts.append(blocks[0] if len(blocks) == 1
+                             else torch.linalg.vector_norm(torch.stack(blocks), 2.0))
+            elif p.grad is not None:
+                dense.append(p.grad)
+                parts.append(torch.linalg.vector_norm(p.grad, 2.0))
+        if not parts:
+            return torch.tensor(0.0)
+        device = parts[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in parts]), 2.0)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"the total norm of the gradients is {total.item()}: non-finite, so they "
+                "cannot be clipped (error_if_nonfinite=True).")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in dense:
+            g.mul_(coef.to(g.device))
+        self._clip_coef = coef  # the gathered entries: scaled by step(), before the inner step
+        return total
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients, the streamed ones (``stream_grads=True``) included."""
         super().zero_grad(set_to_none=set_to_none)
         if getattr(self, "_streaming", False):
-            self._streamed.clear()
+            self._forget_streamed()
             if self._leafwise is not None:
                 self._leafwise.reset()
 
@@ -640,17 +720,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._select()
         inner = _inner_step(self.inner_class)
         compact = self._compact
+        streamed = None
         if compact is None:
             self._mask_grads()
             snaps = self._snapshots()
             scope = contextlib.nullcontext()
         else:
-            streamed = None
             if self._streaming:  # the gradients are in the buffers already (FISH scoring aside)
                 if self._leafwise is not None or self._mask_fixed():
                     streamed = set(self._streamed)
             scope = compact.inner_view(self, self._params, gathered=streamed)
         with scope:
+            if streamed is not None and self._clip_coef is not None:  # clip_grad_norm_ ran
+                compact.scale_grads(self._clip_coef)  # on the gathered entries
             if closure is None:
                 inner(self, **kwargs)
             else:
@@ -672,7 +754,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if compact is None:
             self._restore(snaps)
         self._count += 1
-        self._streamed.clear()
+        self._forget_streamed()
         return loss
 
     def state_nbytes(self) -> int:
