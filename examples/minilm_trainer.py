@@ -126,9 +126,11 @@ def selected_by_part(model: torch.nn.Module, optimizer) -> dict[str, int]:
 
 
 def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int, exp: float,
-                   eps: float, seed: int = 0, inner: type = torch.optim.AdamW):
+                   eps: float, seed: int = 0, inner: type = torch.optim.AdamW,
+                   id3_options: dict[str, Any] | None = None):
     """``inner`` (a ``torch.optim.Optimizer`` class taking ``lr`` and ``weight_decay``) is the
-    optimizer the selective wrapper drives, or the plain optimizer for fft/lora."""
+    optimizer the selective wrapper drives, or the plain optimizer for fft/lora.
+    ``id3_options`` (e.g. ``{"score_decay": 0.9, "leaf_share": 0.05}``) go to ID3."""
     if method in ("fft", "lora"):
         return inner([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     from selective_optimizers.wrap import get_selective_optimizer
@@ -136,7 +138,7 @@ def make_optimizer(model, method: str, *, lr: float, budget: int, max_steps: int
     # weight_decay=0 as for fft/lora above and optax.adam in JAX (torch's AdamW default is 0.01)
     kwargs: dict[str, Any] = {"lr": lr, "budget": budget, "weight_decay": 0.0}
     if method == "id3":
-        kwargs.update(max_steps=max_steps, exp=exp, eps=eps)
+        kwargs.update(max_steps=max_steps, exp=exp, eps=eps, **(id3_options or {}))
     elif method == "fish":  # Fisher score from the first few batches, then a fixed mask
         kwargs.update(fish_steps=min(FISH_STEPS, max_steps))
     elif method == "random":
@@ -168,6 +170,7 @@ def finetune(
     eval_batch_size: int = 128,
     also_eval: dict[str, int | None] | None = None,
     inner_optimizer: type = torch.optim.AdamW,
+    id3_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size.
 
@@ -175,7 +178,8 @@ def finetune(
     since the reloaded CPU model's outputs are compared bit for bit). ``dynamic_padding``
     cuts every batch to its longest row and scores the eval rows sorted by length (same
     results up to float rounding, less time on padding). ``also_eval`` (split -> rows)
-    scores the trained model on more splits too: ``result["also_accuracy"][split]``."""
+    scores the trained model on more splits too: ``result["also_accuracy"][split]``.
+    ``id3_options`` (e.g. ``{"score_decay": 0.9}``) go to ID3 (:func:`make_optimizer`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     train = split_data("train", n_train, max_length)
@@ -188,7 +192,8 @@ def finetune(
     model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
     optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
-                               exp=exp, eps=eps, seed=seed, inner=inner_optimizer)
+                               exp=exp, eps=eps, seed=seed, inner=inner_optimizer,
+                               id3_options=id3_options)
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     collate = tc.dynamic_padding_collate if dynamic_padding else None
     torch.manual_seed(seed)  # dropout draws depend on the seed only, not on what ran before

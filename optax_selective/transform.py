@@ -283,6 +283,8 @@ def selective_id3(
     choose_all: ChooseAll = None,
     inner: optax.GradientTransformation | None = None,
     compact: bool = True,
+    score_decay: float | None = None,
+    leaf_share: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """ID3: unmask the entries with the highest D3 score, a few each step.
 
@@ -308,6 +310,14 @@ def selective_id3(
         ``optax.chain`` after ``optax.clip_by_global_norm``, in ``optax.apply_if_finite``
         or ``optax.MultiSteps`` (passed as is); others are refused with an error.
         ``compact=False`` keeps a full-size (dense) inner state.
+      score_decay: option, off by default (the paper's ID3). A decay ``beta`` in (0, 1):
+        rank by the running average ``a_t = beta * a_(t-1) + (1 - beta) * s_t`` of the D3
+        score instead of this step's score alone (fewer picks decided by one batch). Costs
+        one float32 per selectable entry in the state, for the whole run.
+      leaf_share: option, off by default. A fraction in (0, 1]: no leaf holds more than
+        ``ceil(leaf_share * budget)`` selected entries (outside choose_all); each step takes
+        the ``k_t`` highest scores under those caps. Refused at init if the caps leave less
+        room than the budget.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SelectiveState`.
@@ -329,7 +339,8 @@ def selective_id3(
       Agarwal et al., "Step-by-Step Unmasking for Parameter-Efficient Fine-tuning of Large
       Language Models", 2024. https://arxiv.org/abs/2408.14470
     """
-    method = _methods.get("id3")(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    method = _methods.get("id3")(budget=budget, max_steps=max_steps, exp=exp, eps=eps,
+                                 score_decay=score_decay, leaf_share=leaf_share)
     return selective(method, choose_all=choose_all, inner=inner, compact=compact)
 
 

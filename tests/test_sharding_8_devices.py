@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.eight_devices, pytest.mark.slow]
 
 NAMES = list(common.optimizers())
 STEPS = {n: common.STEPS for n in NAMES if n.startswith("id3")}
-AUTO = ["id3_wrapper_adam", "id3_wrapper_adam_dense", "pafi", "bitfit", "fft"]
+AUTO = ["id3_wrapper_adam", "id3_wrapper_adam_dense", "id3_options_adam", "pafi", "bitfit", "fft"]
 EXPLICIT = ["id3_wrapper_adam_dense", "id3_chain_sgd", "pafi", "bitfit"]
 
 
@@ -122,7 +122,7 @@ def test_explicit_mode_matches_single_device_and_keeps_types(name):
         _check_against_reference(name, out_params, states, want, check_placement)
 
 
-COMPACT = ["id3_wrapper_adam", "pafi", "bitfit"]
+COMPACT = ["id3_wrapper_adam", "id3_options_adam", "pafi", "bitfit"]
 
 
 @pytest.mark.parametrize("name", COMPACT)

@@ -24,7 +24,7 @@ from optax_selective.methods._registry import arguments, build, get, names, regi
 from optax_selective.methods.bitfit import BitFit, default_is_bias
 from optax_selective.methods.fft import FFT
 from optax_selective.methods.fish import Fish, FishState
-from optax_selective.methods.id3 import ID3, ID3State
+from optax_selective.methods.id3 import ID3, ID3OptionsState, ID3State
 from optax_selective.methods.pafi import PaFI
 from optax_selective.methods.random import RandomMask
 
@@ -49,6 +49,7 @@ __all__ = [
     "build",
     "ID3",
     "ID3State",
+    "ID3OptionsState",
     "PaFI",
     "BitFit",
     "FFT",

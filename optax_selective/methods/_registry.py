@@ -102,7 +102,7 @@ def arguments(name: str) -> tuple[str, ...]:
     Example:
       >>> from optax_selective import methods
       >>> methods.arguments("id3")
-      ('budget', 'max_steps', 'exp', 'eps')
+      ('budget', 'max_steps', 'exp', 'eps', 'score_decay', 'leaf_share')
     """
     return tuple(
         n for n, p in _parameters(get(name)).items()

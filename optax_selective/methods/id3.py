@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +32,58 @@ class ID3State(NamedTuple):
 
     effective_budget: jax.Array  # int32 scalar
     schedule: _base.SpendSchedule | None = None
+
+
+@_base.register_with_schedule
+class ID3OptionsState(NamedTuple):
+    """ID3's state when an option is on (:class:`ID3` with ``score_decay`` or ``leaf_share``).
+
+    Attributes:
+      effective_budget: int32 scalar, the budget left after choose_all, fixed at init.
+      score_avg: one float32 array per leaf (leaf order): with ``score_decay``, the running
+        average of the D3 score, shaped like the leaf for selectable leaves; shape ``(0,)``
+        for the other leaves, and for every leaf without ``score_decay``.
+      schedule: static, for the under-used budget check.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_selective as osel
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = osel.selective_id3(budget=1, max_steps=2, score_decay=0.5)
+      >>> _, state = tx.update({"w": jnp.array([2.0, -4.0, 0.0])}, tx.init(params), params)
+      >>> state.method_state.score_avg[0].tolist()  # 0.5 * 0 + 0.5 * |g| / |θ|
+      [1.0, 2.0, 0.0]
+    """
+
+    effective_budget: jax.Array
+    score_avg: list[jax.Array]
+    schedule: _base.SpendSchedule | None = None
+
+
+def check_options(score_decay: Any, leaf_share: Any) -> None:
+    """Refuses a ``score_decay`` outside (0, 1) or a ``leaf_share`` outside (0, 1]
+    (``None`` turns an option off).
+
+    Example:
+      >>> from optax_selective.methods.id3 import check_options
+      >>> check_options(0.9, None)
+      >>> check_options(1.0, None)
+      Traceback (most recent call last):
+      ...
+      ValueError: id3: score_decay must be in (0, 1) or None (off), got 1.0.
+    """
+    for name, value, top_open in (("score_decay", score_decay, True),
+                                  ("leaf_share", leaf_share, False)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"id3: {name} must be a Python number or None (off), got {value!r} "
+                f"(it is static: it fixes the compiled program)."
+            )
+        ok = 0 < value < 1 if top_open else 0 < value <= 1
+        if not ok:
+            rng = "(0, 1)" if top_open else "(0, 1]"
+            raise ValueError(f"id3: {name} must be in {rng} or None (off), got {value}.")
 
 
 def check_exp_eps(exp: Any, eps: Any) -> None:
@@ -85,10 +138,27 @@ class ID3:
     eps: Any = 1e-8
     name: str = "id3"
     needs_params: bool = True
-    leafwise = True  # a LeafwiseMethod: each step is the top-k of the elementwise D3 score
+    score_decay: float | None = None
+    leaf_share: float | None = None
 
     def __post_init__(self):
         check_exp_eps(self.exp, self.eps)
+        check_options(self.score_decay, self.leaf_share)
+
+    @property
+    def leafwise(self) -> bool:
+        """A LeafwiseMethod (each step the top-k of the elementwise D3 score) unless an
+        option is on: the smoothed score needs the method's state and the per-leaf cap
+        counts per leaf, so those run whole-model."""
+        return self.score_decay is None and self.leaf_share is None
+
+    @property
+    def leaf_cap(self) -> int | None:
+        """With ``leaf_share``: the most entries any one leaf may hold outside choose_all,
+        ``ceil(leaf_share * budget)`` (static); ``None`` without the option."""
+        if self.leaf_share is None:
+            return None
+        return max(1, math.ceil(self.leaf_share * self.budget))
 
     @property
     def frozen_after(self) -> int:
@@ -117,11 +187,38 @@ class ID3:
 
     def init(self, params, layout: LeafLayout):
         b_eff = self.effective_budget(layout)
-        return _base.choose_all_mask(layout), ID3State(
-            jax.numpy.asarray(b_eff, jax.numpy.int32), _base.SpendSchedule(self.budget, self.max_steps)
-        )
+        schedule = _base.SpendSchedule(self.budget, self.max_steps)
+        if self.leafwise:  # the paper's ID3 (state unchanged since 0.4-compatible releases)
+            return _base.choose_all_mask(layout), ID3State(
+                jax.numpy.asarray(b_eff, jax.numpy.int32), schedule
+            )
+        self._check_caps(layout, b_eff)
+        avg = [
+            jax.numpy.zeros_like(p, jax.numpy.float32)
+            if ok and self.score_decay is not None else jax.numpy.zeros((0,), jax.numpy.float32)
+            for p, ok in zip(params, layout.selectable)
+        ]
+        state = ID3OptionsState(jax.numpy.asarray(b_eff, jax.numpy.int32), avg, schedule)
+        return _base.choose_all_mask(layout), state
+
+    def _check_caps(self, layout: LeafLayout, b_eff: int) -> None:
+        """Refuses a ``leaf_share`` whose caps leave less room than the budget."""
+        cap = self.leaf_cap
+        if cap is None:
+            return
+        room = sum(min(cap, math.prod(shape))
+                   for shape, ok in zip(layout.shapes, layout.selectable) if ok)
+        if room < b_eff:
+            raise ValueError(
+                f"id3: leaf_share={self.leaf_share} caps each leaf at {cap} entries, so the "
+                f"selectable leaves hold at most {room} entries, fewer than the {b_eff} to "
+                "select. Raise leaf_share (or lower the budget)."
+            )
 
     def update(self, mask, state: ID3State, count, grads, params, selectable, *, report_added=False):
+        if not self.leafwise:
+            mask, state, added = self._update_options(mask, state, count, grads, params, selectable)
+            return (mask, state, added) if report_added else (mask, state)
         shapes = [g if ok else None for g, ok in zip(grads, selectable)]
         if sharding.split_mode(shapes) is None:
             # Not split over devices: the indices form scores inside the selection pass (no
@@ -182,27 +279,131 @@ class ID3:
         # After max_steps the mask is frozen: skip the scoring work entirely.
         return lax.cond(count < self.max_steps, grow, keep, list(mask))
 
+    # -- with an option on: the whole model at once ---------------------------------------------
+    def _update_options(self, mask, state: ID3OptionsState, count, grads, params, selectable):
+        """One step with ``score_decay`` and / or ``leaf_share``: ``(mask, state, added)``,
+        ``added`` as :data:`Added` slots, or ``None`` where the leaves are split over devices."""
+        k = self.increment(count, state.effective_budget)
+        k_max = self.k_max
+        split = sharding.split_mode([g if ok else None for g, ok in zip(grads, selectable)])
+        decay = self.score_decay
+
+        def grow(carry):
+            mask, avg = carry
+            raw = [
+                selection.d3_score(g, p, self.exp, self.eps) if ok else None
+                for g, p, ok in zip(grads, params, selectable)
+            ]
+            if decay is not None:
+                # The running average: a * decay + s * (1 - decay), float32. A non-finite score
+                # is -inf and keeps the average at -inf (never chosen again).
+                avg = [
+                    a if s is None or a.size == 0
+                    else a * jax.numpy.float32(decay) + s * jax.numpy.float32(1.0 - decay)
+                    for a, s in zip(avg, raw)
+                ]
+                raw = [None if s is None else a for s, a in zip(raw, avg)]
+            scores = [None if s is None else selection.exclude(s, m) for s, m in zip(raw, mask)]
+            scores = self._capped(scores, mask)
+            if split is not None:
+                new = selection.top_k_masks(scores, k, k_max)
+                mask = [m if n is None else m | n for m, n in zip(mask, new)]
+                return (mask, avg), _no_slots(k_max)
+            leaf, local, valid = selection.top_k_indices(scores, k, k_max)
+            mask = [
+                m if s is None else sharding.retype_like(jax.numpy.reshape(
+                    jax.numpy.reshape(sharding.unsplit(m), (-1,))
+                    .at[jax.numpy.where(valid & (leaf == i), local, m.size)]
+                    .set(True, mode="drop"), m.shape), m)
+                for i, (m, s) in enumerate(zip(mask, scores))
+            ]
+            return (mask, avg), (leaf, local, valid)
+
+        def keep(carry):
+            mask, avg = carry
+            return (list(mask), list(avg)), _no_slots(k_max)
+
+        (mask, avg), added = lax.cond(
+            count < self.max_steps, grow, keep, (list(mask), list(state.score_avg))
+        )
+        return mask, state._replace(score_avg=avg), None if split is not None else added
+
+    def _capped(self, scores, mask):
+        """``leaf_share``: each leaf offers only its best ``cap - held`` entries (at most
+        ``k_max``), so that the global top-k of what is offered is the top-k under the caps."""
+        cap = self.leaf_cap
+        if cap is None:
+            return scores
+        out = []
+        for s, m in zip(scores, mask):
+            if s is None or s.size <= cap:  # a leaf no larger than the cap: never bound
+                out.append(s)
+                continue
+            kk = min(self.k_max, s.size)
+            held = jax.numpy.sum(m, dtype=jax.numpy.int32)
+            room = jax.numpy.clip(cap - held, 0, kk)
+            (offered,) = selection.top_k_masks([s], room, kk)
+            out.append(jax.numpy.where(offered, s, selection.NEG_INF))
+        return out
+
     # -- on shards (torch FSDP2): the same score and increment, top-k done by the runner --------
     def shard_init(self, shards, starts, layout: LeafLayout) -> _base.ShardInit:
-        del shards, starts
-        return _base.ShardInit(self.effective_budget(layout), [0] * len(layout.shapes))
+        del starts
+        if self.leaf_share is not None:
+            raise ValueError(
+                "id3: leaf_share is not supported on FSDP2-sharded (DTensor) parameters (the "
+                "cap needs each leaf's top entries across ranks); use leaf_share=None there."
+            )
+        b_eff = self.effective_budget(layout)
+        if self.score_decay is None:
+            return _base.ShardInit(b_eff, [0] * len(layout.shapes))
+        avgs = [
+            jax.numpy.zeros(s.shape, jax.numpy.float32) if ok and s is not None else None
+            for s, ok in zip(shards, layout.selectable)
+        ]
+        return _base.ShardInit((b_eff, avgs), [0] * len(layout.shapes))
 
     def shard_update(self, state, count, grads, params, masks):
         if count >= self.max_steps:
             return None, 0, state
-        k = int(self.increment(jax.numpy.int32(count), jax.numpy.int32(state)))
-        scores = [
-            None if g is None else _score_jit(self, g, p, m)
-            for g, p, m in zip(grads, params, masks)
+        if self.score_decay is None:
+            k = int(self.increment(jax.numpy.int32(count), jax.numpy.int32(state)))
+            scores = [
+                None if g is None else _score_jit(self, g, p, m)
+                for g, p, m in zip(grads, params, masks)
+            ]
+            return scores, k, state
+        b_eff, avgs = state
+        k = int(self.increment(jax.numpy.int32(count), jax.numpy.int32(b_eff)))
+        avgs = [
+            a if a is None or g is None else _average_jit(self, a, g, p)
+            for a, g, p in zip(avgs, grads, params)
         ]
-        return scores, k, state
+        scores = [
+            None if g is None or a is None else selection.exclude(a, m)
+            for a, g, m in zip(avgs, grads, masks)
+        ]
+        return scores, k, (b_eff, avgs)
 
 
 _score_jit = jax.jit(ID3.score, static_argnums=0)
 
 
+@partial(jax.jit, static_argnums=0)
+def _average_jit(method: ID3, avg, grad, param):
+    s = selection.d3_score(grad, param, method.exp, method.eps)
+    decay = method.score_decay
+    return avg * jax.numpy.float32(decay) + s * jax.numpy.float32(1.0 - decay)
+
+
+def _no_slots(k_max: int) -> _base.Added:
+    z = jax.numpy.zeros((k_max,), jax.numpy.int32)
+    return z, z, jax.numpy.zeros((k_max,), bool)
+
+
 @_registry.register("id3")
-def make_id3(*, budget=None, max_steps=None, exp=1.0, eps=1e-8) -> ID3:
+def make_id3(*, budget=None, max_steps=None, exp=1.0, eps=1e-8, score_decay=None,
+             leaf_share=None) -> ID3:
     """ID3 from the user's arguments, checked (see :func:`optax_selective.selective_id3`)."""
     budget = _base.required_budget("id3", budget)
     max_steps = _base.require(
@@ -211,4 +412,10 @@ def make_id3(*, budget=None, max_steps=None, exp=1.0, eps=1e-8) -> ID3:
     max_steps = _base.check_int("max_steps", max_steps, 1)
     check_exp_eps(exp, eps)  # any finite exp, eps >= 0
     exp, eps = (v if isinstance(v, jax.Array) else float(v) for v in (exp, eps))
-    return ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
+    check_options(score_decay, leaf_share)
+    if score_decay is not None:
+        score_decay = float(score_decay)
+    if leaf_share is not None:
+        leaf_share = float(leaf_share)
+    return ID3(budget=budget, max_steps=max_steps, exp=exp, eps=eps, score_decay=score_decay,
+               leaf_share=leaf_share)

@@ -67,6 +67,12 @@ def optimizers(compact: bool = True) -> dict:
             BUDGET, MAX_STEPS, inner=optax.adam(0.1), compact=False
         ),
         "id3_chain_sgd": optax.chain(osel.selective_id3(BUDGET, MAX_STEPS), optax.sgd(0.1)),
+        # ID3's options: the running-average score (a state shaped, and sharded, like the
+        # params) and the per-leaf cap (one top-k per capped leaf, on the shards)
+        "id3_options_adam": osel.selective_id3(
+            BUDGET, MAX_STEPS, inner=optax.adam(0.1), compact=compact, score_decay=0.5,
+            leaf_share=0.4,
+        ),
         "pafi": osel.selective_pafi(BUDGET, inner=optax.adamw(0.1), compact=compact),
         "bitfit": osel.selective_bitfit(BUDGET, inner=optax.adam(0.1), compact=compact),
         "fft": osel.selective_fft(inner=optax.sgd(0.1)),
