@@ -5,6 +5,16 @@ the changed entries ship as a small :class:`SparseSummary`.
 """
 
 from optax_selective._version import __version__
+from optax_selective.adapters import (
+    AdapterError,
+    AttachedSummary,
+    Pretrained,
+    attach,
+    load_pretrained,
+    merge_summaries,
+    read_pretrained,
+    save_pretrained,
+)
 from optax_selective.inspect import (
     BudgetShortfallWarning,
     budget_used,
@@ -55,4 +65,12 @@ __all__ = [
     "apply_summary",
     "save_summary",
     "load_summary",
+    "save_pretrained",
+    "load_pretrained",
+    "read_pretrained",
+    "Pretrained",
+    "attach",
+    "AttachedSummary",
+    "merge_summaries",
+    "AdapterError",
 ]

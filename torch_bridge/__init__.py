@@ -13,8 +13,17 @@ Example:
 """
 
 import torch_bridge._jax_env  # noqa: F401  (first: before anything imports jax)
+from optax_selective.adapters.core import AdapterError
 from optax_selective.verify import VerificationError
 from torch_bridge._install import warn_if_foreign
+from torch_bridge.adapters import (
+    AttachedSummary,
+    attach,
+    load_pretrained,
+    merge_summaries,
+    read_pretrained,
+    save_pretrained,
+)
 from torch_bridge.legacy import convert_legacy_summary, read_legacy_summary
 from torch_bridge.methods import METHOD_NAMES
 from torch_bridge.optimizer import SelectiveOptimizer, get_selective_optimizer
@@ -47,4 +56,11 @@ __all__ = [
     "SummaryMismatchError",
     "UnsafeFileError",
     "VerificationError",
+    "save_pretrained",
+    "load_pretrained",
+    "read_pretrained",
+    "attach",
+    "AttachedSummary",
+    "merge_summaries",
+    "AdapterError",
 ]
