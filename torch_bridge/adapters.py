@@ -338,7 +338,17 @@ def read_pretrained(folder: str | os.PathLike, model: torch.nn.Module | None = N
 
 def load_pretrained(folder: str | os.PathLike, model: torch.nn.Module | None = None) -> Summary:
     """The summary of a torch adapter folder, checked against its config and (when given)
-    ``model``; see :func:`read_pretrained`. Example in :func:`save_pretrained`."""
+    ``model``; see :func:`read_pretrained`.
+
+    Example:
+      >>> import os, tempfile, torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1)
+      >>> s = torch_bridge.make_summary(model, list(model.parameters()),
+      ...     [torch.tensor([[True, True]]), torch.tensor([False])], method="pafi")
+      >>> folder = torch_bridge.save_pretrained(s, os.path.join(tempfile.mkdtemp(), "a"))
+      >>> torch_bridge.load_pretrained(folder, model)["params"]["weight"]["indices"].tolist()
+      [0, 1]
+    """
     return read_pretrained(folder, model).summary
 
 
@@ -356,7 +366,7 @@ def _held(t: torch.Tensor) -> list:
         return got[1]
     held: list = []
     key = id(t)
-    _ATTACHED[key] = (weakref.ref(t, lambda _r: _ATTACHED.pop(key, None)), held)
+    _ATTACHED[key] = (weakref.ref(t, lambda _r, reg=_ATTACHED: reg.pop(key, None)), held)
     return held
 
 
@@ -367,6 +377,17 @@ class AttachedSummary:
       summary: the attached summary.
       label: its name in error messages.
       attached: whether :meth:`detach` has not run yet.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1, bias=False)
+      >>> s = torch_bridge.make_summary(model, [model.weight], [torch.tensor([[True, False]])],
+      ...                               method="pafi")
+      >>> h = torch_bridge.attach(model, s)
+      >>> h.attached, h.nbytes  # one int64 index and one float32 old value
+      (True, 12)
+      >>> h.detach(); h.attached
+      False
     """
 
     def __init__(self, label: str, summary: Summary, saved: list, saved_buffers: list):
@@ -419,7 +440,22 @@ def attach(model: torch.nn.Module, summary: Mapping[str, Any], *,
         parameter); nothing was changed.
       AdapterError: it touches an entry an attached summary holds; nothing was changed.
 
-    Example in the module docstring.
+    Example:
+      >>> import torch, torch_bridge
+      >>> model = torch.nn.Linear(2, 1, bias=False)
+      >>> with torch.no_grad():
+      ...     _ = model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+      >>> s = torch_bridge.make_summary(model, [model.weight], [torch.tensor([[True, False]])],
+      ...                               method="pafi")
+      >>> s["params"]["weight"]["values"][0] = -4.0
+      >>> h = torch_bridge.attach(model, s, label="neg")
+      >>> try:
+      ...     torch_bridge.attach(model, s)
+      ... except torch_bridge.AdapterError as e:
+      ...     print(str(e)[:70])
+      cannot attach: parameter 'weight' entry 0 is already changed by the at
+      >>> model.weight.tolist(), h.detach(), model.weight.tolist()
+      ([[-4.0, 2.0]], None, [[1.0, 2.0]])
     """
     summary = _plain(summary, model)
     _COUNT[0] += 1

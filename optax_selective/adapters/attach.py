@@ -41,7 +41,7 @@ def _remember(x: Any, holds: tuple[AttachedSummary, ...]) -> None:
         return
     try:
         key = id(x)
-        ref = weakref.ref(x, lambda _r: _HOLDS.pop(key, None))
+        ref = weakref.ref(x, lambda _r, holds=_HOLDS: holds.pop(key, None))
     except TypeError:  # pragma: no cover - every array type we return supports weak refs
         return
     _HOLDS[id(x)] = (ref, holds)
@@ -64,6 +64,14 @@ class AttachedSummary:
       summary: the attached summary.
       saved: the base values of the touched entries (a summary of the same indices).
       attached: whether :meth:`detach` has not run yet.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, optax_selective as osel
+      >>> leaf = osel.SummaryLeaf("['w']", (2,), np.float32, np.array([0], np.int32),
+      ...                         np.array([5.0], np.float32))
+      >>> h = osel.attach({"w": jnp.ones(2)}, osel.SparseSummary((leaf,), 1, "pafi"))
+      >>> h.saved.leaves[0].values.tolist(), h.attached
+      ([1.0], True)
     """
 
     def __init__(self, params: Any, summary: SparseSummary, saved: SparseSummary, label: str):

@@ -121,6 +121,14 @@ class Pretrained(NamedTuple):
       base: the base model's values at the summary's entries (a summary of the same
         indices, same type), or None if the folder has none.
       config: the folder's checked JSON config.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, optax_selective as osel
+      >>> params = {"w": jnp.array([0.5, -0.1, 2.0])}
+      >>> s = osel.make_summary(params, osel.selective_pafi(budget=1).init(params))
+      >>> p = osel.read_pretrained(osel.save_pretrained(s, os.path.join(tempfile.mkdtemp(), "a")))
+      >>> isinstance(p, osel.Pretrained), p.base is None, p.config["budget_used"]
+      (True, True, 1)
     """
 
     summary: Any
