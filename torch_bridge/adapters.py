@@ -574,7 +574,19 @@ def merge_summaries(summaries: Sequence[Any], weights: Sequence[float] | None = 
 def merge_folders(out: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                   weights: Sequence[float] | None = None, *, rule: str = "sum",
                   budget: int | None = None, overwrite: bool = False) -> str:
-    """Merges torch adapter folders saved with their base values into the folder ``out``."""
+    """Merges torch adapter folders saved with their base values into the folder ``out``.
+
+    Example:
+      >>> import os, tempfile, torch, torch_bridge
+      >>> from torch_bridge.adapters import merge_folders
+      >>> root, model = tempfile.mkdtemp(), torch.nn.Linear(2, 1, bias=False)
+      >>> s = torch_bridge.make_summary(model, [model.weight], [torch.tensor([[True, False]])],
+      ...                               method="pafi")
+      >>> a = torch_bridge.save_pretrained(s, os.path.join(root, "a"), base=model)
+      >>> out = merge_folders(os.path.join(root, "m"), [a, a], rule="mean")
+      >>> torch_bridge.load_pretrained(out)["method"]
+      'merge-mean'
+    """
     inputs = list(inputs)
     read = [read_pretrained(p) for p in inputs]
     merged = merge_pretrained(read, weights, rule=rule, budget=budget)
@@ -599,6 +611,20 @@ def to_jax(summary: Mapping[str, Any], name_map: NameMap):
     Flax params (``jax.tree_util.keystr``) and whether the Flax leaf is the transpose of the
     torch one (``nn.Linear`` weight ``(out, in)`` vs Flax kernel ``(in, out)``), or None for
     a parameter with no counterpart (refused). Values are moved, not recomputed: bit for bit.
+
+    Example:
+      >>> import torch, torch_bridge
+      >>> from torch_bridge.adapters import from_jax, to_jax
+      >>> model = torch.nn.Linear(3, 2, bias=False)   # weight (2, 3); a Flax kernel is (3, 2)
+      >>> mask = torch.tensor([[False, True, False], [False, False, True]])
+      >>> s = torch_bridge.make_summary(model, [model.weight], [mask], method="pafi")
+      >>> name_map = lambda name: ("['kernel']", True) if name == "weight" else None
+      >>> j = to_jax(s, name_map)
+      >>> j.leaves[0].key, j.leaves[0].shape, j.leaves[0].indices.tolist()
+      ("['kernel']", (3, 2), [2, 5])
+      >>> back = from_jax(j, model, name_map)
+      >>> back["params"]["weight"]["indices"].tolist()
+      [1, 5]
     """
     from optax_selective.summary.types import SparseSummary, SummaryLeaf, index_dtype
 
@@ -619,7 +645,18 @@ def to_jax(summary: Mapping[str, Any], name_map: NameMap):
 
 def from_jax(summary: Any, model: torch.nn.Module, name_map: NameMap) -> Summary:
     """The inverse of :func:`to_jax`: a JAX summary of the Flax port as a torch summary of
-    ``model`` (``name_map`` is the same torch-to-JAX mapping)."""
+    ``model`` (``name_map`` is the same torch-to-JAX mapping); example in :func:`to_jax`.
+
+    Example:
+      >>> import numpy as np, optax_selective as osel, torch
+      >>> from torch_bridge.adapters import from_jax
+      >>> leaf = osel.SummaryLeaf("['bias']", (2,), np.float32, np.array([1], np.int32),
+      ...                         np.array([0.5], np.float32))
+      >>> s = from_jax(osel.SparseSummary((leaf,), 1, "bitfit"), torch.nn.Linear(3, 2),
+      ...              lambda name: ("['bias']", False) if name == "bias" else None)
+      >>> s["params"]["bias"]["position"], s["params"]["bias"]["values"].tolist()
+      (1, [0.5])
+    """
     inverse = {}
     named = list(_names.named_parameters(model))
     for pos, (n, _) in enumerate(named):

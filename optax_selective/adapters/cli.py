@@ -30,7 +30,13 @@ _LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=\[)\d+(?=\])")
 
 
 def layer_type(name: str) -> str:
-    """``name`` with its layer numbers replaced by ``*`` (``layers.3.w`` -> ``layers.*.w``)."""
+    """``name`` with its layer numbers replaced by ``*``.
+
+    Example:
+      >>> from optax_selective.adapters.cli import layer_type
+      >>> layer_type("model.layers.3.mlp.up_proj.weight")
+      'model.layers.*.mlp.up_proj.weight'
+    """
     return _LAYER_NUMBER.sub("*", name)
 
 

@@ -519,6 +519,17 @@ def merge_entries(
       AdapterError: if a summary has no base values, two summaries disagree on a parameter's
         shape, dtype or base value at a shared entry, or ``rule`` / ``weights`` / ``budget``
         is invalid.
+
+    Example:
+      >>> import numpy as np
+      >>> from optax_selective.adapters import core
+      >>> z = np.zeros(2, np.float32)
+      >>> a = core.ParamEntries("w", (3,), "float32", [0, 1], np.float32([1, 2]), z)
+      >>> b = core.ParamEntries("w", (3,), "float32", [1, 2], np.float32([-4, 1]), z)
+      >>> [m.values.tolist() for m in core.merge_entries([[a], [b]], rule="ties")]
+      [[1.0, -4.0, 1.0]]
+      >>> [m.indices.tolist() for m in core.merge_entries([[a], [b]], budget=2)]
+      [[0, 1]]
     """
     check_rule(rule)
     summaries = [list(s) for s in summaries]
