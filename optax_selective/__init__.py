@@ -21,6 +21,7 @@ from optax_selective.inspect import (
     find_selective_state,
     selected_mask,
 )
+from optax_selective.restore import StateValidationError, validate_state
 from optax_selective.summary import (
     SparseSummary,
     SummaryFormatError,
@@ -58,6 +59,8 @@ __all__ = [
     "BudgetShortfallWarning",
     "verify",
     "VerificationError",
+    "validate_state",
+    "StateValidationError",
     "SparseSummary",
     "SummaryLeaf",
     "SummaryFormatError",

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 
 from optax_selective._tree import unwrap_nnx
+from optax_selective.compact.check import compact_problems
+from optax_selective.compact.state import CompactState
 from optax_selective.transform import SelectiveState
 
 
@@ -79,13 +81,30 @@ def selected_mask(opt_state: Any) -> Any:
 def budget_used(opt_state: Any) -> int:
     """Number of entries selected so far, as a Python int.
 
+    With compact inner state the count is checked against the slots (where the updates
+    go): a state whose mask and slots disagree (forged or damaged) raises ``ValueError``
+    rather than report a number that is not what can change. A state whose mask selects
+    more than the budget reads 0 after its first ``update``, which refuses it and moves
+    nothing (:mod:`optax_selective.budget_guard`); :func:`optax_selective.validate_state`
+    checks a restored state fully.
+
     Example:
       >>> import jax.numpy as jnp, optax, optax_selective as osel
       >>> tx = optax.chain(osel.selective_bitfit(budget=2), optax.sgd(0.1))
       >>> osel.budget_used(tx.init({"b": jnp.zeros(3), "w": jnp.ones((2, 2))}))
       2
     """
-    return int(sum(int(np.sum(np.asarray(m))) for m in jax.tree.leaves(selected_mask(opt_state))))
+    state = find_selective_state(opt_state)
+    masks = jax.tree.leaves(state.mask)
+    if isinstance(state.inner_state, CompactState):
+        problems = compact_problems(state.inner_state, masks)
+        if problems:
+            raise ValueError(
+                "budget_used: the optimizer state is inconsistent (a forged or damaged "
+                f"checkpoint?): {'; '.join(problems[:3])}. Check it with "
+                "optax_selective.validate_state(state, params, budget=...)."
+            )
+    return int(sum(int(np.sum(np.asarray(m))) for m in masks))
 
 
 class BudgetShortfallWarning(UserWarning):

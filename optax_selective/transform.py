@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_selective import budget_guard, sharding
 from optax_selective import methods as _methods
-from optax_selective import sharding
 from optax_selective._tree import ChooseAll, is_float, make_layout, zero_outside
 from optax_selective.compact import CompactInner, check_compact_inner, check_leaf_sizes
 
@@ -183,6 +183,7 @@ def selective(
         mask, method_state = method.update(
             mask, state.method_state, state.count, grads, param_leaves, selectable
         )
+        mask, _ = budget_guard.within_budget(mask, method.budget)  # forged states move nothing
         mask = [sharding.place_like(m, g) for m, g in zip(mask, grads)]  # keeps the state's type stable
         masked = [zero_outside(m, g) for m, g in zip(mask, grads)]
         inner_state = state.inner_state
@@ -270,6 +271,7 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
         inner_state = compact_tx.add_entries(
             inner_state, grads, old_mask=old_mask, new_mask=mask, most=method.k_max
         )
+    inner_state, mask = budget_guard.guard_compact(inner_state, mask, grads, method.budget)
     updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
     return updates, mask, method_state, inner_state
 

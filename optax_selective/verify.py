@@ -9,6 +9,8 @@ import numpy as np
 import optax
 
 from optax_selective._tree import unwrap_nnx
+from optax_selective.compact.check import compact_problems
+from optax_selective.compact.state import CompactState
 from optax_selective.inspect import find_selective_state
 
 
@@ -112,6 +114,9 @@ def verify(params_before: Any, params_after: Any, opt_state: Any, budget: int) -
     problems = []
     if used > budget:
         problems.append(f"{used} entries are selected, over the budget of {budget}")
+    if isinstance(state.inner_state, CompactState):  # where the compact form's updates go
+        problems += compact_problems(state.inner_state, list(masks.values()),
+                                     names=list(masks))
     moved = False
     for key, m in masks.items():
         b, a = before[key], after[key]
