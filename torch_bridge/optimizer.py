@@ -703,9 +703,6 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             else:
                 torch.where(m, p, saved, out=p)
 
-    # torch.compile: the step is a graph break and runs eagerly (its selection is a JAX call
-    # through DLPack, which dynamo cannot trace, and traced bookkeeping selected otherwise).
-    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         """One selective step; ``closure`` (optional) re-evaluates the model and returns the loss.
 
@@ -713,6 +710,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         which ``torch.amp.GradScaler`` passes to fused optimizers). Inside a function compiled
         with ``torch.compile`` it runs eagerly, as a graph break: the same step as without it.
         """
+        if torch.compiler.is_compiling():
+            # dynamo is tracing: its selection is a JAX call through DLPack, which dynamo
+            # cannot trace (and traced bookkeeping selected otherwise), so leave the graph.
+            # (torch.compiler.disable is applied here, not as a decorator: it imports dynamo.)
+            return torch.compiler.disable(self._selective_step)(closure, **kwargs)
+        return self._selective_step(closure, **kwargs)
+
+    def _selective_step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
