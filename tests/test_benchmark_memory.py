@@ -42,3 +42,18 @@ def test_memory_benchmark_tiny_writes_json_and_markdown(tmp_path):
     assert "| ID3 0.5%, compact, stream_grads=True + chunk_weight_grads |" in md
     assert "target <= 1.35x" in md
     assert "| step CPU |" in md and "step CPU time = " in md
+
+
+def test_adamw_ratios_are_to_the_best_adamw_form_per_measure():
+    """Each AdamW ratio divides by the best AdamW form measured for that column (#26)."""
+    from benchmarks.memory import _ratios
+
+    def row(case, peak, step):
+        return {"case": case, "extra_peak": peak, "step_s": step, "step_cpu_s": step, "state_bytes": 8}
+
+    rows = [row("adamw", 10, 2.0), row("adamw_fused", 12, 1.0), row("id3_compact", 6, 3.0)]
+    _ratios(rows)
+    r = rows[2]
+    assert r["peak_over_adamw"] == pytest.approx(0.6)  # to the for-loop form's lower peak
+    assert r["step_over_adamw"] == pytest.approx(3.0)  # to the fused form's faster step
+    assert r["adamw_best"]["extra_peak"] == "adamw" and r["adamw_best"]["step_s"] == "adamw_fused"
