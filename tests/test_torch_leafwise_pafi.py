@@ -118,3 +118,31 @@ def test_budget_spent_by_choose_all_and_budget_checks(monkeypatch):
     assert [int(m.sum()) for m in opt.get_masks()] == [0, 0, 0, 7, 0]
     with pytest.raises(ValueError, match="pafi"):
         run(True, budget=10**6, steps=0)
+
+
+@pytest.mark.parametrize("chunk,bin_cap", [(3, 0), (3, 1 << 20), (1 << 22, 0), (1 << 22, 1 << 20)])
+def test_threshold_inside_a_high_digit_bin_with_ties_and_subnormals(monkeypatch, chunk, bin_cap):
+    """float32 magnitudes that share their top 16 key bits (so the low 16 bits decide),
+    ties of the k-th value across leaves and chunks, subnormals, -0.0 and non-finite."""
+    rng = np.random.default_rng(3)
+    base = np.float32(1.0) + rng.integers(0, 40, 130).astype(np.float32) * np.float32(2**-23)
+    sign = np.where(rng.random(130) < 0.5, -1, 1).astype(np.float32)
+    flat = base * sign
+    flat[[7, 60, 61]] = np.float32(1e-40) * np.array([1, -1, 1], np.float32)  # subnormal
+    flat[[8, 90]] = [-0.0, 0.0]
+    flat[[9, 100]] = [np.nan, -np.inf]
+    params = [torch.from_numpy(flat[:50].copy()).reshape(5, 10), torch.from_numpy(flat[50:])]
+    monkeypatch.setattr(leafwise, "_BIN_CAP", bin_cap)  # 0: the bin's second histogram
+    # XLA:CPU flushes subnormals to zero in the score, so they tie with 0.0 (the whole-model
+    # program and the leafwise passes alike); the NumPy reference flushes them too.
+    tiny = np.finfo(np.float32).tiny
+    scores = [-np.where(np.abs(p.numpy()) < tiny, 0, np.abs(p.numpy())) for p in params]
+    for k in (1, 23, 64, 200):  # 200: more than the finite entries, so all of them
+        got = choose_fixed_mask(PaFI(budget=k), params, [True, True], k, chunk=chunk)
+        want = whole_model(PaFI(budget=k), params, [True, True], [False, False]) if k in (1, 23) else None
+        ref = numpy_top_k(scores, k)
+        for i in (0, 1):
+            idx = got.get(i, torch.zeros(0, dtype=torch.int64)).tolist()
+            assert idx == np.flatnonzero(ref[i]).tolist(), (k, i)
+            if want is not None:
+                assert idx == torch.nonzero(want[i].reshape(-1)).view(-1).tolist(), (k, i)

@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -333,12 +334,69 @@ class LeafwiseSelector:
         return out
 
 
+INIT_CHUNK = 1 << 22  # entries per call of a fixed mask's passes: 16 MiB of int32 digits
+_DIGITS = 1 << 16
+_BIN_CAP = 1 << 20  # the most entries kept from the threshold's histogram bin (else 2 more passes)
+
+
+@partial(jax.jit, static_argnums=0)
+def _high_digits(score_fn: Callable, x):
+    """The top 16 bits of ``order_key(score)`` (0: non-finite), as int32."""
+    TRACES[0] += 1
+    return (selection.order_key(score_fn(x)) >> 16).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _low_digits(score_fn: Callable, x, high):
+    """The low 16 bits of ``order_key(score)`` where its top 16 bits are ``high``, else
+    ``2**16`` (a bin of its own), as int32."""
+    TRACES[0] += 1
+    key = selection.order_key(score_fn(x))
+    return jnp.where((key >> 16) == high, (key & jnp.uint32(0xFFFF)).astype(jnp.int32), _DIGITS)
+
+
+@partial(jax.jit, static_argnums=0)
+def _against(score_fn: Callable, x, threshold):
+    """Per entry: 2 where ``order_key(score) > threshold``, 1 where equal, else 0 (int8)."""
+    TRACES[0] += 1
+    key = selection.order_key(score_fn(x))
+    return (key > threshold).astype(jnp.int8) * 2 + (key == threshold).astype(jnp.int8)
+
+
+@partial(jax.jit, static_argnums=0)
+def _against_high(score_fn: Callable, x, high):
+    """Per entry (int32): ``2**16`` where the top 16 bits of ``order_key(score)`` exceed
+    ``high``, the low 16 bits where they equal it, else -1."""
+    TRACES[0] += 1
+    key = selection.order_key(score_fn(x))
+    top = key >> 16
+    low = (key & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    return jnp.where(top > high, _DIGITS, jnp.where(top == high, low, -1))
+
+
+def _digit_at_rank(hist: torch.Tensor, need: int) -> tuple[int, int]:
+    """The largest digit ``d`` with ``count(digit >= d) >= need`` and ``count(digit > d)``."""
+    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, (0,)), 0), (0,))
+    d = max(0, int((at_or_above >= need).sum()) - 1)
+    above = int(at_or_above[d + 1]) if d + 1 < hist.numel() else 0
+    return d, above
+
+
 def choose_fixed_mask(method: Any, params: Sequence[torch.Tensor], selectable: Sequence[bool],
                       k: int, chunk: int | None = None) -> dict[int, torch.Tensor]:
     """A fixed mask chosen from the parameters (PaFI's init) one parameter (chunk) at a time:
     the ``k`` highest ``method.score(param)`` over the ``selectable`` leaves, ties to the lower
-    global index, exactly as the whole-model ``method.init``. Returns ``{leaf: sorted int64
-    flat indices}`` (leaves with none left out). Never holds more than one chunk's scores.
+    global index, non-finite scores never, exactly as the whole-model ``method.init``. Returns
+    ``{leaf: sorted int64 flat indices}`` (leaves with none left out).
+
+    The selection is ``selection``'s radix path, one chunk at a time: a histogram
+    (``torch.bincount``) of the top 16 bits of the order-preserving ``selection.order_key`` of
+    the scores (computed by the method's JAX ``score``) finds the bin of the k-th highest; a
+    second pass takes every entry above that bin and keeps those in it (few, at most
+    :data:`_BIN_CAP`) with their low 16 bits, of which the best join (ties to the lower index).
+    A crowded bin (many ties) takes a histogram of the low 16 bits and a third pass instead.
+    Nothing is sorted but the bin: besides the indices returned, memory is one chunk's int32
+    digits (``chunk`` entries, default :data:`INIT_CHUNK`).
 
     Example:
       >>> from optax_selective.methods import PaFI
@@ -346,8 +404,79 @@ def choose_fixed_mask(method: Any, params: Sequence[torch.Tensor], selectable: S
       >>> {i: v.tolist() for i, v in choose_fixed_mask(PaFI(budget=3), ps, [True, True], 3).items()}
       {0: [1], 1: [0, 1]}
     """
-    sel = LeafwiseSelector(method, [p.numel() for p in params], chunk, k_max=k)
-    for i, (p, ok) in enumerate(zip(params, selectable)):
-        if ok:
-            sel.offer_param(i, p)
-    return {i: torch.sort(idx).values for i, (idx, _) in sel.finish(k).items()}
+    chunk = INIT_CHUNK if chunk is None else int(chunk)
+    if not 0 < chunk < 2**31:
+        raise ValueError(f"chunk must be in [1, 2**31), got {chunk}.")
+    score_fn = _InitScore(method)
+    leaves = [(i, p.detach().reshape(-1)) for i, (p, ok) in enumerate(zip(params, selectable))
+              if ok and p.numel()]
+    traces = TRACES[0]
+
+    def pieces():  # (leaf, start, piece as a JAX array): a leaf's pieces are equal but the last
+        for i, flat in leaves:
+            n = flat.numel()
+            size = -(-n // max(1, -(-n // chunk)))
+            for start in range(0, n, size):
+                yield i, start, _to_jax(flat[start:start + size])
+
+    def count(digits):
+        return torch.bincount(torch.from_dlpack(digits), minlength=_DIGITS + 1)[: _DIGITS + 1]
+
+    hist = torch.zeros(_DIGITS + 1, dtype=torch.int64)
+    for _, _, x in pieces():
+        hist += count(_high_digits(score_fn, x))
+    hist[0] = 0  # bin 0 holds only key 0: non-finite scores (finite keys start at 0x0080....)
+    kk = min(int(k), int(hist.sum()))
+    out: dict[int, torch.Tensor] = {}
+    if kk <= 0:
+        return out
+    high, above_high = _digit_at_rank(hist[:_DIGITS], kk)
+    found: dict[int, list[torch.Tensor]] = {}
+    if int(hist[high]) <= _BIN_CAP:
+        # One more pass: the entries above the threshold's bin are chosen; those in it (few:
+        # at most _BIN_CAP) are kept with their low 16 bits, and the best kk - above_high of
+        # them (ties to the lower global index) join.
+        in_bin: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for i, start, x in pieces():
+            v = torch.from_dlpack(_against_high(score_fn, x, np.uint32(high)))
+            idx = torch.nonzero(v >= 0).view(-1)
+            vals = v[idx]
+            above = vals == _DIGITS
+            if bool(above.any()):
+                found.setdefault(i, []).append(idx[above] + start)
+            if not bool(above.all()):
+                inside = ~above
+                in_bin.append((i, idx[inside] + start, vals[inside]))
+        need = kk - above_high
+        if need and in_bin:
+            lows = torch.cat([v for _, _, v in in_bin])  # in global order
+            best = torch.sort(torch.argsort(lows, descending=True, stable=True)[:need]).values
+            pos = 0
+            for i, idx, _ in in_bin:
+                mine = best[(best >= pos) & (best < pos + idx.numel())] - pos
+                if mine.numel():
+                    found.setdefault(i, []).append(idx[mine])
+                pos += idx.numel()
+    else:  # a crowded bin (many ties): a second histogram finds the exact threshold
+        hist.zero_()
+        for _, _, x in pieces():
+            hist += count(_low_digits(score_fn, x, np.uint32(high)))
+        low, above_low = _digit_at_rank(hist[:_DIGITS], kk - above_high)
+        threshold = np.uint32((high << 16) | low)
+        ties = kk - above_high - above_low  # ties with the threshold still to take, in leaf order
+        for i, start, x in pieces():
+            code = torch.from_dlpack(_against(score_fn, x, threshold))
+            if ties > 0:
+                tied = torch.nonzero(code == 1).view(-1)
+                if tied.numel() > ties:
+                    code = code.clone()
+                    code[tied[ties:]] = 0
+                ties -= min(ties, int(tied.numel()))
+                idx = torch.nonzero(code).view(-1)
+            else:
+                idx = torch.nonzero(code == 2).view(-1)
+            if idx.numel():
+                found.setdefault(i, []).append(idx + start)
+    if TRACES[0] != traces:
+        trim_heap()
+    return {i: torch.sort(torch.cat(found[i])).values for i in sorted(found)}
