@@ -151,15 +151,16 @@ def test_leafwise_selector_matches_numpy_top_k(chunk):
 
 def test_indices_past_int32_in_one_leaf():
     """A leaf with more than 2**31 entries cannot be allocated here; the index arithmetic it
-    needs (chunk number * chunk + index in the chunk, in int64) is what a small chunk runs
-    too. This checks that the result is int64 and not truncated at 2**31 for a large chunk."""
+    needs (the leaf's offset + the chunk's first entry + the index in the chunk, in int64) is
+    what a small chunk runs too. This offers a chunk that starts at entry 2**31 of the leaf
+    and checks that the result is int64 and not truncated at 2**31."""
     m = ID3(budget=4, max_steps=1)
-    sel = LeafwiseSelector(m, [4 * 2**30], chunk=2**30)
+    sel = LeafwiseSelector(m, [1, 4 * 2**30], chunk=2**30)
     g = torch.tensor([0.0, 0.0, 5.0, 1.0])
-    sel._push(torch.tensor([5.0, 1.0]), torch.tensor([2, 2], dtype=torch.int32),
-              torch.tensor([2, 3], dtype=torch.int32), g[2:].double())  # chunk 2 of leaf 0
-    idx, _ = sel.finish(2)[0]
+    sel._offer(1, g, torch.ones(4), first=2**31)  # entries 2**31 .. 2**31 + 3 of leaf 1
+    idx, grads = sel.finish(2)[1]
     assert idx.dtype == torch.int64 and idx.tolist() == [2**31 + 2, 2**31 + 3]
+    assert grads.tolist() == [5.0, 1.0]
 
 
 def test_accumulation_refused_while_selecting_then_exact():

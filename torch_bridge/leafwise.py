@@ -1,24 +1,30 @@
 """Global top-k selection computed one parameter (one chunk of a parameter) at a time.
 
-Used for ID3's per-step top-``k_t`` and for PaFI's fixed mask at construction
-(:func:`choose_fixed_mask`). The compact state (:mod:`torch_bridge.compact`) needs only the
-entries a step adds, so the step does not have to hand every leaf to one JAX program at once.
-:class:`LeafwiseSelector` takes the leaves in any order (as ``backward`` produces their
-gradients, with ``stream_grads=True``): each leaf is cut into equal chunks of at most
-:data:`CHUNK` entries; each chunk offers its own top-``k_max`` entries
-(``selection.shard_candidates`` with the method's own elementwise ``score``, evaluated inside
-the selection pass, so no full score array is written); the pending candidates are reduced
-with ``selection.merge_candidates`` (the merge the FSDP2 runner uses) whenever they fill a
-fixed buffer, and :meth:`LeafwiseSelector.finish` picks the step's ``k``. The global top-``k``
-is always among the union of the chunks' top-``k_max`` (ties go to the lower global index:
-chunks are numbered in leaf order and a chunk's local order is the leaf's order restricted to
-it), so the entries are exactly those the whole-model selection picks.
+Used for ID3's per-step top-``k_t`` (:class:`LeafwiseSelector`) and for PaFI's fixed mask at
+construction (:func:`choose_fixed_mask`). The compact state (:mod:`torch_bridge.compact`)
+needs only the entries a step adds, so the step does not have to hand every leaf to one JAX
+program at once.
 
-Memory: besides the tensors being read, one chunk's temporaries and ``5 * k_max``
-candidates; one compiled program per distinct chunk size (each holds about 10 MiB while the
-process lives, so a leaf's chunks are equal and the heap is trimmed after compiling). Indices
-are int64 per leaf in torch; JAX sees int32 indices within a chunk only, so leaves with 2**31
-entries or more are handled (in chunks) too.
+:class:`LeafwiseSelector` takes the leaves in any order (as ``backward`` produces their
+gradients, with ``stream_grads=True``). Each leaf is cut into equal chunks of at most
+:data:`CHUNK` entries, and each chunk into rows of ``c`` entries. Per chunk, one fused JAX pass
+(``selection.row_maxima`` with the method's own elementwise ``score``) gives the best score of
+every row; the rows that can hold a candidate (at most ``k_max``, best maxima first, and none
+whose maximum is below the ``k_max``-th best entry kept so far) are gathered and scored by a
+second, small JAX program; their entries at or above that floor join the pending candidates,
+which are reduced to the best ``k_max`` whenever they fill a fixed buffer;
+:meth:`LeafwiseSelector.finish` picks the step's ``k``. Exact: a chunk's best ``k_max``
+entries lie in its ``k_max`` rows with the highest maxima (ties: lower row), every entry of
+the global top-``k_max`` is among its chunk's best ``k_max``, and an entry below the floor
+is beaten by ``k_max`` others; ties go to the lower global index (leaf order, then row-major)
+in every reduction, so the entries are exactly those the whole-model selection picks. Nothing
+is sorted but the candidates; the k-th values are found with ``torch.kthvalue`` (linear time).
+
+Memory: besides the tensors being read, one chunk's row maxima (``chunk / c`` floats), one
+block of gathered rows and ``(1 + _PENDING) * k_max`` candidates; two compiled programs per
+distinct chunk size and one per dtype combination (the heap is trimmed after compiling).
+Indices are int64 in torch; JAX sees a chunk only, so leaves with 2**31 entries or more are
+handled (in chunks) too.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ import torch
 
 from optax_selective import selection
 
-CHUNK = 1 << 24  # entries scored by one call: bounds the float32 temporaries (64 MiB)
+CHUNK = 1 << 24  # entries per row-maxima pass (16M: 1M row maxima at c = 16)
 _PENDING = 4  # the candidate buffer holds (1 + _PENDING) * k_max entries
+_BLOCK = 8192  # most rows scored by one call of the row-scoring program
+_ROW = 16  # entries per row
+NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +72,7 @@ class _InitScore:
         return self.method.score(param)
 
 
-TRACES = [0]  # compilations of the two programs below, all selectors together (tests read it)
+TRACES = [0]  # compilations of the programs below, all selectors together (tests read it)
 TRIMS = [0]  # heap trims after those compilations (tests read it)
 
 
@@ -87,17 +96,37 @@ def trim_heap() -> None:
         TRIMS[0] += 1
 
 
+def _clean(score):
+    """float32 scores as ``selection`` ranks them: non-finite -> -inf, -0.0 -> 0.0."""
+    s = score.astype(jnp.float32)
+    s = jnp.where(jnp.isfinite(s), s, -jnp.inf)
+    return jnp.where(s == 0, jnp.float32(0), s)
+
+
 @partial(jax.jit, static_argnums=(0, 1))
-def _chunk_candidates(score_fn: Callable, k: int, *xs):
+def _row_max(score_fn: Callable, c: int, *xs):
+    """The best score of each row of ``c`` entries of the flat chunk ``xs`` (the last row: the
+    entries left), one fused pass."""
     TRACES[0] += 1
-    values, _, index, valid = selection.shard_candidates([xs], k, score_fn=score_fn)
-    return values, index, valid
+    n = xs[0].shape[0]
+    full = n // c * c
+    parts = []
+    if full:
+        parts.append(selection.row_maxima([x[:full].reshape(-1, c) for x in xs], score_fn))
+    if n > full:
+        parts.append(jnp.max(_clean(score_fn(*(x[full:] for x in xs))), keepdims=True))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-@partial(jax.jit, static_argnums=4)
-def _merge(values, leaf, index, k, k_max):
+@partial(jax.jit, static_argnums=(0, 1))
+def _row_scores(score_fn: Callable, c: int, rows, *xs):
+    """The scores of rows ``rows`` (int32, ``(block,)``) of ``c`` entries of the flat chunk
+    ``xs``, as ``(block, c)``; entries past the chunk's end are -inf."""
     TRACES[0] += 1
-    return selection.merge_candidates(values, leaf, index, k, k_max)
+    n = xs[0].shape[0]
+    idx = rows[:, None] * c + jnp.arange(c, dtype=jnp.int32)
+    s = _clean(score_fn(*(x[jnp.minimum(idx, n - 1)] for x in xs)))
+    return jnp.where(idx < n, s, -jnp.inf)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -120,6 +149,35 @@ def _to_jax(t: torch.Tensor) -> jax.Array:
     return jax.dlpack.from_dlpack(t.detach())
 
 
+def _best_positions(values: np.ndarray, order: np.ndarray | None, m: int) -> np.ndarray:
+    """Positions of the ``m`` best of ``values`` (float32, ``-inf``: never chosen), highest
+    first by value and then by lowest ``order`` (default: the position), as a sorted int64
+    array; all finite ones if fewer. Linear time (``np.partition``) but for the ties. NumPy:
+    one thread, so it stays fast where torch's small parallel operations wait for a loaded
+    machine's cores.
+
+    Example:
+      >>> _best_positions(np.array([1.0, 3.0, 1.0, -np.inf], np.float32), None, 2).tolist()
+      [0, 1]
+      >>> _best_positions(np.array([1.0, 3.0, 1.0], np.float32), np.array([5, 0, 2]), 2).tolist()
+      [1, 2]
+    """
+    n = int(values.size)
+    if m <= 0:
+        return np.zeros(0, np.int64)
+    live = values > NEG_INF
+    if m >= n or m >= int(np.count_nonzero(live)):
+        return np.flatnonzero(live)
+    threshold = np.partition(values, n - m)[n - m]  # the m-th highest
+    chosen = values > threshold
+    tied = np.flatnonzero(values == threshold)
+    need = m - int(np.count_nonzero(chosen))
+    if order is not None and tied.size > need:
+        tied = tied[np.argsort(order[tied], kind="stable")]
+    chosen[tied[:need]] = True
+    return np.flatnonzero(chosen)
+
+
 class LeafwiseSelector:
     """Collects one step's candidates leaf by leaf and picks the global top-``k``.
 
@@ -127,17 +185,17 @@ class LeafwiseSelector:
       method: a ``LeafwiseMethod`` (ID3): its elementwise ``score(grad, param, mask)`` is called
         with ``mask=False`` (excluded entries come with a NaN gradient), and ``k_max`` bounds
         the entries one step adds.
-      numels: the number of entries of every leaf, in leaf order (fixes the chunk numbering).
+      numels: the number of entries of every leaf, in leaf order (fixes the global indices).
       chunk: the most entries per scoring call (default :data:`CHUNK`, read at construction;
         tests lower it to exercise leaves split into chunks). A leaf of ``n`` entries is cut
         into ``ceil(n / chunk)`` chunks of ``ceil(n / ceil(n / chunk))`` entries (the last
         may be shorter).
-      k_max: given, the selector chooses a fixed mask of ``k_max`` entries from
-        ``method.score(param)`` (:meth:`offer_param`) instead.
       row_chunks: ``{leaf: (row_length, rows)}``: those leaves are cut into chunks of
         ``rows`` whole rows of ``row_length`` entries instead (``chunk`` aside), so that each
         block of rows a layer of :func:`torch_bridge.chunk_weight_grads` produces is one
         chunk, offered alone (:meth:`offer_rows`) before the rest of the gradient exists.
+      keep_grads: keep the gradient values of the candidates (for ``stream_grads=True``, where
+        the dense gradient is gone by :meth:`finish`); default True.
 
     Example:
       >>> from optax_selective.methods import ID3
@@ -151,49 +209,48 @@ class LeafwiseSelector:
     """
 
     def __init__(self, method: Any, numels: Sequence[int], chunk: int | None = None, *,
-                 k_max: int | None = None, row_chunks: dict[int, tuple[int, int]] | None = None):
+                 row_chunks: dict[int, tuple[int, int]] | None = None, keep_grads: bool = True):
         chunk = CHUNK if chunk is None else chunk
         if not 0 < chunk < 2**31:
             raise ValueError(f"chunk must be in [1, 2**31), got {chunk}.")
-        # k_max given: a mask chosen once from the parameters (PaFI's init, k = k_max), with
-        # the method's score(param); no gradient values are kept.
-        self._init = k_max is not None
-        self.score_fn = _InitScore(method) if self._init else _Unmasked(method)
-        self.k_max = int(method.k_max if k_max is None else k_max)
+        self.score_fn = _Unmasked(method)
+        self.k_max = int(method.k_max)
         self.chunk = int(chunk)
         counts = [max(1, -(-int(n) // self.chunk)) for n in numels]
         # a leaf's chunks are equal (but the last): fewer distinct shapes to compile (the
-        # 32000-row embedding and LM head: one program, not two), each kept in memory
+        # 32000-row embedding and LM head: one program, not two)
         sizes = [-(-int(n) // c) for n, c in zip(numels, counts)]
         self._row_chunks = dict(row_chunks or {})
         for i, (row_len, rows) in self._row_chunks.items():  # a block of rows is one chunk
             sizes[i] = int(row_len) * int(rows)
         self._size = np.array(sizes, np.int64)
-        counts = [max(1, -(-int(n) // int(z))) for n, z in zip(numels, sizes)]
-        self._first_chunk = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        if self._first_chunk[-1] >= 2**31:
-            raise ValueError("too many chunks for int32 chunk numbers; raise chunk.")
+        self._offset = np.concatenate([[0], np.cumsum([int(n) for n in numels])]).astype(np.int64)
+        # rows of c entries: a row whose maximum reaches the floor is scored whole, so the
+        # entries scored are about c times those at or above the floor, and the row maxima of
+        # a chunk are 1/c of its entries
+        self.row = _ROW
+        self._block = int(min(_BLOCK, max(16, 1 << max(0, self.k_max - 1).bit_length())))
+        self._keep_grads = keep_grads
         self._cap = (1 + _PENDING) * self.k_max
         self.reset()
 
     def reset(self) -> None:
         """Forgets every candidate offered (a new step, or the user zeroed the gradients)."""
-        self._values = torch.full((self._cap,), float("-inf"), dtype=torch.float32)
-        self._sub = torch.zeros(self._cap, dtype=torch.int32)
-        self._index = torch.zeros(self._cap, dtype=torch.int32)
-        self._grads = None if self._init else torch.zeros(self._cap, dtype=torch.float64)
+        self._values: list[np.ndarray] = []  # pending candidates (float32 scores), in parts
+        self._gidx: list[np.ndarray] = []  # their global indices (int64)
+        self._grads: list[np.ndarray] = []  # their gradient values (float64)
         self._n = 0
         # the k_max-th best value kept so far: an entry scoring below it cannot be among the
         # best k_max (ties can, by their index), so it is not even pushed
-        self._floor = float("-inf")
+        self._floor = NEG_INF
         self.offered: set[int] = set()
 
     def offer(self, leaf: int, grad: torch.Tensor, param: torch.Tensor,
               selected: torch.Tensor | None = None) -> None:
-        """Adds leaf ``leaf``'s best ``k_max`` entries (per chunk) to the candidates, with the
-        gradient values there (needed once the dense gradient is gone). ``selected`` (flat
-        int64 indices) are excluded: their gradient is set to NaN during the call and put
-        back after it. Reads the tensors during the call only."""
+        """Adds leaf ``leaf``'s entries that may be among the step's best ``k_max`` to the
+        candidates, with the gradient values there (needed once the dense gradient is gone).
+        ``selected`` (flat int64 indices) are excluded: their gradient is set to NaN during
+        the call and put back after it. Reads the tensors during the call only."""
         if self.k_max == 0:
             return
         self.offered.add(leaf)
@@ -206,12 +263,12 @@ class LeafwiseSelector:
                 selected_values = flat_grad[selected]
             flat_grad[selected] = float("nan")
             try:
-                self._offer(leaf, flat_grad, param)
+                self._offer(leaf, flat_grad, param.detach().reshape(-1))
             finally:
                 if selected_values is not None:
                     flat_grad[selected] = selected_values
             return
-        self._offer(leaf, flat_grad, param)
+        self._offer(leaf, flat_grad, param.detach().reshape(-1))
 
     def rows_per_chunk(self, leaf: int) -> int | None:
         """Rows of leaf ``leaf`` per chunk (for :meth:`offer_rows`), or None for a leaf not
@@ -237,99 +294,102 @@ class LeafwiseSelector:
             here = selected[(selected >= lo) & (selected < lo + flat_grad.numel())] - lo
             flat_grad[here] = float("nan")  # the block is consumed: nothing to put back
         flat_param = param.detach().reshape(-1)[lo:lo + flat_grad.numel()]
-        self._offer(leaf, flat_grad, flat_param, first=start // rows)
+        self._offer(leaf, flat_grad, flat_param, first=lo)
 
-    def offer_param(self, leaf: int, param: torch.Tensor) -> None:
-        """Adds leaf ``leaf``'s best ``k_max`` entries (per chunk) by ``method.score(param)``
-        (a selector built with ``k_max``: a mask chosen from the parameters alone)."""
-        if not self._init:
-            raise TypeError("offer_param needs a selector built with k_max (a fixed mask).")
-        if self.k_max:
-            self.offered.add(leaf)
-            self._offer(leaf, None, param)
-
-    def _offer(self, leaf: int, flat_grad: torch.Tensor | None, param: torch.Tensor,
+    def _offer(self, leaf: int, flat_grad: torch.Tensor, flat_param: torch.Tensor,
                first: int = 0) -> None:
-        """Offers chunks ``first, first + 1, ...`` of leaf ``leaf`` (the tensors hold those)."""
-        flats = [param.detach().reshape(-1)]
-        if flat_grad is not None:
-            flats.insert(0, flat_grad)
-        n = flats[0].numel()
+        """Offers the chunks of ``flat_grad`` / ``flat_param``: entries ``first, first + 1,
+        ...`` of leaf ``leaf``."""
+        n = flat_grad.numel()
         size = int(self._size[leaf])
+        c = self.row
         traces = TRACES[0]
-        for j, start in enumerate(range(0, n, size)):
+        for start in range(0, n, size):
             end = min(n, start + size)
-            xs = [_to_jax(f[start:end]) for f in flats]
-            k = min(self.k_max, end - start)
-            values, index, valid = jax.block_until_ready(_chunk_candidates(self.score_fn, k, *xs))
-            valid = torch.from_dlpack(valid)
-            if self._floor > float("-inf"):
-                valid = valid & (torch.from_dlpack(values) >= self._floor)
-            index = torch.from_dlpack(index)[valid]
-            values = torch.from_dlpack(values)[valid]
-            if not index.numel():
+            xs = (_to_jax(flat_grad[start:end]), _to_jax(flat_param[start:end]))
+            maxima = np.asarray(_row_max(self.score_fn, c, *xs))
+            # rows that can hold a candidate: none below the floor, and at most k_max (the
+            # chunk's best k_max entries lie in its k_max rows of highest maxima)
+            rows = np.flatnonzero(maxima >= self._floor if self._floor > NEG_INF
+                                  else maxima > NEG_INF)
+            if rows.size > self.k_max:
+                rows = rows[_best_positions(maxima[rows], None, self.k_max)]
+            if not rows.size:
                 continue
-            grads = None if flat_grad is None else (
-                flat_grad[start:end][index.to(torch.int64)].to(torch.float64))
-            sub = int(self._first_chunk[leaf]) + first + j
-            self._push(values, torch.full_like(index, sub), index, grads)
+            values = self._score_rows(xs, rows)
+            keep = np.flatnonzero(values >= self._floor if self._floor > NEG_INF
+                                  else values > NEG_INF)
+            if keep.size > self.k_max:  # the chunk's best k_max (positions are in order)
+                keep = keep[_best_positions(values[keep], None, self.k_max)]
+            if not keep.size:
+                continue
+            local = rows[keep // c] * c + keep % c + start  # in index order
+            grads = (flat_grad[torch.from_numpy(local)].to(torch.float64).numpy()
+                     if self._keep_grads else None)
+            self._push(values[keep], local + (int(self._offset[leaf]) + first), grads)
         if TRACES[0] != traces:
             trim_heap()
 
-    def _push(self, values, sub, index, grads) -> None:
-        m = int(values.numel())
-        if self._n + m > self._cap:
+    def _score_rows(self, xs: tuple[jax.Array, ...], rows: np.ndarray) -> np.ndarray:
+        """The scores of the entries of chunk rows ``rows``, flat (``len(rows) * c``)."""
+        block = self._block
+        out = []
+        for a in range(0, rows.size, block):
+            part = np.zeros(block, np.int32)  # a fixed shape (one program per chunk size)
+            m = min(block, rows.size - a)
+            part[:m] = rows[a:a + m]
+            out.append(np.asarray(_row_scores(self.score_fn, self.row, part, *xs))[:m].reshape(-1))
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _push(self, values: np.ndarray, gidx: np.ndarray, grads: np.ndarray | None) -> None:
+        """Adds candidates (float32 scores, int64 global indices, float64 gradient values)."""
+        self._values.append(values)
+        self._gidx.append(gidx)
+        if grads is not None:
+            self._grads.append(grads)
+        self._n += int(values.size)
+        # the first k_max at once (a floor as early as possible), then every k_max more
+        if self._n > 2 * self.k_max or (self._floor == NEG_INF and self._n >= self.k_max):
             self._reduce(self.k_max)
-        s = slice(self._n, self._n + m)
-        self._values[s], self._sub[s], self._index[s] = values, sub, index
-        if self._grads is not None:
-            self._grads[s] = grads
-        self._n += m
+
+    def _joined(self):
+        cat = (lambda xs: xs[0] if len(xs) == 1 else np.concatenate(xs))  # noqa: E731
+        return cat(self._values), cat(self._gidx), cat(self._grads) if self._grads else None
 
     def _reduce(self, k: int) -> None:
-        """Keeps the best ``k`` candidates (the order merge_candidates decides)."""
-        traces = TRACES[0]
-        leaf, index, valid = jax.block_until_ready(_merge(
-            _to_jax(self._values), _to_jax(self._sub), _to_jax(self._index), k, self.k_max))
-        valid = torch.from_dlpack(valid)
-        leaf, index = torch.from_dlpack(leaf)[valid], torch.from_dlpack(index)[valid]
-        m = int(leaf.numel())
-        if self._grads is None:
-            # nothing rides along: the kept values are the m largest, best first as the slots
-            vals, sub, idx = torch.topk(self._values[: self._n], m).values, leaf, index
-        else:  # find each kept candidate's gradient value
-            key_new = (leaf.to(torch.int64) << 32) | index.to(torch.int64)
-            live = slice(0, self._n)
-            key_old = (self._sub[live].to(torch.int64) << 32) | self._index[live].to(torch.int64)
-            order = torch.argsort(key_old)
-            pos = order[torch.searchsorted(key_old[order], key_new)]
-            vals, sub, idx = self._values[pos], self._sub[pos], self._index[pos]
-            self._grads[:m] = self._grads[pos]
-        self._values.fill_(float("-inf"))
-        self._values[:m], self._sub[:m], self._index[:m] = vals, sub, idx
-        self._n = m
-        if m == k == self.k_max:
-            self._floor = float(vals.min())
-        if TRACES[0] != traces:
-            trim_heap()
+        """Keeps the best ``k`` candidates (score, then lower global index)."""
+        if not self._n:
+            return
+        values, gidx, grads = self._joined()
+        keep = _best_positions(values, gidx, k)
+        values, gidx = values[keep], gidx[keep]
+        self._values, self._gidx = [values], [gidx]
+        self._grads = [] if grads is None else [grads[keep]]
+        self._n = int(values.size)
+        if self._n == k == self.k_max:
+            self._floor = float(values.min())
 
     def finish(self, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """The step's ``k`` entries: ``{leaf: (int64 flat indices, float64 gradient values)}``,
-        in the order the method ranks them (best first); then forgets the candidates. The
-        gradient values are None for a selector built with ``k_max``."""
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        in the order the method ranks them (best first; leaves ascending); then forgets the
+        candidates. The gradient values are None for a selector built with
+        ``keep_grads=False``."""
+        out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.k_max and self._n:
             self._reduce(k)
-            sub = self._sub[: self._n].to(torch.int64)
-            leaf = torch.from_numpy(
-                np.searchsorted(self._first_chunk, sub.numpy(), side="right") - 1
-            )
-            flat = ((sub - torch.from_numpy(self._first_chunk)[leaf]) * torch.from_numpy(self._size)[leaf]
-                    + self._index[: self._n])
-            grads = None if self._grads is None else self._grads[: self._n]
-            for i in torch.unique(leaf).tolist():
-                sel = leaf == i
-                out[int(i)] = (flat[sel], None if grads is None else grads[sel].clone())
+            values, gidx, grads = self._joined()
+            # leaf by leaf (ascending), best first in each: by score descending, ties by
+            # global index (stable sorts)
+            order = np.argsort(gidx, kind="stable")
+            order = order[np.argsort(-values[order], kind="stable")]
+            leaf = np.searchsorted(self._offset, gidx[order], side="right") - 1
+            by_leaf = np.argsort(leaf, kind="stable")
+            order, leaf = order[by_leaf], leaf[by_leaf]
+            flat = gidx[order] - self._offset[leaf]
+            cuts = np.flatnonzero(leaf[1:] != leaf[:-1]) + 1
+            for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), leaf.size]):
+                out[int(leaf[a])] = (torch.from_numpy(flat[a:b].copy()), None if grads is None
+                                     else torch.from_numpy(grads[order[a:b]]))
         self.reset()
         return out
 

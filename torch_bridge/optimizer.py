@@ -314,7 +314,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             row_chunks = {i: (p[0].numel(), rows) for i, p in enumerate(params)
                           if (rows := block_rows(p)) is not None}
             self._leafwise = LeafwiseSelector(method, [p.numel() for p in params],
-                                              row_chunks=row_chunks)
+                                              row_chunks=row_chunks,
+                                              keep_grads=self._stream_requested)
             self._b_eff = method.effective_budget(layout)
         self._drop_masks()
         self._initial = _verify.snapshot(params) if verify else None

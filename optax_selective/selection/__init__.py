@@ -31,6 +31,7 @@ from optax_selective.selection.topk import (
     indices_to_masks,
     merge_candidates,
     order_key,
+    row_maxima,
     shard_candidates,
     top_k_indices,
     top_k_masks,
@@ -50,6 +51,7 @@ __all__ = [
     "top_k_indices",
     "shard_candidates",
     "merge_candidates",
+    "row_maxima",
     "indices_to_masks",
     "top_k_masks_reference",
 ]

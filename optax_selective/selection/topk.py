@@ -452,6 +452,24 @@ def _row_maxima(arrays, fn):
     return jnp.max(parts[0], axis=1)
 
 
+def row_maxima(arrays: Sequence[jax.Array], score_fn: Callable[..., jax.Array] | None = None) -> jax.Array:
+    """The best score of each row: ``max(score_fn(*arrays), axis=1)`` over same-shape
+    ``(rows, c)`` arrays, with non-finite scores as ``-inf`` and ``-0.0`` as ``0.0`` (the
+    ranking :func:`top_k_masks` uses), in one fused pass that never writes the full scores.
+
+    The rows whose maxima rank highest hold the top-k entries (the rows path's argument), so
+    this is the pass a selection one leaf at a time (the torch bridge) starts from.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_selective import selection
+      >>> selection.row_maxima([jnp.array([[1.0, -3.0], [jnp.nan, -0.0]])], jnp.abs).tolist()
+      [3.0, 0.0]
+    """
+    fn = (lambda x: x) if score_fn is None else score_fn  # noqa: E731
+    return _zero_sign(_row_maxima(tuple(arrays), fn))
+
+
 def _finite_or_neg_inf(x):
     x = x.astype(jnp.float32)
     return jnp.where(jnp.isfinite(x), x, NEG_INF)
