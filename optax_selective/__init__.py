@@ -31,6 +31,7 @@ from optax_selective.summary import (
     make_summary,
     save_summary,
 )
+from optax_selective.summary.signing import SignatureError, sign, verify_signature
 from optax_selective.transform import (
     SelectiveState,
     selective,
@@ -61,6 +62,9 @@ __all__ = [
     "VerificationError",
     "validate_state",
     "StateValidationError",
+    "sign",
+    "verify_signature",
+    "SignatureError",
     "SparseSummary",
     "SummaryLeaf",
     "SummaryFormatError",

@@ -333,7 +333,7 @@ def test_forged_tensor_offsets_are_refused(tmp_path):
     header[key]["data_offsets"][1] += 10**8  # claims 100 MB the file does not have
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-    refused(path, "malformed|stored as")
+    refused(path, "malformed|stored as|data_offsets")
 
 
 def test_not_a_summary_names_the_file(tmp_path):
@@ -431,3 +431,146 @@ def test_damaged_files_only_raise_summary_mismatch(tmp_path, monkeypatch, kind):
             load_summary_from_disk(path)
         except SummaryMismatchError as e:
             assert str(path) in str(e)
+
+
+# ------------------------------------------------------------------------------------------
+# issue 28: BatchNorm statistics, error types, inconsistencies, caps
+
+
+def forge_buffers(path, change):
+    """Rewrites the file with changed BatchNorm buffers, digests recomputed (as an attacker
+    can)."""
+    from torch_bridge.summary import _buffer_head
+
+    def tensors_fn(tensors):
+        for k in list(tensors):
+            if k.startswith("buffers/"):
+                tensors[k] = change(k.removeprefix("buffers/"), tensors[k])
+        forged.update(tensors)
+
+    def meta_fn(meta):
+        for e in meta["buffers"]:
+            t = forged[f"buffers/{e['name']}"]
+            e["sha256"] = _digest(_buffer_head(e["name"], t), t)
+
+    forged = {}
+    forge(path, tensors_fn, meta_fn)
+
+
+@pytest.mark.parametrize("stat, value, match", [
+    ("running_var", -1.0, "negative"), ("running_var", float("nan"), "NaN or infinity"),
+    ("running_mean", float("inf"), "NaN or infinity"), ("num_batches_tracked", -5, "negative"),
+])
+def test_bad_batchnorm_statistics_are_refused(tmp_path, monkeypatch, stat, value, match):
+    model, path = written(tmp_path)
+
+    def change(name, t):
+        return torch.full_like(t, value) if name.endswith(stat) else t
+
+    forge_buffers(path, change)
+    refused(path, match)
+    bn = bn_04(model)
+    bn[0][stat] = torch.full_like(bn[0][stat], value)
+    legacy = tmp_path / "bn_04.pt"
+    write_04(monkeypatch, legacy, [None] * 4, [None] * 4, [None] * 4, bn, 0)
+    refused(legacy, match, read_legacy_summary)
+    refused(legacy, match)
+
+
+def test_huge_0_4_shapes_raise_the_library_error(tmp_path, monkeypatch):
+    model = small_model()
+    path = tmp_path / "huge.pt"
+    write_04(monkeypatch, path, [torch.tensor([1.0]), None, None, None],
+             [torch.tensor([[0, 0, 0]]), None, None, None], [[2**40] * 3, None, None, None],
+             bn_04(model), 1)
+    refused(path, "more than int64 indices reach", read_legacy_summary)
+
+
+def test_huge_declared_shape_is_refused_before_pointers_are_computed(tmp_path):
+    _, path = written(tmp_path)
+
+    def meta_fn(meta):
+        meta["params"][0]["shape"] = [2**40] * 3
+    forge(path, meta_fn=meta_fn)
+    refused(path, "fewer than 2..63 entries")
+
+
+def test_a_header_over_the_cap_says_so(tmp_path):
+    _, path = written(tmp_path)
+    data = path.read_bytes()
+    n = 17 * 2**20
+    path.write_bytes(struct.pack("<Q", n) + data[8:] + b" " * n)
+    refused(path, "more than the 16 MiB a summary of at most 16384 parameters may have")
+
+
+def test_an_entry_listed_twice_is_refused(tmp_path):
+    _, path = written(tmp_path)
+    forge(path, meta_fn=lambda meta: meta["params"].append(dict(meta["params"][0])))
+    refused(path, "listed twice")
+
+
+def test_num_params_of_another_model_is_refused(tmp_path):
+    model, path = written(tmp_path)
+    forge(path, meta_fn=lambda meta: meta.update(num_params=1000))
+    s = load_summary_from_disk(path)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(SummaryMismatchError, match="a model of 1000 parameters, this model has 4"):
+        load_weights_from_summary(model, s)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
+
+
+@pytest.mark.parametrize("method", ["x" * 100_000, "id3\n", "", "\x00pafi"])
+def test_malformed_method_names_are_refused(tmp_path, method):
+    _, path = written(tmp_path)
+    forge(path, meta_fn=lambda meta: meta.update(method=method))
+    refused(path, "is not a method name")
+
+
+def test_entries_the_model_lacks_are_refused_before_reading(tmp_path):
+    model, path = written(tmp_path)
+    assert load_summary_from_disk(path, model=model).budget_used == 4
+    def rename(tensors):
+        for kind in ("indices", "values"):
+            tensors[f"params/no.such/{kind}"] = tensors.pop(f"params/0.weight/{kind}")
+
+    forge(path, rename, lambda meta: meta["params"][0].update(name="no.such"))
+    with pytest.raises(SummaryMismatchError, match="the model has none such"):
+        load_summary_from_disk(path, model=model)
+
+
+def test_more_params_than_the_cap_are_refused(tmp_path):
+    model, path = written(tmp_path)
+    n = load_summary_from_disk(path).budget_used
+    assert n == 4 and len(load_summary_from_disk(path)["params"]) == 2
+    refused_cap = pytest.raises(SummaryMismatchError, match="lists 2 parameters, more than")
+    with refused_cap:
+        load_summary_from_disk(path, max_params=1)
+    with refused_cap:
+        load_summary_from_disk(path, model=torch.nn.Linear(1, 1, bias=False))
+
+
+def test_many_empty_entries_under_the_cap_load(tmp_path):
+    """The shape of the slow file of issue 28 (zero-count entries), smaller: it loads, with
+    every entry checked (the speed is measured by benchmarks/summary_load.py)."""
+    from torch_bridge.summary import MAX_PARAMS, Summary
+
+    n = 2_000
+    params = {f"p{i}": {"position": i, "shape": [3], "dtype": "float32",
+                        "indices": torch.zeros(0, dtype=torch.int32), "values": torch.zeros(0)}
+              for i in range(n)}
+    s = Summary(format="optax_selective.torch_summary", format_version=1, method="pafi",
+                budget_used=0, num_params=n, params=params, buffers={})
+    path = tmp_path / "empty.safetensors"
+    write_summary_to_disk(path, s)
+    assert len(load_summary_from_disk(path)["params"]) == n
+    assert MAX_PARAMS >= 16_384
+
+
+def test_the_digest_head_is_json_dumps():
+    from torch_bridge.summary import _head_json
+
+    for name in ["w", 'we"ird\\name', "ünï.cödé", "a\nb"]:
+        for head in ({"name": name, "position": 3, "shape": [2, 0, 5], "dtype": "bfloat16",
+                      "index_dtype": "int64", "count": 7},
+                     {"name": name, "shape": [], "dtype": "int64"}):
+            assert _head_json(head) == json.dumps(head, sort_keys=True)

@@ -33,6 +33,7 @@ from torch_bridge.summary_types import (
     FORMAT_VERSION,
     LEGACY_FORMAT,
     Summary,
+    check_buffer,
     check_summary,
     dtype_name,
 )
@@ -105,9 +106,12 @@ def legacy_from_record(path: Any, record: LegacyRecord) -> Summary:
     total = 0
     for i, (val, ptr, shape) in enumerate(zip(values, pointers, shapes)):
         if shape is not None:
-            if not isinstance(shape, (tuple, list)) or not all(
+            if not isinstance(shape, (tuple, list)) or len(shape) > 64 or not all(
                     isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-                raise bad(f"shapes[{i}] {shape!r} is not a shape")
+                raise bad(f"shapes[{i}] {str(shape)[:80]} is not a shape")
+            if math.prod(shape) >= 2**63:
+                raise bad(f"shapes[{i}] {list(shape)} has {math.prod(shape)} entries, more than "
+                          "int64 indices reach (2**63)")
             shape = tuple(shape)
         out_shapes.append(shape)
         if val is None and ptr is None:
@@ -142,6 +146,11 @@ def legacy_from_record(path: Any, record: LegacyRecord) -> Summary:
         if not isinstance(meta, dict) or not all(
                 isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in meta.items()):
             raise bad(f"bn_metadata[{j}] is not a dict of tensors")
+        for k, t in meta.items():
+            try:
+                check_buffer(k, t, f"bn_metadata[{j}]")
+            except SummaryMismatchError as e:
+                raise bad(str(e).rstrip(".")) from None
         bn.append(dict(meta))
     return Summary(format=LEGACY_FORMAT, values=list(values), pointers=list(pointers),
                    shapes=out_shapes, bn_metadata=bn, budget_used=budget_used)

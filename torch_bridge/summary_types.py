@@ -27,7 +27,7 @@ import torch
 
 from torch_bridge._errors import SummaryMismatchError
 
-__all__ = ["Summary", "check_summary", "dtype_name", "is_int", "FORMAT", "FORMAT_VERSION",
+__all__ = ["Summary", "check_summary", "check_buffer", "check_method_name", "dtype_name", "is_int", "FORMAT", "FORMAT_VERSION",
            "LEGACY_FORMAT", "VALUE_DTYPES", "BUFFER_DTYPES"]
 
 FORMAT = "optax_selective.torch_summary"
@@ -154,19 +154,70 @@ def _check_format(summary: Any, where: str = "summary") -> None:
         )
 
 
-def check_summary(summary: Any, where: str = "summary") -> None:
+MAX_METHOD_CHARS = 100
+_INT64_ENTRIES = 2**63
+
+
+def check_method_name(method: Any, where: str = "summary") -> None:
+    """Refuses a ``method`` field that no method has: not a str, empty, longer than
+    ``MAX_METHOD_CHARS`` or holding characters outside printable ASCII. Any well-formed name
+    is accepted (methods registered with ``optax_selective.methods.register`` included).
+
+    Example:
+      >>> check_method_name("id3")
+      >>> check_method_name("x" * 1000)
+      Traceback (most recent call last):
+      torch_bridge._errors.SummaryMismatchError: summary: method 'xxxxxxxxxxxxxxxxxxxx...' (1000 characters) is not a method name (printable ASCII, 1 to 100 characters).
+    """
+    if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_CHARS or not (
+            method.isascii() and method.isprintable()):
+        shown = repr(method[:20] + "...") if isinstance(method, str) and len(method) > 20 \
+            else repr(method)
+        n = f" ({len(method)} characters)" if isinstance(method, str) else ""
+        raise SummaryMismatchError(
+            f"{where}: method {shown}{n} is not a method name (printable ASCII, 1 to "
+            f"{MAX_METHOD_CHARS} characters).")
+
+
+def check_buffer(name: str, t: torch.Tensor, where: str = "summary") -> None:
+    """Refuses BatchNorm statistics a model cannot use: NaN or infinity, a negative
+    ``running_var``, a negative ``num_batches_tracked``.
+
+    Example:
+      >>> check_buffer("bn.running_var", torch.tensor([1.0, -2.0]))
+      Traceback (most recent call last):
+      torch_bridge._errors.SummaryMismatchError: summary: buffer bn.running_var holds negative values (a variance cannot be negative).
+    """
+    if not t.numel():
+        return
+    if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        raise SummaryMismatchError(f"{where}: buffer {name} holds NaN or infinity.")
+    if name.rsplit(".", 1)[-1] == "running_var" and bool((t < 0).any()):
+        raise SummaryMismatchError(
+            f"{where}: buffer {name} holds negative values (a variance cannot be negative).")
+    if not t.is_floating_point() and bool((t < 0).any()):
+        raise SummaryMismatchError(f"{where}: buffer {name} holds negative counts.")
+
+
+def check_summary(summary: Any, where: str = "summary", *, entries_checked: bool = False) -> None:
     """Checks a summary's own invariants (no model needed).
+
+    ``entries_checked=True`` skips the per-entry index and value checks (the file reader
+    has done them, vectorized, on the raw bytes).
 
     Raises:
       SummaryMismatchError: naming ``where`` and the first problem: fields missing or of the
-        wrong type, positions repeated, indices not a strictly increasing 1-D int32/int64
-        tensor within the declared shape, values not finite or not of the declared dtype and
-        length, ``budget_used`` different from the number of entries present.
+        wrong type, a method name no method has, positions repeated, a shape of 2**63
+        entries or more, indices not a strictly increasing 1-D int32/int64 tensor within the
+        declared shape, values not finite or not of the declared dtype and length,
+        ``budget_used`` different from the number of entries present, BatchNorm statistics
+        that are not finite or negative (``running_var``, ``num_batches_tracked``).
     """
     _check_format(summary, where)
     for field, typ in (("method", str), ("budget_used", int), ("params", dict), ("buffers", dict)):
         if not isinstance(summary.get(field), typ) or isinstance(summary.get(field), bool):
             raise SummaryMismatchError(f"{where}: field {field!r} is missing or not a {typ.__name__}.")
+    check_method_name(summary["method"], where)
     if "num_params" in summary and not (is_int(summary["num_params"]) and summary["num_params"] >= 0):
         raise SummaryMismatchError(f"{where}: num_params must be an int >= 0.")
     seen: set[int] = set()
@@ -196,9 +247,16 @@ def check_summary(summary: Any, where: str = "summary") -> None:
         if val.dtype != VALUE_DTYPES[dtype]:
             raise SummaryMismatchError(f"{where}: {name}: values dtype {val.dtype}, declared {dtype}.")
         size = math.prod(shape)
+        if size >= _INT64_ENTRIES:
+            raise SummaryMismatchError(
+                f"{where}: {name}: shape {list(shape)} has {size} entries, more than int64 "
+                "indices reach (2**63).")
         if idx.numel() > size:
             raise SummaryMismatchError(
                 f"{where}: {name}: {idx.numel()} indices for a shape of {size} entries.")
+        if entries_checked:
+            total += idx.numel()
+            continue
         if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= size
                             or not bool((idx[1:] > idx[:-1]).all())):
             raise SummaryMismatchError(
@@ -219,3 +277,4 @@ def check_summary(summary: Any, where: str = "summary") -> None:
             raise SummaryMismatchError(f"{where}: buffers must map names to tensors.")
         if dtype_name(t.dtype) not in BUFFER_DTYPES:
             raise SummaryMismatchError(f"{where}: buffer {name}: dtype {t.dtype} not supported.")
+        check_buffer(name, t, where)

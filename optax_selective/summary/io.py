@@ -11,11 +11,12 @@ device saved it, and checks a SHA-256 digest of every leaf (the checks live in
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
 
-from optax_selective.summary import _format
+from optax_selective.summary import _format, signing
 from optax_selective.summary.types import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -36,7 +37,8 @@ def _array_name(i: int) -> str:
 
 
 def save_summary(
-    path: str | os.PathLike, summary: SparseSummary, *, overwrite: bool = False
+    path: str | os.PathLike, summary: SparseSummary, *, overwrite: bool = False,
+    key: Any = None,
 ) -> None:
     """Writes ``summary`` to the folder ``path`` with orbax-checkpoint, atomically.
 
@@ -55,6 +57,8 @@ def save_summary(
       summary: the summary to write.
       overwrite: replace an existing summary folder. Anything else at ``path`` (a file, a
         folder that is not a summary) is never replaced: ``FileExistsError``.
+      key: optionally sign the folder (:func:`optax_selective.sign`, ``PATH.sig``): an
+        HMAC-SHA256 secret (``bytes``) or an Ed25519 private key. Process 0 signs.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp, optax_selective as osel
@@ -74,6 +78,8 @@ def save_summary(
 
     if not isinstance(summary, SparseSummary):
         raise TypeError(f"summary must be a SparseSummary, got {type(summary).__name__}.")
+    if key is not None:
+        signing.key_algorithm(key, signing=True)  # refuse an unusable key before writing
     path = _abs_path(path)
     if os.path.lexists(path):
         if not overwrite:
@@ -118,6 +124,8 @@ def save_summary(
         finally:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+        if key is not None:
+            signing.sign(path, key)
         return
     # Several JAX processes: orbax's save is collective, so every process writes into one
     # temporary folder (a name process 0 draws), then process 0 alone moves it into place.
@@ -131,6 +139,8 @@ def save_summary(
         if jax.process_index() == 0:
             fsync_tree(tmp)
             replace_dir(tmp, path, overwrite=overwrite, is_replaceable=_format.not_replaceable)
+            if key is not None:
+                signing.sign(path, key)
     finally:
         if jax.process_index() == 0 and os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,8 +162,12 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
-def load_summary(path: str | os.PathLike) -> SparseSummary:
+def load_summary(path: str | os.PathLike, *, key: Any = None) -> SparseSummary:
     """Reads a summary written by :func:`save_summary`, onto the host (NumPy arrays).
+
+    With ``key`` (the HMAC secret, or the signer's Ed25519 public key) the folder must carry
+    a valid signature (``PATH.sig``, see :func:`optax_selective.sign`) over exactly its files,
+    checked before anything else is read; otherwise ``SignatureError``.
 
     Only JSON and array data are read; no code from the folder runs. Works whatever device
     saved the summary. Before any array is read, the JSON metadata is checked and every stored
@@ -178,6 +192,10 @@ def load_summary(path: str | os.PathLike) -> SparseSummary:
       no summary folder at /no/such/summary
     """
     path = _abs_path(path)
+    if key is not None:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no summary folder at {path}")
+        signing.verify_signature(path, key)
     for attempt in range(3):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no summary folder at {path}")
