@@ -574,3 +574,14 @@ def test_the_digest_head_is_json_dumps():
                       "index_dtype": "int64", "count": 7},
                      {"name": name, "shape": [], "dtype": "int64"}):
             assert _head_json(head) == json.dumps(head, sort_keys=True)
+
+
+def test_pointers_of_a_huge_declared_shape_raise_the_library_error():
+    from torch_bridge.summary import Summary
+
+    s = Summary(format="optax_selective.torch_summary", format_version=1, method="pafi",
+                budget_used=1, num_params=1, buffers={},
+                params={"w": {"position": 0, "shape": [2**40] * 3, "dtype": "float32",
+                              "indices": torch.tensor([0]), "values": torch.tensor([1.0])}})
+    with pytest.raises(SummaryMismatchError, match="more than int64 indices reach"):
+        s.pointers

@@ -99,8 +99,12 @@ class Summary(dict):
         if not isinstance(n, int):
             n = 1 + max((e["position"] for e in params.values()), default=-1)
         out: list[Any] = [None] * n
-        for e in params.values():
+        for name, e in params.items():
             shape = tuple(e["shape"])
+            if math.prod(shape) >= _INT64_ENTRIES:
+                raise SummaryMismatchError(
+                    f"summary: {name}: shape {list(shape)} has {math.prod(shape)} entries, more "
+                    "than int64 indices reach (2**63); check_summary refuses it.")
             if what == "values":
                 out[e["position"]] = e["values"]
             elif what == "shapes":
