@@ -186,3 +186,19 @@ def test_entry_adam_under_the_selective_wrapper_keeps_the_budget():
         opt.step()
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
     assert 0 < changed <= 10 and opt.get_budget_used() == 10
+
+
+def test_id3_diagnosis_sorts_bert_parameters_by_kind():
+    from benchmarks.quality.id3_diagnosis import kind
+
+    cases = {
+        ("bert.embeddings.word_embeddings.weight", (30522, 384)): "word embeddings",
+        ("bert.embeddings.position_embeddings.weight", (512, 384)): "position/type embeddings",
+        ("bert.embeddings.LayerNorm.weight", (384,)): "LayerNorm",
+        ("bert.encoder.layer.0.attention.self.query.weight", (384, 384)): "attention weights",
+        ("bert.encoder.layer.0.attention.self.query.bias", (384,)): "biases",
+        ("bert.encoder.layer.0.intermediate.dense.weight", (1536, 384)): "feed-forward weights",
+        ("bert.pooler.dense.weight", (384, 384)): "pooler weight",
+        ("bert.pooler.dense.bias", (384,)): "pooler bias",
+    }
+    assert {k: kind(*k) for k in cases} == cases

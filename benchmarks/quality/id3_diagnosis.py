@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.quality.ablation import late_step_factor
 from benchmarks.runs import ROOT, run_line, write_json
 
 ARMS: dict[str, dict[str, Any]] = {
@@ -63,12 +64,6 @@ def kind(name: str, shape: tuple[int, ...]) -> str:
     if "attention" in name:
         return "attention weights"
     return "feed-forward weights"
-
-
-def late_step_factor(t: int, k: int, b1: float = 0.9, b2: float = 0.999) -> float:
-    """|Adam step| / lr after ``k`` steps of a steady gradient on an entry selected at global
-    step ``t - k + 1`` (1-based), global step count ``t``, eps -> 0 (a per-entry count: 1)."""
-    return ((1 - b1 ** k) / (1 - b1 ** t)) / ((1 - b2 ** k) / (1 - b2 ** t)) ** 0.5
 
 
 def d3(p: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
