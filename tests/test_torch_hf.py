@@ -164,3 +164,75 @@ def test_minilm_trainer_and_summary(tmp_path):
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_lora_summary_refuses_an_adapter_built_with_another_seed(tmp_path):
+    model = lora_model()
+    head, body = head_and_body(model, "classifier")
+    optimizer = get_selective_optimizer(torch.optim.AdamW, "id3")(
+        params=[{"params": head, "choose_all": True}, {"params": body}],
+        lr=5e-2, weight_decay=0.0, budget=sum(p.numel() for p in head) + 40, max_steps=2)
+    data = Toy()
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in data[0]}
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    write_summary_to_disk(tmp_path / "lora.pt", optimizer.get_summary(model))
+    summary = load_summary_from_disk(tmp_path / "lora.pt")
+    base = tiny_bert(0)  # the same base model, the adapter initialised with another seed
+    torch.manual_seed(99)
+    other = peft.get_peft_model(base, peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"]))
+    from torch_bridge import SummaryMismatchError
+
+    with pytest.raises(SummaryMismatchError, match="lora_A.*same seed"):
+        load_weights_from_summary(other, summary)
+    fresh = lora_model()  # built as the trained one was: loads, and gives its logits
+    load_weights_from_summary(fresh, summary)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def trainer_run(tmp_path, stream, **args):
+    """A tiny BERT through Trainer with the bridge's callback; PaFI, 4 steps."""
+    from torch_bridge.trainer import SelectiveCallback
+
+    model = tiny_bert()
+    optimizer = get_selective_optimizer(torch.optim.AdamW, "pafi")(
+        model.parameters(), lr=1e-2, weight_decay=0.0, budget=300, stream_grads=stream)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+        learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True,
+        logging_steps=1, **args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Toy(),
+                                   optimizers=(optimizer, None),
+                                   callbacks=[SelectiveCallback()])
+    trainer.train()
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    return model, norms, args
+
+
+def test_trainer_callback_writes_the_summary_at_each_checkpoint_and_at_the_end(tmp_path):
+    from torch_bridge.trainer import SUMMARY_NAME
+
+    model, _, _ = trainer_run(tmp_path, False, save_strategy="steps", save_steps=2)
+    for folder in ("checkpoint-2", "checkpoint-4", "."):
+        summary = load_summary_from_disk(tmp_path / folder / SUMMARY_NAME)
+        assert summary["budget_used"] == 300
+    fresh = tiny_bert()
+    load_weights_from_summary(fresh, load_summary_from_disk(tmp_path / SUMMARY_NAME))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def test_trainer_clips_streamed_gradients_as_dense_ones(tmp_path):
+    """stream_grads=True under Trainer (max_grad_norm 0.05): the callback clips, with the norm
+    and update of Trainer's own clipping of dense gradients, and logs that norm (not 0)."""
+    dense, want, _ = trainer_run(tmp_path / "dense", False, save_strategy="no",
+                                 max_grad_norm=0.05)
+    streamed, norms, args = trainer_run(tmp_path / "stream", True, save_strategy="no",
+                                        max_grad_norm=0.05)
+    assert len(norms) == 4 and all(n > 0.05 for n in want)  # every step clips
+    assert norms == want and args.max_grad_norm == 0.05  # restored after training
+    assert all(torch.equal(a, b) for a, b in zip(streamed.parameters(), dense.parameters()))

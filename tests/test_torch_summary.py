@@ -116,3 +116,39 @@ def test_summary_needs_the_trained_model():
     model, opt = trained()
     with pytest.raises(ValueError, match="not a parameter of the model passed to get_summary"):
         opt.get_summary(torch.nn.Linear(2, 2))
+
+
+# -- the base the summary was made against -----------------------------------------------------
+def test_a_summary_onto_other_base_weights_is_refused_unless_forced(tmp_path):
+    model, opt = trained()
+    write_summary_to_disk(tmp_path / "s.safetensors", opt.get_summary(model))
+    summary = load_summary_from_disk(tmp_path / "s.safetensors")
+    assert summary["base_fingerprint"]["params"].keys() == dict(model.named_parameters()).keys()
+    same = convnet()  # the weights it was trained from
+    load_weights_from_summary(same, summary)
+    assert all(torch.equal(a, b) for a, b in zip(same.parameters(), model.parameters()))
+    other = convnet(seed=5)  # same architecture, other weights
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(SummaryMismatchError, match=r"other base weights: 0\.weight .*force=True"):
+        load_weights_from_summary(other, summary)
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), before))  # untouched
+    with torch.no_grad():  # one unselected entry of a parameter the summary does not touch
+        changed = convnet()
+        untouched = [n for n in dict(changed.named_parameters()) if n not in summary["params"]]
+        dict(changed.named_parameters())[untouched[0] if untouched else "4.bias"].view(-1)[0] += 1
+    with pytest.raises(SummaryMismatchError, match="other base weights"):
+        load_weights_from_summary(changed, summary)
+    load_weights_from_summary(other, summary, force=True)  # the user's call
+    for name, e in summary["params"].items():
+        got = dict(other.named_parameters())[name].detach().reshape(-1)[e["indices"].long()]
+        assert torch.equal(got, e["values"])
+
+
+def test_summaries_without_a_fingerprint_load_onto_any_base(tmp_path):
+    model, opt = trained()
+    summary = opt.get_summary(model)
+    del summary["base_fingerprint"]  # as 0.4 files and earlier versions of this library
+    write_summary_to_disk(tmp_path / "s.safetensors", summary)
+    loaded = load_summary_from_disk(tmp_path / "s.safetensors")
+    assert "base_fingerprint" not in loaded
+    load_weights_from_summary(convnet(seed=5), loaded)

@@ -24,6 +24,7 @@ from torch_bridge.adapters import (
     read_pretrained,
     save_pretrained,
 )
+from torch_bridge.fingerprint import BaseModelMismatchError
 from torch_bridge.legacy import convert_legacy_summary, read_legacy_summary
 from torch_bridge.methods import METHOD_NAMES
 from torch_bridge.optimizer import SelectiveOptimizer, get_selective_optimizer
@@ -54,6 +55,7 @@ __all__ = [
     "convert_legacy_summary",
     "Summary",
     "SummaryMismatchError",
+    "BaseModelMismatchError",
     "UnsafeFileError",
     "VerificationError",
     "save_pretrained",

@@ -368,6 +368,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return self._compact is not None
 
     @property
+    def stream_grads(self) -> bool:
+        """Whether gradients are consumed during backward (``stream_grads=True``)."""
+        return bool(getattr(self, "_streaming", False))
+
+    @property
     def count(self) -> int:
         """Number of ``step()`` calls so far (the method's ``t``)."""
         return self._count

@@ -55,6 +55,8 @@ from torch_bridge import names as _names
 from torch_bridge._errors import SummaryMismatchError, UnsafeFileError
 from torch_bridge._safe_zip import LegacyRecord, is_zip, read_torch_zip
 from torch_bridge.distributed import selected_entries
+from torch_bridge.fingerprint import KEY as _FP_KEY
+from torch_bridge.fingerprint import check_base, check_fingerprint_field, fingerprint
 from torch_bridge.legacy import convert_legacy_summary, legacy_from_record
 from torch_bridge.summary_types import (
     BUFFER_DTYPES,
@@ -163,23 +165,34 @@ def make_summary(
         num_params=len(named),
         params=dict(sorted(entries.items(), key=lambda kv: kv[1]["position"])),
         buffers={k: v.detach().cpu().clone() for k, v in batchnorm_buffers(model).items()},
+        # which base weights it was made against (torch_bridge.fingerprint)
+        base_fingerprint=fingerprint(model, params, {n: e["indices"] for n, e in entries.items()}),
     )
 
 
-def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -> None:
+def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any], *,
+                              force: bool = False) -> None:
     """Writes the summary's values (and BatchNorm statistics) into ``model``, in place.
 
     Accepts a summary from :func:`make_summary` / :func:`load_summary_from_disk`, including
-    one read from a selective-optimizers 0.4 file.
+    one read from a selective-optimizers 0.4 file. A summary records which base weights it
+    was made against (:mod:`torch_bridge.fingerprint`); onto other weights it is refused,
+    unless ``force=True``. Summaries without that record (0.4 files) load as before.
 
     Raises:
       SummaryMismatchError: naming the first mismatch; the model is then left untouched.
+      BaseModelMismatchError: (a ``SummaryMismatchError``) the model's weights are not the
+        summary's base; the model is left untouched.
 
     Example:
       >>> import torch, torch_bridge
-      >>> trained, base = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+      >>> import copy
+      >>> base = torch.nn.Linear(2, 1)
       >>> with torch.no_grad():
-      ...     _ = trained.weight.fill_(7.0), base.weight.zero_()
+      ...     _ = base.weight.zero_()
+      >>> trained = copy.deepcopy(base)
+      >>> with torch.no_grad():  # training changed the selected entry only
+      ...     _ = trained.weight[0, 1].fill_(7.0)
       >>> masks = [torch.tensor([[False, True]]), torch.tensor([False])]
       >>> s = torch_bridge.make_summary(trained, list(trained.parameters()), masks, method="pafi")
       >>> torch_bridge.load_weights_from_summary(base, s)
@@ -219,6 +232,10 @@ def load_weights_from_summary(model: torch.nn.Module, summary: dict[str, Any]) -
                 f"buffer {name}: summary {tuple(t.shape)} {t.dtype}, model {tuple(b.shape)} {b.dtype}."
             )
         buf_plan.append((b, t))
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}.")
+    if not force:
+        check_base(model, summary)
     with torch.no_grad():
         for p, idx, val in plan:
             idx = idx.to(device=p.device, dtype=torch.int64)
@@ -311,6 +328,8 @@ def write_summary_to_disk(path: Any, summary: dict[str, Any], *, key: Any = None
     }
     if key is not None:
         signing.key_algorithm(key, signing=True)  # refuse an unusable key before writing
+    if summary.get(_FP_KEY) is not None:
+        meta[_FP_KEY] = summary[_FP_KEY]
     data = save(tensors, metadata={"format": FORMAT, _META_KEY: json.dumps(meta)})
     atomic_write_bytes(os.fspath(path), data)
     if key is not None:
@@ -610,6 +629,9 @@ def _read_safetensors_checked(path: str, model: torch.nn.Module | None,
     )
     if num_params is not None:
         summary["num_params"] = num_params
+    if meta.get(_FP_KEY) is not None:
+        check_fingerprint_field(meta[_FP_KEY], path)
+        summary[_FP_KEY] = meta[_FP_KEY]
     return summary
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from torch_bridge._errors import SummaryMismatchError
+from torch_bridge.fingerprint import check_fingerprint_field
 
 __all__ = ["Summary", "check_summary", "check_buffer", "check_method_name", "dtype_name", "is_int", "FORMAT", "FORMAT_VERSION",
            "LEGACY_FORMAT", "VALUE_DTYPES", "BUFFER_DTYPES"]
@@ -224,6 +225,8 @@ def check_summary(summary: Any, where: str = "summary", *, entries_checked: bool
     check_method_name(summary["method"], where)
     if "num_params" in summary and not (is_int(summary["num_params"]) and summary["num_params"] >= 0):
         raise SummaryMismatchError(f"{where}: num_params must be an int >= 0.")
+    if summary.get("base_fingerprint") is not None:
+        check_fingerprint_field(summary["base_fingerprint"], where)
     seen: set[int] = set()
     total = 0
     for name, e in summary["params"].items():
