@@ -181,3 +181,52 @@ def test_a_0_4_optimizer_state_is_named_with_how_to_continue(ref_dir):
                                          "selective optimizer"):
         ours.load_state_dict(state)
     assert ours.count == 0 and not ours.state
+
+
+def _reference_names(ref_dir):
+    """0.4's public module-level names (``module.name``) and the attribute and method names
+    its optimizers set or define (``optimizer.name``), read from its source with ``ast``."""
+    import ast
+
+    names = set()
+    for path in sorted(Path(ref_dir, "selective_optimizers").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                names.add(f"module.{node.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id == "self" and isinstance(node.ctx, ast.Store):
+                names.add(f"optimizer.{node.attr}")
+            if isinstance(node, ast.ClassDef) and node.name != "SelectivePeftSummary":
+                names.update(f"optimizer.{f.name}" for f in node.body
+                             if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"))
+    return names
+
+
+def test_every_0_4_name_is_provided_or_listed_in_the_migration_guide(ref_dir):
+    import selective_optimizers.load_store as load_store
+    import selective_optimizers.wrap as wrap
+
+    guide = (Path(__file__).resolve().parents[1] / "docs/guides/migration.md").read_text()
+    model = mlp()
+    opt = wrap.get_selective_optimizer(torch.optim.AdamW, "id3")(
+        model.parameters(), lr=0.1, weight_decay=0.0, budget=20, max_steps=3, verify=True)
+    names = _reference_names(ref_dir)
+    assert {"optimizer.budget", "optimizer.global_step", "optimizer.max_steps",
+            "module.SelectivePeftSummary", "module.get_id3"} <= names  # the reading works
+    missing = []
+    for name in sorted(names):
+        kind, attr = name.split(".")
+        there = hasattr(opt, attr) if kind == "optimizer" else any(
+            hasattr(m, attr) for m in (wrap, load_store))
+        if not there and f"`{attr}" not in guide and f".{attr}" not in guide:
+            missing.append(name)
+    assert not missing, missing
+    # read-only, with 0.4's values
+    assert (opt.budget, opt.max_steps, opt.global_step, opt.verify) == (20, 3, 0, True)
+    model(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    assert opt.global_step == 1
+    with pytest.raises(AttributeError):
+        opt.budget = 5

@@ -367,6 +367,27 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """Whether the inner optimizer keeps state for the selected entries only."""
         return self._compact is not None
 
+    # -- selective-optimizers 0.4's attribute names (read-only) -------------------------------
+    @property
+    def budget(self) -> int:
+        """The budget: entries that may ever change, choose_all groups included (0.4's name)."""
+        return self._budget
+
+    @property
+    def max_steps(self) -> int | None:
+        """ID3's ``max_steps`` (0.4's name); None for methods without one."""
+        return getattr(self._runner.method, "max_steps", None)
+
+    @property
+    def global_step(self) -> int:
+        """Number of ``step()`` calls so far (0.4's name; same as :attr:`count`)."""
+        return self._count
+
+    @property
+    def verify(self) -> bool:
+        """Whether ``post_train_work()`` verifies (the ``verify=`` argument; 0.4's name)."""
+        return self._initial is not None
+
     @property
     def stream_grads(self) -> bool:
         """Whether gradients are consumed during backward (``stream_grads=True``)."""
