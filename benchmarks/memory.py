@@ -65,6 +65,10 @@ LABELS = {
 }
 BUDGET_FRAC = 0.005
 MAX_STEPS = 100  # ID3 spends the budget over 100 steps: k_t = budget / 100 per step
+# Run-wide settings (command-line flags, handed to every case's process): --no-checkpointing,
+# --max-steps and --id3-eps give the form a new user tries first (no gradient checkpointing,
+# ID3 over few steps: a large k_t per step).
+OPTIONS: dict[str, Any] = {"checkpointing": True, "max_steps": MAX_STEPS, "id3_eps": None}
 SEQ = 256
 
 
@@ -76,8 +80,9 @@ def _median_after_first(xs: list[float]) -> float:
     return sorted(rest)[len(rest) // 2]
 
 
-def build_model(size: str, seed: int = 0):
-    """``LlamaForCausalLM`` of preset ``size``, created in bfloat16, gradient checkpointing on."""
+def build_model(size: str, seed: int = 0, checkpointing: bool = True):
+    """``LlamaForCausalLM`` of preset ``size``, created in bfloat16, gradient checkpointing on
+    unless ``checkpointing=False``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +94,8 @@ def build_model(size: str, seed: int = 0):
         model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model
@@ -131,7 +137,9 @@ def _optimizer(case: str, model, steps: int):
     method = case.split("_")[0]
     kw: dict[str, Any] = {"budget": budget}
     if method == "id3":
-        kw["max_steps"] = MAX_STEPS  # every measured step is a selection step
+        kw["max_steps"] = OPTIONS["max_steps"]  # every measured step is a selection step
+        if OPTIONS["id3_eps"] is not None:
+            kw["eps"] = OPTIONS["id3_eps"]
     if "_stream" in case:
         kw["stream_grads"] = True
     kw["compact"] = case != "id3_dense"
@@ -160,7 +168,7 @@ def run_case(case: str, size: str, steps: int, reference: str | None = None) -> 
 
     if case != "reference_id3":
         import torch_bridge  # noqa: F401  (jax imported before the baseline, like torch)
-    model = _prepare(case, build_model(size), reference)
+    model = _prepare(case, build_model(size, checkpointing=OPTIONS["checkpointing"]), reference)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (1, SEQ), generator=gen) for _ in range(steps)]
@@ -201,7 +209,11 @@ def _child(case: str, size: str, steps: int, reference: str | None, timeout: int
            malloc: str = "fixed") -> dict:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", case, "--sizes", size,
-           "--steps", str(steps)]
+           "--steps", str(steps), "--max-steps", str(OPTIONS["max_steps"])]
+    if not OPTIONS["checkpointing"]:
+        cmd.append("--no-checkpointing")
+    if OPTIONS["id3_eps"] is not None:
+        cmd += ["--id3-eps", repr(OPTIONS["id3_eps"])]
     if reference:
         cmd += ["--reference", reference]
     env, cwd = dict(os.environ, PYTHONPATH=here), here
@@ -296,7 +308,8 @@ def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _git_commit(), "budget_frac": BUDGET_FRAC, "seq": SEQ, "batch": 1,
-        "steps": steps, "max_steps": MAX_STEPS,
+        "steps": steps, "max_steps": OPTIONS["max_steps"],
+        "checkpointing": OPTIONS["checkpointing"], "id3_eps": OPTIONS["id3_eps"],
         "malloc": " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) if malloc == "fixed" else "glibc default",
         "sizes": {},
     }
@@ -323,6 +336,8 @@ def run(sizes: list[str], cases: list[str], steps: int, timeout: int = 3600,
 
 TARGETS = (  # (case, baseline, measure, at most): the issue's targets, bf16 on this CPU
     ("id3_compact", "adamw", "peak", 0.6),
+    ("id3_compact", "adamw", "step", 1.5),
+    ("pafi_stream", "lora", "peak", 1.35),
     ("id3_stream", "lora", "peak", 1.35),
     ("id3_stream", "adamw", "step", 1.25),
     ("id3_stream", "adamw", "cpu", 1.25),
@@ -359,9 +374,13 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
         f"Date: {result['date']}; commit {result['commit']}  ",
-        f"bf16 weights, gradient checkpointing, sequence {result['seq']}, batch {result['batch']}, "
+        f"bf16 weights, "
+        f"{'gradient checkpointing' if result.get('checkpointing', True) else 'no gradient checkpointing'}"
+        f", sequence {result['seq']}, batch {result['batch']}, "
         f"{result['steps']} steps, budget {result['budget_frac']:.1%} of the parameters (ID3: "
-        f"max_steps={result['max_steps']}, so every measured step selects), each case in its own "
+        f"max_steps={result['max_steps']}"
+        + (f", eps={result['id3_eps']}" if result.get("id3_eps") is not None else "")
+        + ", so every measured step selects), each case in its own "
         "process. AdamW ratios are to the best AdamW form measured for each column (for-loop, "
         "fused, foreach). Extra peak: peak resident memory while the optimizer is built and the steps "
         "run, minus resident memory after building the model. Step: median over steps 2..n "
@@ -408,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="200m,1b", help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(LABELS)}")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-steps", type=int, default=MAX_STEPS, help="ID3's max_steps")
+    ap.add_argument("--id3-eps", type=float, default=None, help="ID3's eps (default: its own)")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="train without gradient checkpointing (every case)")
     ap.add_argument("--out", default=None, help="folder for memory.md / memory.json")
     ap.add_argument("--no-jax", action="store_true", help="skip the JAX rows")
     ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sizes = a.sizes.split(",")
+    OPTIONS.update(checkpointing=not a.no_checkpointing, max_steps=a.max_steps, id3_eps=a.id3_eps)
     for s in sizes:
         if s not in SIZES:
             raise SystemExit(f"--sizes: unknown size {s!r}; choose from {', '.join(SIZES)}.")
