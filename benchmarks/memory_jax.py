@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_jax", description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="200m,7b", help="comma list of " + ", ".join(PRESETS))
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layouts", default=",".join(common.STEP_LAYOUTS),
+                    help="comma list of the step layouts to compile (benchmarks.common.STEP_LAYOUTS)")
     ap.add_argument("--trees", default="nested,flat", help="comma list of " + ", ".join(TREES) +
                     " (the nested Flax-style tree, or one flat dict of dotted paths)")
     ap.add_argument("--out", default=None, help="folder for memory_jax.json / memory_jax.md "
@@ -425,6 +427,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.measure:
         return _main_measure(args, argv)
     commit = _commit()  # the code that runs: read before the (long) compiles
+    unknown = set(args.layouts.split(",")) - set(common.STEP_LAYOUTS)
+    if unknown:
+        raise SystemExit(f"--layouts: unknown {sorted(unknown)}; choose from {', '.join(common.STEP_LAYOUTS)}.")
+    for name in set(common.STEP_LAYOUTS) - set(args.layouts.split(",")):
+        del common.STEP_LAYOUTS[name]  # this process compiles the chosen layouts only
     rows = []
     for preset in args.presets.split(","):
         for tree in args.trees.split(","):
