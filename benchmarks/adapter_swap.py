@@ -71,9 +71,9 @@ def _max_abs_diff(model, sd) -> float:
 
 def run(size: str = "200m", steps: int = 3, repeat: int = 5) -> dict[str, Any]:
     import torch
+    from safetensors.torch import load_file, save_file
 
     import torch_bridge
-    from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
     model = build_model(size)
@@ -119,7 +119,7 @@ def run(size: str = "200m", steps: int = 3, repeat: int = 5) -> dict[str, Any]:
         t, rise = _timed(lambda: model.load_state_dict(load_file(path)), repeat)
     rows.append({"case": "load_state_dict (safetensors file)", "swap_s": t, "peak_rise": rise,
                  "kept_bytes": 0, "restores_bits": True})
-    del base_sd
+    base_sd.clear()  # the in-memory copy is no longer needed
     gc.collect()
 
     from peft import LoraConfig, get_peft_model

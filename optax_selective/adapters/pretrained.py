@@ -108,6 +108,7 @@ def save_pretrained(
     base: Any = None,
     hyperparameters: Mapping[str, Any] | None = None,
     budget: int | None = None,
+    naming: str | None = None,
     overwrite: bool = False,
 ) -> str:
     """Writes ``summary`` as an adapter folder, atomically; returns the folder's path.
@@ -127,6 +128,8 @@ def save_pretrained(
       base: the base (pretrained) params, or a summary of their values at the same entries.
       hyperparameters: the method's hyperparameters, recorded as given (JSON values).
       budget: the budget the method was given (``budget_used`` is recorded anyway).
+      naming: the naming scheme recorded (default ``"jax-keystr"``), e.g. the name mapping a
+        summary moved from torch went through.
       overwrite: replace an existing adapter folder.
 
     Example:
@@ -153,7 +156,7 @@ def save_pretrained(
         framework="jax", entries=entries, method=summary.method,
         budget_used=summary.budget_used, summary_version=summary.version,
         base_model=base_model, hyperparameters=hyperparameters, budget=budget,
-        base_fingerprint=getattr(summary, "base_fingerprint", None))
+        base_fingerprint=getattr(summary, "base_fingerprint", None), naming=naming)
 
     def payload(tmp: str) -> None:
         save_summary(os.path.join(tmp, cfg["summary_file"]), summary)
