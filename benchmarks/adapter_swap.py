@@ -204,11 +204,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", default="200m")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the whole run (training step and every swap)")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run(args.size, args.steps, args.repeat)
-    cmd = "python -m benchmarks.adapter_swap" + (f" --size {args.size}" if args.size != "200m"
-                                                else "") + (f" --out {args.out}" if args.out else "")
+    cmd = "python -m benchmarks.adapter_swap" + "".join(
+        f" --{k} {v}" for k, v in (("size", args.size), ("steps", args.steps),
+                                   ("repeat", args.repeat), ("threads", args.threads),
+                                   ("out", args.out)) if v is not None)
     text = markdown(result, cmd)
     print(text)
     if args.out:

@@ -45,9 +45,7 @@ def make_adapters(base: torch.nn.Module, tok, root: str, steps: int) -> list[str
     folders = []
     for method in METHODS:
         model = copy.deepcopy(base).train()
-        kw: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0}
-        if method != "bitfit":
-            kw["budget"] = budget
+        kw: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0, "budget": budget}
         if method == "id3":
             kw["max_steps"] = steps
         opt = torch_bridge.get_selective_optimizer(torch.optim.AdamW, method)(
