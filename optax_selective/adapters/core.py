@@ -462,7 +462,9 @@ def overlap_error(name: str, index: int, other: str) -> AdapterError:
 
 def check_same_base(configs: Sequence[Mapping[str, Any] | None]) -> None:
     """Refuses to merge folders whose configs name different base models (identifier and
-    revision) or different base fingerprints; configs that name none are not compared.
+    revision); configs that name none are not compared. (Base fingerprints are not compared:
+    they probe each summary's own unselected entries, so they differ between summaries of
+    one base; the base values are compared entry by entry in :func:`merge_entries`.)
 
     Example:
       >>> from optax_selective.adapters import core
@@ -473,7 +475,7 @@ def check_same_base(configs: Sequence[Mapping[str, Any] | None]) -> None:
       ...     print(str(e)[:44])
       summaries 0 and 1 name different base models
     """
-    for field in ("base_model", "base_fingerprint"):
+    for field in ("base_model",):
         seen: tuple[int, str] | None = None
         for i, cfg in enumerate(configs):
             value = (cfg or {}).get(field)
