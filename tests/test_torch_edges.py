@@ -195,3 +195,48 @@ def test_adamw_default_weight_decay_is_announced_once_at_construction():
         warnings.simplefilter("error")
         cls(model.parameters(), 0.1, (0.9, 0.999), 1e-8, 0.0, budget=5)  # positional
         get_selective_optimizer(torch.optim.Adam, "pafi")(model.parameters(), lr=0.1, budget=5)
+
+
+# -- silent or misleading edges (#31) ----------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, {"stream_grads": True}])
+def test_a_selection_step_without_gradients_or_with_nan_ones_warns_at_the_step(kw):
+    model = small_model()
+    opt = get_selective_optimizer(torch.optim.AdamW, "id3")(
+        model.parameters(), lr=0.01, weight_decay=0.0, budget=20, max_steps=3, **kw)
+    with pytest.warns(RuntimeWarning, match=r"step\(\) 0 of 3: no selectable parameter has a "
+                                            "gradient.*used up"):
+        opt.step()  # backward() forgotten
+    opt.zero_grad()
+    (model(torch.randn(2, 6)).sum() * float("nan")).backward()  # a diverged loss
+    with pytest.warns(RuntimeWarning, match=r"step\(\) 1 of 3: every gradient entry is NaN"):
+        opt.step()
+    opt.zero_grad()
+    model(torch.randn(2, 6)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # a good step: no warning
+
+
+def test_an_unknown_keyword_is_named():
+    model = small_model()
+    with pytest.raises(TypeError, match=r"unknown keyword argument 'max_step'.*'max_steps'"):
+        get_selective_optimizer(torch.optim.AdamW, "id3")(
+            model.parameters(), lr=0.01, budget=20, max_step=5)
+
+
+def test_pafi_says_it_ignores_max_steps():
+    model = small_model()
+    with pytest.warns(UserWarning, match="max_steps is ignored by the method 'pafi'"):
+        get_selective_optimizer(torch.optim.SGD, "pafi")(
+            model.parameters(), lr=0.01, budget=20, max_steps=5)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_verification_error_names_the_parameter(named):
+    model = small_model()
+    params = model.named_parameters() if named else model.parameters()
+    opt = get_selective_optimizer(torch.optim.SGD, "pafi")(params, lr=0.01, budget=3, verify=True)
+    with torch.no_grad():
+        model[2].weight.add_(1.0)  # moved outside the optimizer
+    with pytest.raises(VerificationError, match=r"2\.weight: \d+ unselected entries changed"):
+        opt.post_train_work(model=None if named else model)

@@ -25,6 +25,7 @@ gradient in a step are never selected in that step and never changed.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import warnings
 import weakref
@@ -35,14 +36,16 @@ import torch
 
 from optax_selective.inspect import BudgetShortfallWarning, budget_shortfall_message
 from optax_selective.methods import LeafLayout, LeafwiseInitMethod, LeafwiseMethod
+from optax_selective.methods import arguments as _method_arguments
 from torch_bridge import distributed as _dist
+from torch_bridge import names as _names
 from torch_bridge import summary as _summary
 from torch_bridge import verify as _verify
 from torch_bridge.compact import CompactState, compact_refusal
 from torch_bridge.distributed import ShardedMethodRunner, is_sharded
 from torch_bridge.jax_interop import MethodRunner
 from torch_bridge.leafwise import LeafwiseSelector, choose_fixed_mask, step_size
-from torch_bridge.methods import build_method, check_method_name, split_kwargs
+from torch_bridge.methods import LEGACY_ARGS, build_method, check_method_name, split_kwargs
 from torch_bridge.row_grads import block_rows, set_row_sink
 from torch_bridge.safety import restore_scope
 from torch_bridge.state_check import check_state, legacy_state_message
@@ -188,7 +191,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         stream_grads = kwargs.pop("stream_grads", False)
         # The arguments the method's registered factory names (eps: ID3's when it takes it,
         # else the inner optimizer's, as in 0.4); the rest go to the inner optimizer.
+        takes = _method_arguments(self.method_name)
+        ignored = [k for k in LEGACY_ARGS if k in kwargs and k not in takes]
         method_args = split_kwargs(self.method_name, kwargs)
+        if ignored:  # 0.4 accepted them for every method; say that they do nothing here
+            warnings.warn(
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by the "
+                f"method {self.method_name!r}, which takes {', '.join(sorted(takes)) or 'none'}"
+                f"; drop {'it' if len(ignored) == 1 else 'them'}.", UserWarning, stacklevel=2)
+        _check_inner_kwargs(self.inner_class, kwargs, takes)
         if "initial_params_path" in kwargs:
             kwargs.pop("initial_params_path")
             warnings.warn(
@@ -454,6 +465,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             i for i, (st, g) in enumerate(zip(self._status, grads))
             if st == PARTIAL and g is not None and self._layout.selectable[i]
         ]
+        if not active and PARTIAL in self._status:
+            self._warn_no_selection("no selectable parameter has a gradient")
+        elif active and isinstance(self._runner.method, LeafwiseMethod) and not any(
+                bool(_dist.local(grads[i]).isfinite().any()) for i in active):  # ID3's scores
+            self._warn_no_selection("every gradient entry is NaN or infinite")
         if active:
             for i in active:
                 if grads[i].is_sparse:
@@ -483,17 +499,33 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """A LeafwiseMethod's step with the compact state: candidates leaf by leaf, one
         global merge."""
         sel = self._leafwise
+        offered = bool(self._streamed)
         if not self._streaming:
             for i, (p, st) in enumerate(zip(self._params, self._status)):
                 if st == PARTIAL and p.grad is not None and self._layout.selectable[i]:
                     if p.grad.is_sparse:
                         raise ValueError(f"{self._paths[i]} has a sparse gradient; not supported.")
                     sel.offer(i, p.grad, p, self._compact.indices_of(i))
+                    offered = True
         k = step_size(self._runner.method, self._count, self._b_eff)
+        added = 0
         for i, (idx, grads) in sel.finish(k).items():
             self._compact.add(i, idx)
+            added += int(idx.numel())
             if self._streaming:
                 self._compact.set_grads(i, grads)
+        if k > 0 and not offered and PARTIAL in self._status:
+            self._warn_no_selection("no selectable parameter has a gradient")
+        elif k > 0 and added == 0 and PARTIAL in self._status:
+            self._warn_no_selection("every gradient entry is NaN or infinite")
+
+    def _warn_no_selection(self, why: str) -> None:
+        frozen_after = self._runner.method.frozen_after
+        warnings.warn(
+            f"step() {self._count} of {frozen_after}: {why}, so this selection step adds no "
+            f"entry and is used up (the budget may not be reached after {frozen_after} steps). "
+            "Call backward() before step(), and skip the step (e.g. with a GradScaler) when "
+            "the loss is not finite.", RuntimeWarning, stacklevel=2)
 
     # -- streaming ---------------------------------------------------------------------------
     def _start_streaming(self) -> None:
@@ -805,7 +837,22 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return total + (self._compact.nbytes() if self._compact is not None else 0)
 
     # -- after training ----------------------------------------------------------------------
-    def post_train_work(self) -> None:
+    def _display_names(self, model: torch.nn.Module | None = None) -> list[str]:
+        """Parameter names for messages: the model's (``model``, or the ``param_names`` of
+        groups built from ``named_parameters()``), else ``param_groups[g]['params'][i]``."""
+        names = list(self._paths)
+        where = {}
+        if model is not None:
+            where = {id(p): n for n, p in _names.named_parameters(model)}
+        i = 0
+        for group in self.param_groups:
+            given = group.get("param_names") or [None] * len(group["params"])
+            for p, n in zip(group["params"], given):
+                names[i] = where.get(id(p), n) or names[i]
+                i += 1
+        return names
+
+    def post_train_work(self, model: torch.nn.Module | None = None) -> None:
         """Prints the budget line (as selective-optimizers 0.4 did) and, with ``verify=True``,
         checks the promise.
 
@@ -813,7 +860,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         (``BudgetShortfallWarning``) if fewer entries than the budget were selected, with the
         likely cause. With ``verify=True`` it then raises ``VerificationError`` if the budget
         was exceeded or an unselected entry changed since construction, and prints
-        ``Verification successful: ...`` otherwise. With FSDP2/DTensor parameters every rank
+        ``Verification successful: ...`` otherwise; the error names parameters by their
+        names in ``model`` when given (or when the optimizer was built from
+        ``model.named_parameters()``). With FSDP2/DTensor parameters every rank
         must call it, as :meth:`get_summary` (it counts the selection across ranks).
 
         Example:
@@ -830,7 +879,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._warn_shortfall(used)
         if self._initial is None:
             return
-        _verify.check(self._initial, self._params, self.get_masks(), self._budget, self._paths)
+        _verify.check(self._initial, self._params, self.get_masks(), self._budget,
+                      self._display_names(model))
         print("Verification successful: Non-chosen parameters have not changed.")
 
     def get_summary(self, model: torch.nn.Module) -> dict[str, Any]:
@@ -1007,6 +1057,27 @@ class _RowSinkRef:
         take = self._take()
         if take is not None:
             take(self._i, start, grad_rows)
+
+
+def _check_inner_kwargs(inner_class: type, kwargs: dict, method_args: Any) -> None:
+    """Names a keyword argument neither the method nor the inner optimizer takes (a typo
+    such as ``max_step``) before anything else complains about it."""
+    try:
+        sig = inspect.signature(inner_class.__init__)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    own = ("verify", "compact", "stream_grads", "initial_params_path")
+    unknown = [k for k in kwargs if k not in sig.parameters and k not in own]
+    if unknown:
+        known = sorted({*method_args, *LEGACY_ARGS, *own,
+                        *(k for k in sig.parameters if k not in ("self", "params"))})
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}."
+        raise TypeError(
+            f"unknown keyword argument {unknown[0]!r}: neither the method and the selective "
+            f"optimizer nor {inner_class.__name__} take it{hint}")
 
 
 def _announce_default_weight_decay(inner_class: type, params: Any, args: tuple, kwargs: dict) -> None:
