@@ -209,6 +209,7 @@ class Protocol:
         self.planned = 0  # runs this process found missing (dry mode: counted, not trained)
         self.seconds: list[float] = []
         self.failed: list[str] = []
+        self.tasks = list(cfg["tasks"])  # the tasks this process works on (all by default)
         self.expected = 0  # an estimate of the runs left, for the ETA
 
     # ---------------------------------------------------------------- one run
@@ -273,7 +274,7 @@ class Protocol:
         """How many runs :meth:`run_all` would train (a dry pass: grid points of stages after a
         missing one are counted as one run per point)."""
         dry = Protocol(self.cfg, self.methods, None, dry=True, done=self.done)
-        for task in self.cfg["tasks"]:
+        for task in self.tasks:
             for name in names:
                 spec = self.methods[name]
                 if dry.tune(task, name) is None:  # count the rest of its grid and seeds
@@ -281,7 +282,9 @@ class Protocol:
                     dry.planned = dry.planned - 1 + n - 1 + len(self.cfg["seeds"])
                     continue
                 dry.planned += len(self.cfg["seeds"]) - 1
-        return dry.planned + len(self.cfg["jax_methods"]) * len(self.cfg["jax_seeds"])
+        jax = [n for n in self.cfg["jax_methods"] if n in names] if (
+            self.cfg["jax_task"] in self.tasks) else []
+        return dry.planned + len(jax) * len(self.cfg["jax_seeds"])
 
     def run_all(self, names: list[str]) -> dict[str, dict]:
         """Grids for every task and method first (so every cell has a seed-0 number soon), then
@@ -290,7 +293,7 @@ class Protocol:
         print(f"{self.expected} runs to train ({len(self.done)} already in "
               f"{self.store.path})", flush=True)
         picked = {}
-        for task in self.cfg["tasks"]:
+        for task in self.tasks:
             for name in names:
                 picked[f"{task}/{name}"] = self.tune(task, name)
         jt = self.cfg["jax_task"]
@@ -298,7 +301,7 @@ class Protocol:
             if name in names and picked.get(f"{jt}/{name}") is not None:
                 for seed in self.cfg["jax_seeds"]:
                     self.run(jt, "jax", name, picked[f"{jt}/{name}"], seed)
-        for task in self.cfg["tasks"]:
+        for task in self.tasks:
             for name in names:
                 if picked[f"{task}/{name}"] is None:  # a grid run failed
                     continue
@@ -537,6 +540,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny rows and steps: a test of the code")
     p.add_argument("--report", action="store_true", help="rebuild the tables; train nothing")
     p.add_argument("--load-note", default="", help="a line about the machine's load")
+    p.add_argument("--tasks", default=None,
+                   help="comma list: work on these of the protocol's tasks only (e.g. one "
+                        "process per task, appending to the same files); default all")
     args = p.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     table = dict(SMOKE_METHODS if args.smoke else METHODS)
@@ -576,6 +582,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.report:
         proto = Protocol(cfg, table, store, meta=meta)
+        if args.tasks:
+            proto.tasks = [t for t in args.tasks.split(",") if t]
+            if not set(proto.tasks) <= set(cfg["tasks"]):
+                raise SystemExit(f"--tasks {args.tasks}: the protocol's tasks are "
+                                 f"{cfg['tasks']}")
         orig = proto.run
 
         def run_and_report(*a, **k):
