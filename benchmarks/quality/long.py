@@ -271,20 +271,30 @@ class Protocol:
         return best
 
     def count_missing(self, names: list[str]) -> int:
-        """How many runs :meth:`run_all` would train (a dry pass: grid points of stages after a
-        missing one are counted as one run per point)."""
+        """How many runs :meth:`run_all` would train (exact once a method's grid is done;
+        while it is not, every grid point not yet run and every seed count as one run)."""
         dry = Protocol(self.cfg, self.methods, None, dry=True, done=self.done)
+        jt, n = self.cfg["jax_task"], 0
         for task in self.tasks:
             for name in names:
                 spec = self.methods[name]
-                if dry.tune(task, name) is None:  # count the rest of its grid and seeds
-                    n = sum(math.prod(len(v) for v in s.values()) for s in spec["stages"])
-                    dry.planned = dry.planned - 1 + n - 1 + len(self.cfg["seeds"])
+                before = dry.planned
+                best = dry.tune(task, name)
+                if best is None:  # the rest of its grid (roughly) and its other seeds
+                    points = sum(math.prod(len(v) for v in st.values()) for st in spec["stages"])
+                    runs = [r for r in self.done.values()
+                            if r["task"] == task and r["name"] == name and r["seed"] == 0]
+                    n += max(dry.planned - before, points - len(runs))
+                    n += len(self.cfg["seeds"]) - 1
+                    n += (task == jt and name in self.cfg["jax_methods"]) * len(
+                        self.cfg["jax_seeds"])
                     continue
-                dry.planned += len(self.cfg["seeds"]) - 1
-        jax = [n for n in self.cfg["jax_methods"] if n in names] if (
-            self.cfg["jax_task"] in self.tasks) else []
-        return dry.planned + len(jax) * len(self.cfg["jax_seeds"])
+                n += sum(run_key(task, "torch", name, best, s) not in self.done
+                         for s in self.cfg["seeds"][1:])
+                if task == jt and name in self.cfg["jax_methods"]:
+                    n += sum(run_key(task, "jax", name, best, s) not in self.done
+                             for s in self.cfg["jax_seeds"])
+        return n
 
     def run_all(self, names: list[str]) -> dict[str, dict]:
         """Grids for every task and method first (so every cell has a seed-0 number soon), then
