@@ -288,6 +288,8 @@ def gather_leaf(x, index, ok, dtype):
       Array([4., 0.], dtype=float32)
     """
     split = _split(x)
+    if jnp.dtype(x.dtype) == jnp.bool_:  # masks: bits are read as unsigned ints below
+        x = x.astype(jnp.uint8)
     if split is None and np.ndim(x) > 0 and split_mode([x]) == "auto":
         return _gather_leaf_auto(x, index, ok, dtype)
     if split is None:
