@@ -287,9 +287,9 @@ def gather_leaf(x, index, ok, dtype):
       >>> sharding.gather_leaf(x, jnp.array([4, 0]), jnp.array([True, False]), jnp.float32)
       Array([4., 0.], dtype=float32)
     """
+    if jnp.dtype(dtype) == jnp.bool_:  # masks: summed over devices as uint8 (no bool psum)
+        return gather_leaf(x, index, ok, jnp.uint8) != 0
     split = _split(x)
-    if jnp.dtype(x.dtype) == jnp.bool_:  # masks: bits are read as unsigned ints below
-        x = x.astype(jnp.uint8)
     if split is None and np.ndim(x) > 0 and split_mode([x]) == "auto":
         return _gather_leaf_auto(x, index, ok, dtype)
     if split is None:
@@ -326,9 +326,11 @@ def _gather_leaf_auto(x, index, ok, dtype):
     """
     shape = np.shape(x)
     size = int(np.prod(shape, dtype=np.int64))
+    idx = jnp.unravel_index(jnp.clip(index, 0, size - 1), shape)
+    if jnp.dtype(x.dtype) == jnp.bool_:  # no payload bits to keep (and no bool bitcast)
+        return jnp.where(ok, x[idx].astype(dtype), jnp.zeros((), dtype))
     width = jnp.dtype(x.dtype).itemsize
     bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
-    idx = jnp.unravel_index(jnp.clip(index, 0, size - 1), shape)
     got = lax.bitcast_convert_type(bits[idx], x.dtype).astype(dtype)
     return jnp.where(ok, got, jnp.zeros((), dtype))
 

@@ -271,9 +271,10 @@ def _compact_update(compact_tx, method, state, grads, old_mask, params, selectab
         inner_state = compact_tx.add_entries(
             inner_state, grads, old_mask=old_mask, new_mask=mask, most=method.k_max
         )
-    inner_state, mask = budget_guard.guard_compact(inner_state, mask, grads, method.budget)
+    inner_state, ok = budget_guard.guard_compact(inner_state, mask, grads, method.budget)
     updates, inner_state = compact_tx.update(grads, mask, inner_state, params, **extra_args)
-    return updates, mask, method_state, inner_state
+    # a refused step also empties the mask it returns
+    return updates, [m if m is None else m & ok for m in mask], method_state, inner_state
 
 
 def selective_id3(
