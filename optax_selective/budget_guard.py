@@ -2,15 +2,19 @@
 
 A state restored from a checkpoint is data, and data can be forged or damaged: a
 ``SelectiveState.mask`` set to all true, compact slots pointing outside the mask. Every
-``update`` of the wrapper and chain forms therefore checks, inside the compiled step, that
+``update`` checks, inside the compiled step:
 
-* the mask selects at most ``budget`` entries (an O(N) reduction over the bool mask), and,
-  with compact inner state,
-* every filled slot points at an entry of the mask (an O(budget) gather),
+* dense inner state and the chain form: that the mask selects at most ``budget`` entries (an
+  O(N) reduction over the bool mask);
+* compact inner state: that every filled slot points at an entry of the mask (an O(budget)
+  gather). Its slots hold at most ``budget`` entries, so no compact step moves more whatever
+  the mask says, and the mask is not counted in the step (that would keep a widened copy of
+  every mask leaf alive); :func:`optax_selective.budget_used` raises on a compact state whose
+  mask selects more than its slots hold.
 
-and when either fails it **refuses the step**: every update is the exact zero update (nothing
-moves), the returned mask is empty (so :func:`optax_selective.budget_used` reads 0, which is
-what can change) and so are the compact slots. Under ``jax.experimental.checkify`` with
+When a check fails the step is **refused**: every update is the exact zero update (nothing
+moves) and the returned mask is empty (so ``budget_used`` reads 0), and so are the compact
+slots. Under ``jax.experimental.checkify`` with
 ``errors=checkify.user_checks`` the step also raises a ``JaxRuntimeError`` saying so.
 :func:`optax_selective.validate_state` checks a restored state on the host, with messages.
 
@@ -105,7 +109,7 @@ def slots_in_mask(state: CompactState, mask: Sequence[Any], leaves: Sequence[Any
 
 
 def guard_compact(state: CompactState, mask: Sequence[Any], leaves: Sequence[Any],
-                  budget: int) -> tuple[CompactState, list[Any]]:
+                  budget: int) -> tuple[CompactState, jax.Array]:
     """``(state, ok)``: ``state`` unchanged while every filled slot lies in the mask, else its
     slots emptied (``-1``) so the step that follows moves nothing (the caller then empties the
     mask it returns with ``ok``). Call it before ``CompactInner.update``.
